@@ -1,0 +1,48 @@
+#pragma once
+// config.json of a LlamaForCausalLM-style checkpoint.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace pipequant::io {
+
+// rope_scaling of Llama 3.x ("rope_type": "llama3"); "linear" and "default" are also understood.
+struct RopeScaling {
+  std::string type = "default";
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  std::string path;  // the config.json it came from
+  std::string architecture = "LlamaForCausalLM";
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;  // defaults to num_heads when absent
+  int64_t head_dim = 0;      // defaults to hidden_size / num_heads when absent
+  int64_t vocab_size = 0;
+  int64_t max_position_embeddings = 0;  // 0 when absent
+  double rope_theta = 10000.0;
+  double rms_norm_eps = 1e-6;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  std::string torch_dtype;  // as written, may be empty
+  RopeScaling rope_scaling;
+  nlohmann::json raw;  // the whole file, stored in the output
+
+  // Reads and validates `path` (a config.json or a directory holding one). Throws UserError
+  // "<file>: field <name>: <what was expected>" for a missing or wrong field.
+  static ModelConfig load(const std::string& path);
+  static ModelConfig from_json(const nlohmann::json& j, const std::string& origin);
+  nlohmann::json to_json() const;  // a config.json for this model (synth writes it)
+};
+
+}  // namespace pipequant::io

@@ -1,0 +1,131 @@
+#pragma once
+// The HDF5 output (DESIGN.md section 5). One shard per stage, written through parallel HDF5 (MPI-IO) on the
+// stage communicator, and model.h5, written by rank 0, which holds the config, the arguments, the
+// fingerprint and external links to every block and tensor, so that one file shows the whole model.
+//
+// Shard layout:
+//   /blocks/<i>/<module>/qweight  int32 [ceil(K*bits/32), N]  codes packed along K, lowest bits first
+//   /blocks/<i>/<module>/qzeros   int32 [G, ceil(N*bits/32)]  zero points packed along N (the real zero)
+//   /blocks/<i>/<module>/scales   float16 [G, N]
+//   /blocks/<i>/<module>/g_idx    int32 [K]
+//     attributes: bits, group_size, sym, act_order, static_groups, damp, fallback, relative_error,
+//                 rtn_relative_error, in_features, out_features, checksum_<dataset> (CRC-32 of the bytes)
+//   /blocks/<i>/<tensor name>     unquantized block tensors (norms, biases) in their source dtype, with
+//                                 attribute checksum
+//     attribute on /blocks/<i>: complete = 1, written last
+//   /tensors/<hf name>            unquantized model tensors (embed_tokens, norm, lm_head), attribute checksum
+// HDF5's own error printing is switched off; failures become UserError with the file and the object.
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace pipequant::io {
+
+// A quantized linear in the packed GPTQ layout above.
+struct PackedLinear {
+  std::string module;  // e.g. "self_attn.q_proj"
+  int64_t in_features = 0;   // K
+  int64_t out_features = 0;  // N
+  int64_t groups = 0;        // G
+  int bits = 4;
+  int64_t group_size = -1;   // -1: one group per row
+  bool sym = false;
+  bool act_order = false;
+  bool static_groups = false;
+  double damp = 0.0;               // the damping actually used (relative, after any fallback)
+  std::string fallback = "none";   // none | damp | rtn | cpu
+  double relative_error = 0.0;     // ||WX - QX||^2 / ||WX||^2 on the calibration inputs
+  double rtn_relative_error = 0.0; // the same for round-to-nearest on the same inputs (the baseline)
+  std::vector<int32_t> qweight;    // [ceil(K*bits/32), N]
+  std::vector<int32_t> qzeros;     // [G, ceil(N*bits/32)]
+  std::vector<uint16_t> scales;    // fp16 bits [G, N]
+  std::vector<int32_t> g_idx;      // [K]
+};
+
+// An unquantized tensor, kept in its source dtype ("F32", "F16" or "BF16").
+struct DenseTensor {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<char> bytes;
+};
+
+uint32_t crc32_of(const void* data, size_t bytes);
+
+class ShardWriter {
+ public:
+  // Creates `path` (truncating) or, with `resume`, opens it for appending; collective on `comm`.
+  // Throws UserError if the file cannot be created (names the path and the reason).
+  ShardWriter(const std::string& path, MPI_Comm comm, bool resume);
+  ~ShardWriter();
+  ShardWriter(const ShardWriter&) = delete;
+  ShardWriter& operator=(const ShardWriter&) = delete;
+
+  // Collective. Replaces the block's group if it exists (a block redone on resume).
+  void begin_block(int64_t block);
+  void write_linear(int64_t block, const PackedLinear& linear);
+  void write_block_tensor(int64_t block, const DenseTensor& tensor);
+  void write_tensor(const DenseTensor& tensor);
+  // Writes complete = 1 on /blocks/<block> and flushes the file: the block is durable from here on.
+  void mark_complete(int64_t block);
+  // Collective I/O really happened for the last raw-data write (H5Pget_mpio_no_collective_cause == 0).
+  bool last_write_was_collective() const { return last_collective_; }
+  uint64_t bytes_written() const { return bytes_written_; }
+  void close();
+
+ private:
+  std::string path_;
+  long long file_ = -1;  // hid_t
+  bool last_collective_ = false;
+  uint64_t bytes_written_ = 0;
+};
+
+class ShardReader {
+ public:
+  explicit ShardReader(const std::string& path);  // serial, read-only; throws UserError
+  ~ShardReader();
+  ShardReader(const ShardReader&) = delete;
+  ShardReader& operator=(const ShardReader&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::vector<int64_t> blocks() const;                 // sorted
+  bool block_complete(int64_t block) const;
+  std::vector<std::string> linears(int64_t block) const;        // modules with a qweight
+  std::vector<std::string> block_tensors(int64_t block) const;  // the dense ones
+  PackedLinear read_linear(int64_t block, const std::string& module) const;
+  DenseTensor read_block_tensor(int64_t block, const std::string& name) const;
+  bool has_tensor(const std::string& name) const;
+  DenseTensor read_tensor(const std::string& name) const;
+  std::vector<std::string> tensors() const;
+  // Recomputes every checksum of the block; names of what does not match are returned (empty = good).
+  std::vector<std::string> verify_block(int64_t block) const;
+
+ private:
+  std::string path_;
+  long long file_ = -1;
+};
+
+// model.h5: written by rank 0 alone after the shards are closed, or rewritten on resume.
+struct ModelIndex {
+  std::string config_json;     // the source config.json
+  std::string args_json;       // the run's arguments
+  std::string fingerprint;     // hex digest of model, calibration data and arguments
+  std::string format = "gptq";
+  std::vector<std::string> shard_files;        // relative to the output directory
+  std::map<int64_t, int64_t> block_shard;      // block -> index into shard_files
+  std::map<std::string, int64_t> tensor_shard; // /tensors name -> index into shard_files
+  bool complete = false;                        // every block complete and verified
+};
+void write_model_index(const std::string& out_dir, const ModelIndex& index);
+// Throws UserError if out_dir has no readable model.h5.
+ModelIndex read_model_index(const std::string& out_dir);
+bool model_index_exists(const std::string& out_dir);
+
+// Call once at start: turns HDF5's automatic error printing off for the whole process.
+void silence_hdf5_errors();
+
+}  // namespace pipequant::io

@@ -1,0 +1,151 @@
+#pragma once
+// The backend interface: every piece of arithmetic the program does on weights and activations.
+// Two implementations: kernels/cpu (OpenBLAS + LAPACKE + OpenMP, the readable reference) and kernels/cuda.
+// All matrices are row-major fp32 unless said otherwise; pointers are backend memory (host memory for cpu).
+// Launch-style entry points check their preconditions with PQ_ASSERT; shapes are validated at the boundary
+// (src/), not here.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace pipequant::kernels {
+
+enum class Trans { kNo, kYes };
+
+// Quantization grid: 2^bits levels, q in [0, 2^bits - 1], w = scale * (q - zero).
+struct QuantGrid {
+  int bits = 4;
+  bool sym = false;
+  int maxq() const { return (1 << bits) - 1; }
+};
+
+// One call of the GPTQ column loop over the columns [begin, end) of one 128-wide block, all rows at once.
+// Columns are in processing order (act-order already applied by the caller). H = R R^T, R upper triangular.
+struct GptqBlockArgs {
+  int64_t rows = 0;          // out_features
+  int64_t cols = 0;          // in_features; every [rows, cols] matrix below has leading dimension cols
+  int64_t begin = 0;         // first column of the block
+  int64_t end = 0;           // one past the last column of the block
+  const float* r = nullptr;  // R [cols, cols], upper triangular, H_damped = R R^T
+  const float* w = nullptr;  // original weights [rows, cols] (dead columns zeroed)
+  float* wc = nullptr;       // running weights [rows, cols]: wc[:, j] = w[:, j] * R[j, j] + sum_{i<begin} res[:, i] R[i, j]
+  float* res = nullptr;      // out: w - dequant(q) for this block's columns [rows, cols]
+  float* err2 = nullptr;     // in/out: per-row sum of e^2, e = res-propagated error times R[j, j] ([rows]); its total
+                             // equals tr(D H_damped D^T), the GPTQ loss
+  uint8_t* q = nullptr;      // out: codes [rows, cols]
+  float* scales = nullptr;   // scale table [rows, groups] (fp16-representable values)
+  float* zeros = nullptr;    // zero table [rows, groups] (integers stored as float)
+  int64_t groups = 0;        // columns of the scale/zero tables
+  const int32_t* param_of = nullptr;  // [cols]: which table entry quantizes the column at position j
+  int64_t dynamic_group_size = 0;     // > 0: at positions j with j % size == 0 compute table entry j / size
+                                      //      from the running weights wc[:, j:j+size] / diag(R); 0: tables given
+  QuantGrid grid;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // --- memory -------------------------------------------------------------------------------------------
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void deallocate(void* p) = 0;
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+  virtual size_t peak_bytes() const = 0;  // high-water mark of allocate() since reset_peak()
+  virtual void reset_peak() = 0;
+
+  // --- dense linear algebra -----------------------------------------------------------------------------
+  // C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, row-major with leading dimensions.
+  virtual void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc) = 0;
+  // y[m,n] = x[m,k] * w[n,k]^T: a linear layer with weights [out, in].
+  void linear(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
+    gemm(Trans::kNo, Trans::kYes, m, n, k, 1.0f, x, k, w, k, 0.0f, y, n);
+  }
+
+  // --- the Llama block forward ---------------------------------------------------------------------------
+  // y[rows, dim] = x / sqrt(mean(x^2) + eps) * weight[dim]; accumulation in fp32 or wider. y may alias x.
+  virtual void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) = 0;
+  // In place, HF rotate_half RoPE on x [samples * seq, heads * head_dim]; the position of row t is t % seq;
+  // inv_freq [head_dim / 2].
+  virtual void rope(float* x, int64_t samples, int64_t seq, int64_t heads, int64_t head_dim,
+                    const float* inv_freq) = 0;
+  // Causal grouped-query attention, softmax scale 1/sqrt(head_dim).
+  // q, out [samples * seq, heads * head_dim]; k, v [samples * seq, kv_heads * head_dim];
+  // query head h reads kv head h / (heads / kv_heads).
+  virtual void attention(const float* q, const float* k, const float* v, float* out, int64_t samples, int64_t seq,
+                         int64_t heads, int64_t kv_heads, int64_t head_dim) = 0;
+  // out[n] = silu(gate) * up; out may alias gate.
+  virtual void swiglu(const float* gate, const float* up, float* out, int64_t n) = 0;
+  // y[n] += x[n]
+  virtual void add(float* y, const float* x, int64_t n) = 0;
+  // y[rows, n] += bias[n]
+  virtual void add_bias(float* y, const float* bias, int64_t rows, int64_t n) = 0;
+  // Sum over rows of -log softmax(logits[row])[target[row]], in double; logits [rows, vocab].
+  virtual double nll_sum(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab) = 0;
+
+  // --- quantization ------------------------------------------------------------------------------------
+  // h[k, k] += x^T x for x [rows, k] (the full symmetric matrix is written). Deterministic: fixed order.
+  virtual void hessian_accumulate(const float* x, int64_t rows, int64_t k, float* h) = 0;
+  // In place: h [n, n] SPD -> R upper triangular with h = R R^T (lower triangle zeroed).
+  // Returns false when the factorization fails or produces a non-finite value.
+  virtual bool reverse_cholesky(float* h, int64_t n) = 0;
+  // Per row of w[rows, cols] (leading dimension ld), min/max -> scale (fp16-representable) and zero, as the
+  // GPTQ reference quantizer does (range widened to include 0; all-zero rows get [-1, 1]).
+  // scale/zero written at scale[r * stride], zero[r * stride].
+  virtual void quant_params(const float* w, int64_t rows, int64_t cols, int64_t ld, QuantGrid grid, float* scale,
+                            float* zero, int64_t stride) = 0;
+  // q[r, c] = clamp(round(w / scale) + zero, 0, maxq) with the table entry param_of[c] of row r
+  // (tables [rows, groups]); deq (optional) = scale * (q - zero).
+  virtual void quantize(const float* w, int64_t rows, int64_t cols, const float* scales, const float* zeros,
+                        int64_t groups, const int32_t* param_of, QuantGrid grid, uint8_t* q, float* deq) = 0;
+  // The GPTQ column loop of one block (see GptqBlockArgs).
+  virtual void gptq_block(const GptqBlockArgs& args) = 0;
+};
+
+// Typed RAII buffer in backend memory.
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend& backend, int64_t count)
+      : backend_(&backend), data_(static_cast<T*>(backend.allocate(sizeof(T) * static_cast<size_t>(count)))),
+        count_(count) {}
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      backend_ = o.backend_;
+      data_ = o.data_;
+      count_ = o.count_;
+      o.data_ = nullptr;
+      o.count_ = 0;
+    }
+    return *this;
+  }
+  ~Buffer() { reset(); }
+  void reset() {
+    if (data_) backend_->deallocate(data_);
+    data_ = nullptr;
+    count_ = 0;
+  }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  int64_t size() const { return count_; }
+
+ private:
+  Backend* backend_ = nullptr;
+  T* data_ = nullptr;
+  int64_t count_ = 0;
+};
+
+// The CPU backend; threads <= 0 means all cores.
+std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
+
+}  // namespace pipequant::kernels
