@@ -1,0 +1,59 @@
+// CpuBackend: construction, memory and the generic GEMM.
+#include <cblas.h>
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "kernels/cpu/cpu_backend.hpp"
+#include "kernels/error.hpp"
+
+namespace pipequant::kernels {
+
+namespace {
+inline constexpr size_t kAlignment = 64;
+// Each allocation carries its size in a 64-byte header so that deallocate can keep the live count.
+struct AllocHeader {
+  size_t bytes;
+};
+}  // namespace
+
+CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {
+  omp_set_num_threads(threads_);
+  openblas_set_num_threads(threads_);
+}
+
+void* CpuBackend::allocate(size_t bytes) {
+  const size_t total = bytes + kAlignment;
+  void* base = std::aligned_alloc(kAlignment, (total + kAlignment - 1) / kAlignment * kAlignment);
+  if (!base) throw UserError(detail::concat("out of host memory allocating ", bytes, " bytes"));
+  static_cast<AllocHeader*>(base)->bytes = bytes;
+  const size_t live = live_.fetch_add(bytes) + bytes;
+  size_t peak = peak_.load();
+  while (live > peak && !peak_.compare_exchange_weak(peak, live)) {
+  }
+  return static_cast<char*>(base) + kAlignment;
+}
+
+void CpuBackend::deallocate(void* p) {
+  if (!p) return;
+  void* base = static_cast<char*>(p) - kAlignment;
+  live_.fetch_sub(static_cast<AllocHeader*>(base)->bytes);
+  std::free(base);
+}
+
+void CpuBackend::upload(void* dst, const void* host_src, size_t bytes) { std::memcpy(dst, host_src, bytes); }
+void CpuBackend::download(void* host_dst, const void* src, size_t bytes) { std::memcpy(host_dst, src, bytes); }
+
+void CpuBackend::gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  cblas_sgemm(CblasRowMajor, ta == Trans::kYes ? CblasTrans : CblasNoTrans, tb == Trans::kYes ? CblasTrans : CblasNoTrans,
+              static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
+              static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
+}
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+
+}  // namespace pipequant::kernels

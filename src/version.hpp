@@ -1,0 +1,4 @@
+#pragma once
+namespace pipequant {
+const char* version();
+}  // namespace pipequant
