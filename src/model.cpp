@@ -1,0 +1,354 @@
+#include "src/model.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+#include "kernels/error.hpp"
+#include "kernels/numeric.hpp"
+#include "src/quant.hpp"
+
+namespace pipequant {
+
+std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
+
+Linear& BlockWeights::linear(const std::string& module) {
+  for (size_t i = 0; i < kLinearModules.size(); ++i)
+    if (module == kLinearModules[i]) return linears[i];
+  fail("unknown linear module ", module);
+}
+
+std::vector<float> rope_inv_freq(const io::ModelConfig& config) {
+  const int64_t half = config.head_dim / 2;
+  std::vector<float> inv(static_cast<size_t>(half));
+  const auto& rs = config.rope_scaling;
+  for (int64_t i = 0; i < half; ++i) {
+    double f = 1.0 / std::pow(config.rope_theta, static_cast<double>(2 * i) / static_cast<double>(config.head_dim));
+    if (rs.type == "linear") {
+      f /= rs.factor;
+    } else if (rs.type == "llama3") {
+      // Llama 3.1: long wavelengths are scaled down by `factor`, short ones kept, a smooth ramp between.
+      const double low_wavelen = static_cast<double>(rs.original_max_position_embeddings) / rs.low_freq_factor;
+      const double high_wavelen = static_cast<double>(rs.original_max_position_embeddings) / rs.high_freq_factor;
+      const double wavelen = 2.0 * std::numbers::pi / f;
+      if (wavelen > low_wavelen) {
+        f /= rs.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (static_cast<double>(rs.original_max_position_embeddings) / wavelen - rs.low_freq_factor) /
+                              (rs.high_freq_factor - rs.low_freq_factor);
+        f = (1.0 - smooth) * f / rs.factor + smooth * f;
+      }
+    }
+    inv[static_cast<size_t>(i)] = static_cast<float>(f);
+  }
+  return inv;
+}
+
+std::array<int64_t, 2> linear_shape(const io::ModelConfig& c, int module_index) {
+  const int64_t q_out = c.num_heads * c.head_dim;
+  const int64_t kv_out = c.num_kv_heads * c.head_dim;
+  switch (module_index) {
+    case 0: return {q_out, c.hidden_size};
+    case 1:
+    case 2: return {kv_out, c.hidden_size};
+    case 3: return {c.hidden_size, q_out};
+    case 4:
+    case 5: return {c.intermediate_size, c.hidden_size};
+    case 6: return {c.hidden_size, c.intermediate_size};
+    default: PQ_ASSERT(false, "module index ", module_index);
+  }
+  return {0, 0};
+}
+
+namespace {
+
+bool has_bias(const io::ModelConfig& c, int module_index) {
+  return module_index < 4 ? (c.attention_bias && module_index != 3) : c.mlp_bias;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void expect_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& config, const std::string& name,
+                   const std::vector<int64_t>& shape) {
+  PQ_REQUIRE(ckpt.has(name), ckpt.path(), ": tensor ", name, " is missing (", config.path, " needs it with shape ",
+             shape_str(shape), ")");
+  const auto& info = ckpt.info(name);
+  PQ_REQUIRE(info.shape == shape, ckpt.path(), ": tensor ", name, " has shape ", shape_str(info.shape), ", expected ",
+             shape_str(shape), " from ", config.path);
+  PQ_REQUIRE(info.dtype == io::DType::kF32 || info.dtype == io::DType::kF16 || info.dtype == io::DType::kBF16,
+             ckpt.path(), ": tensor ", name, " has dtype ", io::dtype_name(info.dtype), ", expected F32, F16 or BF16");
+}
+
+class CheckpointSource final : public WeightSource {
+ public:
+  CheckpointSource(const io::Checkpoint& ckpt, const io::ModelConfig& config) : ckpt_(ckpt), config_(config) {}
+
+  BlockWeights load_block(int64_t block) const override {
+    BlockWeights b;
+    b.index = block;
+    const std::string p = block_prefix(block);
+    b.input_norm = ckpt_.read_f32(p + "input_layernorm.weight");
+    b.post_norm = ckpt_.read_f32(p + "post_attention_layernorm.weight");
+    for (int i = 0; i < 7; ++i) {
+      auto& l = b.linears[static_cast<size_t>(i)];
+      const auto shape = linear_shape(config_, i);
+      l.out = shape[0];
+      l.in = shape[1];
+      l.w = ckpt_.read_f32(p + kLinearModules[static_cast<size_t>(i)] + ".weight");
+      if (has_bias(config_, i)) l.bias = ckpt_.read_f32(p + kLinearModules[static_cast<size_t>(i)] + ".bias");
+    }
+    return b;
+  }
+  std::vector<float> embed_tokens() const override { return ckpt_.read_f32("model.embed_tokens.weight"); }
+  std::vector<float> final_norm() const override { return ckpt_.read_f32("model.norm.weight"); }
+  std::vector<float> lm_head() const override {
+    if (config_.tie_word_embeddings || !ckpt_.has("lm_head.weight")) return embed_tokens();
+    return ckpt_.read_f32("lm_head.weight");
+  }
+  std::string describe() const override { return "checkpoint " + ckpt_.path(); }
+
+ private:
+  const io::Checkpoint& ckpt_;
+  const io::ModelConfig& config_;
+};
+
+std::vector<float> dense_to_f32(const io::DenseTensor& t, const std::string& where) {
+  int64_t n = 1;
+  for (auto d : t.shape) n *= d;
+  std::vector<float> out(static_cast<size_t>(n));
+  if (t.dtype == "F32") {
+    PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 4, where, ": tensor ", t.name, " has a wrong byte size");
+    std::memcpy(out.data(), t.bytes.data(), out.size() * 4);
+  } else if (t.dtype == "F16" || t.dtype == "BF16") {
+    PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 2, where, ": tensor ", t.name, " has a wrong byte size");
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, t.bytes.data() + 2 * i, 2);
+      out[static_cast<size_t>(i)] = t.dtype == "F16" ? fp16_to_float(h) : bf16_to_float(h);
+    }
+  } else {
+    fail(where, ": tensor ", t.name, " has dtype ", t.dtype, ", expected F32, F16 or BF16");
+  }
+  return out;
+}
+
+class QuantizedSource final : public WeightSource {
+ public:
+  QuantizedSource(const std::string& out_dir, const io::ModelConfig& config)
+      : dir_(out_dir), config_(config), index_(io::read_model_index(out_dir)) {
+    PQ_REQUIRE(index_.complete, out_dir, "/model.h5: the output is not complete (attribute complete = 0); ",
+               "rerun the quantize command to finish it");
+    for (const auto& f : index_.shard_files) shards_.push_back(std::make_unique<io::ShardReader>(dir_ + "/" + f));
+    for (int64_t b = 0; b < config.num_layers; ++b)
+      PQ_REQUIRE(index_.block_shard.count(b), out_dir, "/model.h5: block ", b, " is missing (the config has ",
+                 config.num_layers, " layers)");
+  }
+
+  BlockWeights load_block(int64_t block) const override {
+    const auto& shard = *shards_[static_cast<size_t>(index_.block_shard.at(block))];
+    PQ_REQUIRE(shard.block_complete(block), shard.path(), ": block ", block, " is not complete");
+    BlockWeights b;
+    b.index = block;
+    const std::string where = shard.path() + ": /blocks/" + std::to_string(block);
+    b.input_norm = dense_to_f32(shard.read_block_tensor(block, "input_layernorm.weight"), where);
+    b.post_norm = dense_to_f32(shard.read_block_tensor(block, "post_attention_layernorm.weight"), where);
+    for (int i = 0; i < 7; ++i) {
+      auto& l = b.linears[static_cast<size_t>(i)];
+      const auto shape = linear_shape(config_, i);
+      const std::string module = kLinearModules[static_cast<size_t>(i)];
+      const io::PackedLinear packed = shard.read_linear(block, module);
+      PQ_REQUIRE(packed.out_features == shape[0] && packed.in_features == shape[1], where, "/", module, ": shape [",
+                 packed.out_features, ", ", packed.in_features, "] does not match the config's [", shape[0], ", ",
+                 shape[1], "]");
+      l.out = shape[0];
+      l.in = shape[1];
+      l.w = unpack(packed).dequantize();
+      if (has_bias(config_, i)) l.bias = dense_to_f32(shard.read_block_tensor(block, module + ".bias"), where);
+    }
+    return b;
+  }
+  std::vector<float> embed_tokens() const override { return tensor("model.embed_tokens.weight"); }
+  std::vector<float> final_norm() const override { return tensor("model.norm.weight"); }
+  std::vector<float> lm_head() const override {
+    if (index_.tensor_shard.count("lm_head.weight")) return tensor("lm_head.weight");
+    return embed_tokens();
+  }
+  std::string describe() const override { return "quantized output " + dir_; }
+
+ private:
+  std::vector<float> tensor(const std::string& name) const {
+    auto it = index_.tensor_shard.find(name);
+    PQ_REQUIRE(it != index_.tensor_shard.end(), dir_, "/model.h5: tensor ", name, " is missing");
+    const auto& shard = *shards_[static_cast<size_t>(it->second)];
+    return dense_to_f32(shard.read_tensor(name), shard.path());
+  }
+
+  std::string dir_;
+  const io::ModelConfig& config_;
+  io::ModelIndex index_;
+  std::vector<std::unique_ptr<io::ShardReader>> shards_;
+};
+
+}  // namespace
+
+void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
+  expect_tensor(ckpt, c, "model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  expect_tensor(ckpt, c, "model.norm.weight", {c.hidden_size});
+  if (!c.tie_word_embeddings) expect_tensor(ckpt, c, "lm_head.weight", {c.vocab_size, c.hidden_size});
+  for (int64_t b = 0; b < c.num_layers; ++b) {
+    const std::string p = block_prefix(b);
+    expect_tensor(ckpt, c, p + "input_layernorm.weight", {c.hidden_size});
+    expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
+    for (int i = 0; i < 7; ++i) {
+      const auto shape = linear_shape(c, i);
+      const std::string name = p + kLinearModules[static_cast<size_t>(i)];
+      expect_tensor(ckpt, c, name + ".weight", {shape[0], shape[1]});
+      if (has_bias(c, i)) expect_tensor(ckpt, c, name + ".bias", {shape[0]});
+    }
+  }
+}
+
+std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config) {
+  return std::make_unique<CheckpointSource>(checkpoint, config);
+}
+
+std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const io::ModelConfig& config) {
+  return std::make_unique<QuantizedSource>(out_dir, config);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch)
+    : backend_(backend), config_(config), seq_(seq), micro_batch_(micro_batch) {
+  const auto inv = rope_inv_freq(config);
+  inv_freq_ = kernels::Buffer<float>(backend, static_cast<int64_t>(inv.size()));
+  backend.upload(inv_freq_.data(), inv.data(), inv.size() * sizeof(float));
+  const int64_t rows = seq * micro_batch;
+  const int64_t h = config.hidden_size;
+  const int64_t q_width = config.num_heads * config.head_dim;
+  const int64_t kv_width = config.num_kv_heads * config.head_dim;
+  x_ = kernels::Buffer<float>(backend, rows * h);
+  xn_ = kernels::Buffer<float>(backend, rows * h);
+  q_ = kernels::Buffer<float>(backend, rows * q_width);
+  k_ = kernels::Buffer<float>(backend, rows * kv_width);
+  v_ = kernels::Buffer<float>(backend, rows * kv_width);
+  attn_ = kernels::Buffer<float>(backend, rows * q_width);
+  h_ = kernels::Buffer<float>(backend, rows * h);
+  g_ = kernels::Buffer<float>(backend, rows * config.intermediate_size);
+  u_ = kernels::Buffer<float>(backend, rows * config.intermediate_size);
+}
+
+namespace {
+void upload_vector(kernels::Backend& backend, kernels::Buffer<float>& buf, const std::vector<float>& v) {
+  if (buf.size() != static_cast<int64_t>(v.size())) buf = kernels::Buffer<float>(backend, static_cast<int64_t>(v.size()));
+  backend.upload(buf.data(), v.data(), v.size() * sizeof(float));
+}
+}  // namespace
+
+void BlockRunner::set_block(const BlockWeights& block) {
+  upload_vector(backend_, norm1_, block.input_norm);
+  upload_vector(backend_, norm2_, block.post_norm);
+  for (size_t i = 0; i < 7; ++i) {
+    upload_vector(backend_, w_[i], block.linears[i].w);
+    has_bias_[i] = !block.linears[i].bias.empty();
+    if (has_bias_[i]) upload_vector(backend_, bias_[i], block.linears[i].bias);
+  }
+}
+
+void BlockRunner::set_linear(int module_index, const std::vector<float>& w) {
+  upload_vector(backend_, w_[static_cast<size_t>(module_index)], w);
+}
+
+int64_t BlockRunner::width(Until until) const {
+  switch (until) {
+    case Until::kQkvInput:
+    case Until::kGateUpInput:
+    case Until::kOutput: return config_.hidden_size;
+    case Until::kOInput: return config_.num_heads * config_.head_dim;
+    case Until::kDownInput: return config_.intermediate_size;
+  }
+  return 0;
+}
+
+const float* BlockRunner::forward(const float* x, int64_t samples, Until until) {
+  PQ_ASSERT(samples <= micro_batch_, "micro-batch of ", samples, " samples exceeds ", micro_batch_);
+  auto& be = backend_;
+  const auto& c = config_;
+  const int64_t rows = samples * seq_;
+  const int64_t hsz = c.hidden_size;
+  const int64_t q_width = c.num_heads * c.head_dim;
+  const int64_t kv_width = c.num_kv_heads * c.head_dim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  auto lin = [&](int i, const float* in, float* out, int64_t n, int64_t k) {
+    be.linear(in, w_[static_cast<size_t>(i)].data(), out, rows, n, k);
+    if (has_bias_[static_cast<size_t>(i)]) be.add_bias(out, bias_[static_cast<size_t>(i)].data(), rows, n);
+  };
+
+  be.upload(x_.data(), x, static_cast<size_t>(rows * hsz) * sizeof(float));
+  be.rms_norm(x_.data(), norm1_.data(), xn_.data(), rows, hsz, eps);
+  if (until == Until::kQkvInput) return xn_.data();
+  lin(0, xn_.data(), q_.data(), q_width, hsz);
+  lin(1, xn_.data(), k_.data(), kv_width, hsz);
+  lin(2, xn_.data(), v_.data(), kv_width, hsz);
+  be.rope(q_.data(), samples, seq_, c.num_heads, c.head_dim, inv_freq_.data());
+  be.rope(k_.data(), samples, seq_, c.num_kv_heads, c.head_dim, inv_freq_.data());
+  be.attention(q_.data(), k_.data(), v_.data(), attn_.data(), samples, seq_, c.num_heads, c.num_kv_heads, c.head_dim);
+  if (until == Until::kOInput) return attn_.data();
+  lin(3, attn_.data(), h_.data(), hsz, q_width);
+  be.add(h_.data(), x_.data(), rows * hsz);  // h = x + attention output
+  be.rms_norm(h_.data(), norm2_.data(), xn_.data(), rows, hsz, eps);
+  if (until == Until::kGateUpInput) return xn_.data();
+  lin(4, xn_.data(), g_.data(), c.intermediate_size, hsz);
+  lin(5, xn_.data(), u_.data(), c.intermediate_size, hsz);
+  be.swiglu(g_.data(), u_.data(), g_.data(), rows * c.intermediate_size);
+  if (until == Until::kDownInput) return g_.data();
+  lin(6, g_.data(), x_.data(), hsz, c.intermediate_size);
+  be.add(x_.data(), h_.data(), rows * hsz);  // out = h + mlp output
+  return x_.data();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+Head::Head(kernels::Backend& backend, const io::ModelConfig& config, const WeightSource& source, int64_t max_rows)
+    : backend_(backend), config_(config), max_rows_(max_rows) {
+  upload_vector(backend, norm_, source.final_norm());
+  upload_vector(backend, lm_head_, source.lm_head());
+  x_ = kernels::Buffer<float>(backend, max_rows * config.hidden_size);
+  logits_ = kernels::Buffer<float>(backend, max_rows * config.vocab_size);
+}
+
+void Head::logits(const float* x, int64_t rows, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += max_rows_) {
+    const int64_t n = std::min(max_rows_, rows - r0);
+    backend_.upload(x_.data(), x + r0 * config_.hidden_size, static_cast<size_t>(n * config_.hidden_size) * 4);
+    backend_.rms_norm(x_.data(), norm_.data(), x_.data(), n, config_.hidden_size, static_cast<float>(config_.rms_norm_eps));
+    backend_.linear(x_.data(), lm_head_.data(), logits_.data(), n, config_.vocab_size, config_.hidden_size);
+    backend_.download(out + r0 * config_.vocab_size, logits_.data(), static_cast<size_t>(n * config_.vocab_size) * 4);
+  }
+}
+
+double Head::nll(const float* x, const int32_t* targets, int64_t rows) {
+  double total = 0.0;
+  kernels::Buffer<int32_t> tgt(backend_, max_rows_);
+  for (int64_t r0 = 0; r0 < rows; r0 += max_rows_) {
+    const int64_t n = std::min(max_rows_, rows - r0);
+    backend_.upload(x_.data(), x + r0 * config_.hidden_size, static_cast<size_t>(n * config_.hidden_size) * 4);
+    backend_.upload(tgt.data(), targets + r0, static_cast<size_t>(n) * 4);
+    backend_.rms_norm(x_.data(), norm_.data(), x_.data(), n, config_.hidden_size, static_cast<float>(config_.rms_norm_eps));
+    backend_.linear(x_.data(), lm_head_.data(), logits_.data(), n, config_.vocab_size, config_.hidden_size);
+    total += backend_.nll_sum(logits_.data(), tgt.data(), n, config_.vocab_size);
+  }
+  return total;
+}
+
+void embed(const std::vector<float>& table, int64_t hidden, const int32_t* tokens, int64_t count, float* out) {
+  for (int64_t t = 0; t < count; ++t)
+    std::memcpy(out + t * hidden, table.data() + static_cast<int64_t>(tokens[t]) * hidden,
+                static_cast<size_t>(hidden) * sizeof(float));
+}
+
+}  // namespace pipequant

@@ -1,0 +1,124 @@
+#pragma once
+// The Llama model as pipequant sees it: tensor names, per-block weights, where weights come from (the
+// original checkpoint or a quantized output), and the block forward on a backend.
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/model_config.hpp"
+#include "io/safetensors.hpp"
+#include "io/shard.hpp"
+#include "kernels/backend.hpp"
+
+namespace pipequant {
+
+// The linears of a block in true-sequential order, and the linear group each belongs to
+// (linears of one group read the same input and share one Hessian).
+inline constexpr std::array<const char*, 7> kLinearModules = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+inline constexpr std::array<int, 7> kLinearGroup = {0, 0, 0, 1, 2, 2, 3};
+inline constexpr int kLinearGroups = 4;
+inline constexpr std::array<const char*, 4> kLinearGroupNames = {"qkv", "o", "gate_up", "down"};
+
+std::string block_prefix(int64_t block);  // "model.layers.<block>."
+
+// A linear's weights [out, in] in fp32 and its optional bias [out].
+struct Linear {
+  int64_t out = 0;
+  int64_t in = 0;
+  std::vector<float> w;
+  std::vector<float> bias;
+};
+
+struct BlockWeights {
+  int64_t index = 0;
+  std::vector<float> input_norm;  // [hidden]
+  std::vector<float> post_norm;   // [hidden]
+  std::array<Linear, 7> linears;  // in kLinearModules order
+  Linear& linear(const std::string& module);
+};
+
+// Rotary inverse frequencies [head_dim / 2] including Llama 3 rope scaling.
+std::vector<float> rope_inv_freq(const io::ModelConfig& config);
+
+// Expected [out, in] of a module for this config.
+std::array<int64_t, 2> linear_shape(const io::ModelConfig& config, int module_index);
+
+// Checks that every tensor the config needs is in the checkpoint with the right shape and a float dtype;
+// throws UserError naming the checkpoint, the tensor and the expected shape.
+void validate_checkpoint(const io::Checkpoint& checkpoint, const io::ModelConfig& config);
+
+// Where weights come from.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual BlockWeights load_block(int64_t block) const = 0;
+  virtual std::vector<float> embed_tokens() const = 0;  // [vocab, hidden]
+  virtual std::vector<float> final_norm() const = 0;    // [hidden]
+  virtual std::vector<float> lm_head() const = 0;       // [vocab, hidden] (the embedding when tied)
+  virtual std::string describe() const = 0;
+};
+
+std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config);
+// A quantized output directory: packed linears dequantized on the fly, dense tensors as stored.
+std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const io::ModelConfig& config);
+
+// Where a partial block forward stops: the input of each linear group, or the block output.
+enum class Until { kQkvInput = 0, kOInput = 1, kGateUpInput = 2, kDownInput = 3, kOutput = 4 };
+
+// Runs blocks on micro-batches of samples. Owns the block's weights in backend memory and the scratch for
+// one micro-batch (bounded by micro_batch x seq rows).
+class BlockRunner {
+ public:
+  BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch);
+  // Uploads a block's weights (replacing the previous block's).
+  void set_block(const BlockWeights& block);
+  // Replaces one linear's weights (after it was quantized).
+  void set_linear(int module_index, const std::vector<float>& w);
+  // x: host activations [samples * seq, hidden] of `samples` <= micro_batch samples. Runs until `until`
+  // and returns the activations there (backend memory, [samples * seq, width(until)]), valid until the
+  // next call.
+  const float* forward(const float* x, int64_t samples, Until until);
+  int64_t width(Until until) const;
+  int64_t seq() const { return seq_; }
+  int64_t micro_batch() const { return micro_batch_; }
+  kernels::Backend& backend() { return backend_; }
+
+ private:
+  kernels::Backend& backend_;
+  const io::ModelConfig& config_;
+  int64_t seq_;
+  int64_t micro_batch_;
+  kernels::Buffer<float> inv_freq_;
+  kernels::Buffer<float> norm1_, norm2_;
+  std::array<kernels::Buffer<float>, 7> w_;
+  std::array<kernels::Buffer<float>, 7> bias_;
+  std::array<bool, 7> has_bias_{};
+  // scratch for one micro-batch
+  kernels::Buffer<float> x_, xn_, q_, k_, v_, attn_, h_, g_, u_;
+};
+
+// The head: final norm and lm_head on the backend, for the loss and for logits.
+class Head {
+ public:
+  Head(kernels::Backend& backend, const io::ModelConfig& config, const WeightSource& source, int64_t max_rows);
+  // Logits [rows, vocab] of hidden states x [rows, hidden] (host), into host memory.
+  void logits(const float* x, int64_t rows, float* out);
+  // Sum over rows t of -log p(targets[t] | x[t]) for hidden states x [rows, hidden] (host), in double.
+  double nll(const float* x, const int32_t* targets, int64_t rows);
+
+ private:
+  kernels::Backend& backend_;
+  const io::ModelConfig& config_;
+  int64_t max_rows_;
+  kernels::Buffer<float> norm_, lm_head_, x_, logits_;
+};
+
+// Embedding rows of tokens [count] from the table [vocab, hidden] into out [count, hidden].
+void embed(const std::vector<float>& table, int64_t hidden, const int32_t* tokens, int64_t count, float* out);
+
+}  // namespace pipequant

@@ -1,0 +1,59 @@
+#pragma once
+// The block-by-block driver: quantize a checkpoint (DESIGN.md section 2) and evaluate perplexity through the
+// same block forward.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/quant.hpp"
+#include "src/report.hpp"
+
+namespace pipequant {
+
+struct RunOptions {
+  std::string backend = "auto";  // auto | cpu | cuda
+  int threads = 0;               // CPU threads, 0 = all cores
+  int64_t micro_batch = 4;       // samples per forward call
+};
+
+struct QuantizeOptions {
+  std::string model_dir;
+  std::string calib_path;
+  std::string out_dir;
+  int64_t seq_len = 2048;
+  int64_t nsamples = 0;  // 0: all windows of the file, at most 128
+  QuantConfig quant;
+  std::string propagation = "quantized";  // quantized | fp
+  bool overwrite = false;
+  std::string metrics_path;
+  std::string args_json;  // the command line as JSON, stored in model.h5
+  RunOptions run;
+};
+
+struct EvalOptions {
+  std::string model_dir;
+  std::string quantized_dir;  // empty: the original checkpoint
+  std::string tokens_path;
+  int64_t seq_len = 2048;
+  int64_t max_windows = 0;  // 0: all
+  RunOptions run;
+};
+
+struct EvalResult {
+  double perplexity = 0.0;
+  double nll_sum = 0.0;
+  int64_t predicted = 0;
+  int64_t windows = 0;
+  double seconds = 0.0;
+};
+
+// Both throw UserError for bad inputs; both print progress on rank 0.
+std::vector<StageMetrics> run_quantize(const QuantizeOptions& options);
+EvalResult run_eval(const EvalOptions& options);
+
+// Logits [tokens.size(), vocab] of one sequence through the original checkpoint (tests, debugging).
+std::vector<float> sequence_logits(const std::string& model_dir, const std::vector<int32_t>& tokens,
+                                   const RunOptions& run);
+
+}  // namespace pipequant

@@ -1,0 +1,56 @@
+#pragma once
+// What a run measured (DESIGN.md section 9): per stage, seconds per phase, bytes moved and written, peak
+// memory, and the quantization error summary; printed as a table and written as JSON lines.
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace pipequant {
+
+struct LinearRecord {
+  int64_t block = 0;
+  std::string module;
+  int64_t out_features = 0;
+  int64_t in_features = 0;
+  double relative_error = 0.0;
+  double rtn_relative_error = 0.0;
+  std::string fallback = "none";
+  double damp = 0.0;
+  double solve_seconds = 0.0;
+};
+
+struct StageMetrics {
+  int stage = 0;
+  int ranks = 1;
+  int64_t first_block = 0;
+  int64_t blocks = 0;
+  int64_t blocks_resumed = 0;
+  double load_seconds = 0.0;
+  double forward_seconds = 0.0;  // forward + Hessian accumulation
+  double solve_seconds = 0.0;
+  double write_seconds = 0.0;    // pack + HDF5 write
+  double wait_seconds = 0.0;     // waiting for activations
+  double total_seconds = 0.0;
+  uint64_t transport_bytes = 0;
+  double transport_seconds = 0.0;
+  uint64_t hdf5_bytes = 0;
+  uint64_t peak_host_bytes = 0;
+  uint64_t peak_device_bytes = 0;
+  std::vector<LinearRecord> linears;
+
+  nlohmann::json to_json() const;
+};
+
+// Peak resident set size of this process (getrusage), bytes.
+uint64_t peak_host_bytes();
+
+void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, const std::string& method,
+                  const std::string& propagation, const std::string& backend);
+// One JSON object per line: a "stage" record per stage and a "linear" record per quantized linear.
+void write_metrics(const std::string& path, const std::vector<StageMetrics>& stages);
+
+}  // namespace pipequant
