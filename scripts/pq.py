@@ -1,0 +1,55 @@
+"""Helpers to run the pipequant binary from Python scripts and tests."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+SOURCE_DIR = os.environ.get("PIPEQUANT_SOURCE_DIR", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def binary():
+    b = os.environ.get("PIPEQUANT_BIN") or os.path.join(SOURCE_DIR, "build", "pipequant")
+    if not os.path.exists(b):
+        sys.exit(f"pipequant binary not found at {b} (build it, or set PIPEQUANT_BIN)")
+    return b
+
+
+def testdata(rel=""):
+    base = os.environ.get("PIPEQUANT_TESTDATA") or os.environ.get("PIPEQUANT_TESTDATA_DEFAULT") or os.path.join(
+        SOURCE_DIR, "..", "shared", "testdata")
+    return os.path.join(base, rel)
+
+
+def mpiexec():
+    return os.environ.get("PIPEQUANT_MPIEXEC") or shutil.which("mpirun") or "mpirun"
+
+
+def mpi_prefix(np):
+    cmd = [mpiexec(), "-np", str(np)]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    return cmd + ["--oversubscribe", "--bind-to", "none"]
+
+
+def run(args, np=None, timeout=600, check=True):
+    """Runs pipequant with args (list), under mpirun -np N when np is given. Returns CompletedProcess."""
+    cmd = (mpi_prefix(np) if np else []) + [binary()] + [str(a) for a in args]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def perplexity(stdout):
+    m = re.search(r"^perplexity: ([0-9.eE+-]+)$", stdout, re.M)
+    if not m:
+        raise RuntimeError("no 'perplexity:' line in output:\n" + stdout)
+    return float(m.group(1))
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

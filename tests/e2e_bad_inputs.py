@@ -1,0 +1,173 @@
+"""Every bad input ends the job with one clear line naming the file and the field, a non-zero exit within
+10 s (under mpirun too, with 1 and 2 ranks), and no output marked complete."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.environ.get("PIPEQUANT_SOURCE_DIR", os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "scripts"))
+import pq  # noqa: E402
+
+STORIES = pq.testdata("stories260K")
+CALIB = pq.testdata("text/tinystories_calib.tok512.npy")
+work = tempfile.mkdtemp(prefix="pipequant-e2e-bad-")
+
+
+def read_st(path):
+    b = open(path, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
+def write_st(path, header, data, raw_header=None):
+    h = raw_header if raw_header is not None else json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + data)
+
+
+def model_copy(name, edit_header=None, edit_config=None, truncate=None, raw=None):
+    d = os.path.join(work, name)
+    shutil.copytree(STORIES, d)
+    st = os.path.join(d, "model.safetensors")
+    os.chmod(st, 0o644)
+    header, data = read_st(st)
+    if edit_header:
+        edit_header(header)
+        write_st(st, header, data)
+    if raw is not None:
+        with open(st, "wb") as f:
+            f.write(raw(header, data))
+    if truncate:
+        size = os.path.getsize(st)
+        with open(st, "r+b") as f:
+            f.truncate(size - truncate)
+    if edit_config:
+        cfg_path = os.path.join(d, "config.json")
+        os.chmod(cfg_path, 0o644)
+        cfg = json.load(open(cfg_path))
+        edit_config(cfg)
+        json.dump(cfg, open(cfg_path, "w"))
+    return d
+
+
+def tokens(name, arr):
+    p = os.path.join(work, name)
+    np.save(p, arr)
+    return p
+
+
+def set_offsets(name, begin, end):
+    def f(h):
+        h[name]["data_offsets"] = [begin, end]
+    return f
+
+
+T0 = "model.layers.0.mlp.down_proj.weight"
+T1 = "model.layers.0.mlp.gate_proj.weight"
+hdr, data = read_st(os.path.join(STORIES, "model.safetensors"))
+end0 = hdr[T0]["data_offsets"][1]
+calib_ids = np.load(CALIB)
+
+cases = []  # (name, args, expected substrings of the error line)
+
+
+def quantize_args(model=STORIES, calib=CALIB, out=None, extra=()):
+    return ["quantize", "--model", model, "--calib", calib, "--seq-len", 128, "--method", "gptq", "--bits", 4,
+            "--group-size", 32, "--out", out or os.path.join(work, "out-" + str(len(cases)))] + list(extra)
+
+
+m = model_copy("truncated", truncate=1000)
+cases.append(("truncated safetensors", quantize_args(m), ["model.safetensors"]))
+m = model_copy("header-past-end", raw=lambda h, d: struct.pack("<Q", 10 ** 9) + b"{}")
+cases.append(("header length past the end", quantize_args(m), ["model.safetensors", "header"]))
+m = model_copy("offsets-out-of-range", edit_header=set_offsets(T0, hdr[T0]["data_offsets"][0], len(data) + 4096 + 176))
+cases.append(("offsets out of range", quantize_args(m), ["model.safetensors", T0]))
+m = model_copy("offsets-overlap", edit_header=set_offsets(T1, end0 - 8, end0 - 8 + 44032))
+cases.append(("overlapping offsets", quantize_args(m), ["model.safetensors", "overlap"]))
+m = model_copy("unknown-dtype", edit_header=lambda h: h[T0].update(dtype="F9"))
+cases.append(("unknown dtype", quantize_args(m), ["model.safetensors", T0, "F9"]))
+m = model_copy("shape-mismatch", edit_header=lambda h: h[T0].update(shape=[64, 171]))
+cases.append(("shape x dtype not matching the span", quantize_args(m), ["model.safetensors", T0]))
+
+
+def drop_tensor(h):
+    del h["model.layers.3.self_attn.v_proj.weight"]
+
+
+m = model_copy("missing-tensor", edit_header=drop_tensor)
+cases.append(("tensor missing for the config", quantize_args(m), ["model.layers.3.self_attn.v_proj.weight"]))
+m = model_copy("config-missing-field", edit_config=lambda c: c.pop("hidden_size"))
+cases.append(("config missing a field", quantize_args(m), ["config.json", "hidden_size"]))
+m = model_copy("config-bad-field", edit_config=lambda c: c.update(num_attention_heads="eight"))
+cases.append(("config field of the wrong type", quantize_args(m), ["config.json", "num_attention_heads"]))
+bad_ids = calib_ids.copy()
+bad_ids[100] = 600
+cases.append(("token id >= vocab", quantize_args(calib=tokens("ids-too-big.npy", bad_ids)),
+              ["ids-too-big.npy", "600", "vocab_size"]))
+cases.append(("token file of float dtype", quantize_args(calib=tokens("float-ids.npy", calib_ids.astype(np.float32))),
+              ["float-ids.npy", "dtype"]))
+cases.append(("token file of rank 3", quantize_args(calib=tokens("rank3.npy", calib_ids[:5400].reshape(2, 27, 100))),
+              ["rank3.npy"]))
+eval_bad = ["eval", "--model", STORIES, "--tokens", tokens("eval-too-big.npy", bad_ids), "--seq-len", 256]
+cases.append(("eval token id >= vocab", eval_bad, ["eval-too-big.npy", "vocab_size"]))
+blocker = os.path.join(work, "a-file")
+open(blocker, "w").write("x")
+cases.append(("unwritable output dir", quantize_args(out=os.path.join(blocker, "out")), ["--out", "a-file"]))
+cases.append(("unknown flag", quantize_args(extra=["--frobnicate", "1"]), ["frobnicate"]))
+cases.append(("bad bits", quantize_args(extra=["--bits", "5"]), ["--bits", "5"]))
+cases.append(("missing model dir", quantize_args(model=os.path.join(work, "no-such-model")), ["no-such-model"]))
+w = tokens("w.npy", np.ones((8, 16), np.float32))
+x = tokens("x.npy", np.ones((32, 12), np.float32))
+cases.append(("layer with mismatched inputs", ["layer", "--weight", w, "--inputs", x, "--bits", 4, "--group-size", 8],
+              ["x.npy", "16"]))
+
+failed = 0
+count = 0
+for np_ranks in (1, 2):
+    for name, args, expect in cases:
+        if np_ranks == 2 and name not in ("truncated safetensors", "token id >= vocab", "unwritable output dir",
+                                          "unknown flag", "config missing a field"):
+            continue
+        count += 1
+        out_dir = args[args.index("--out") + 1] if "--out" in args else None
+        t0 = time.time()
+        try:
+            p = pq.run(args, np=np_ranks, timeout=10, check=False)
+            rc, err = p.returncode, p.stderr + p.stdout
+        except subprocess.TimeoutExpired:
+            rc, err = None, "TIMEOUT"
+        dt = time.time() - t0
+        lines = [l for l in err.splitlines() if "error:" in l]
+        problems = []
+        if rc is None:
+            problems.append("did not end within 10 s")
+        elif rc == 0:
+            problems.append("exit code 0")
+        if not lines:
+            problems.append("no 'error:' line")
+        else:
+            missing = [e for e in expect if e not in lines[0]]
+            if missing:
+                problems.append(f"error line lacks {missing}")
+        if "HDF5-DIAG" in err or "Segmentation" in err or "terminate called" in err:
+            problems.append("crash or HDF5 diagnostics in the output")
+        if out_dir and os.path.exists(os.path.join(out_dir, "model.h5")):
+            import h5py
+            with h5py.File(os.path.join(out_dir, "model.h5"), "r") as f:
+                if int(f.attrs.get("complete", 0)) == 1:
+                    problems.append("output marked complete")
+        status = "ok  " if not problems else "FAIL"
+        failed += bool(problems)
+        print(f"{status} [np {np_ranks}] {name}: rc {rc}, {dt:.1f} s: {lines[0] if lines else err.strip()[:300]}"
+              + (f"  <- {'; '.join(problems)}" if problems else ""))
+shutil.rmtree(work, ignore_errors=True)
+print(f"{count - failed} passed, {failed} failed")
+sys.exit(1 if failed else 0)

@@ -1,0 +1,42 @@
+"""GPTQ beats RTN on both real checkpoints: lower perplexity at every setting, and a relative output error
+no larger than RTN's (on the same inputs) for every linear."""
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.environ.get("PIPEQUANT_SOURCE_DIR", os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "scripts"))
+import quality_table  # noqa: E402
+
+failures = []
+with tempfile.TemporaryDirectory(prefix="pipequant-e2e-quality-") as work:
+    for name in quality_table.MODELS:
+        res = quality_table.run_model(name, work)
+        fp = res["fp"]["judge"]
+        by = {(r["method"], r["bits"], r["group"]): r for r in res["runs"]}
+        for bits, group in quality_table.MODELS[name]["settings"]:
+            rtn, gptq = by[("rtn", bits, group)], by[("gptq", bits, group)]
+            print(f"{name} {bits}-bit g{group}: fp {fp:.4f} rtn {rtn['judge']:.4f} gptq {gptq['judge']:.4f}")
+            if not gptq["judge"] < rtn["judge"]:
+                failures.append(f"{name} {bits}-bit g{group}: GPTQ perplexity {gptq['judge']} >= RTN {rtn['judge']}")
+            if not fp < gptq["judge"] * 1.05:
+                failures.append(f"{name} {bits}-bit g{group}: GPTQ perplexity {gptq['judge']} implausibly far below fp {fp}")
+            if len(gptq["linears"]) != 7 * {"stories260K": 5, "tiny-llama-6L": 6}[name]:
+                failures.append(f"{name}: {len(gptq['linears'])} linears in the metrics")
+            for l in gptq["linears"]:
+                if not (0 < l["relative_error"] <= l["rtn_relative_error"]):
+                    failures.append(f"{name} {bits}-bit g{group} block {l['block']} {l['module']}: GPTQ error "
+                                    f"{l['relative_error']} vs RTN {l['rtn_relative_error']}")
+                if l["fallback"] != "none":
+                    failures.append(f"{name} block {l['block']} {l['module']}: unexpected fallback {l['fallback']}")
+            # the RTN run's own errors are comparable: GPTQ's per-linear error below the RTN run's for the same linear
+            rtn_err = {(l["block"], l["module"]): l["relative_error"] for l in rtn["linears"]}
+            for l in gptq["linears"]:
+                if l["relative_error"] > rtn_err[(l["block"], l["module"])]:
+                    failures.append(f"{name} {bits}-bit g{group} block {l['block']} {l['module']}: GPTQ error "
+                                    f"{l['relative_error']} > RTN run's {rtn_err[(l['block'], l['module'])]}")
+
+for f in failures:
+    print("FAIL:", f)
+print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
+sys.exit(1 if failures else 0)
