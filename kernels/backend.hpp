@@ -149,3 +149,13 @@ class Buffer {
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 
 }  // namespace pipequant::kernels
+
+namespace pipequant::kernels {
+
+// CUDA devices visible to this process; 0 when the build has no CUDA backend or no device is present.
+int cuda_device_count();
+// The CUDA backend on `device` with a memory budget in bytes (0 = all free memory). Throws UserError when
+// the build has no CUDA backend or the device cannot be used.
+std::unique_ptr<Backend> make_cuda_backend(int device, size_t budget_bytes);
+
+}  // namespace pipequant::kernels
