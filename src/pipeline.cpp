@@ -17,6 +17,7 @@
 #include "io/shard.hpp"
 #include "kernels/error.hpp"
 #include "src/calibration.hpp"
+#include "src/hessian.hpp"
 #include "src/model.hpp"
 
 namespace pipequant {
@@ -158,7 +159,6 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     embed(table, hidden, calib.tokens.data(), calib.count * calib.seq, x.data());
   }
   m.load_seconds += seconds_since(t0);
-  const double token_count = static_cast<double>(calib.count * calib.seq);
   BlockRunner runner(*backend, config, calib.seq, std::min(opt.run.micro_batch, calib.count));
 
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -175,18 +175,11 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
       t0 = Clock::now();
       const Until until = static_cast<Until>(g);
       const int64_t width = runner.width(until);
-      kernels::Buffer<float> h_dev(*backend, width * width);
-      std::vector<float> zeros(static_cast<size_t>(width * width), 0.0f);
-      backend->upload(h_dev.data(), zeros.data(), zeros.size() * sizeof(float));
-      for_each_micro_batch(runner, x, calib.count, hidden, until, [&](int64_t, int64_t n, const float* acts) {
-        for (int64_t s = 0; s < n; ++s)
-          backend->hessian_accumulate(acts + s * calib.seq * width, calib.seq, width, h_dev.data());
+      HessianAccumulator acc(*backend, width);
+      for_each_micro_batch(runner, x, calib.count, hidden, until, [&](int64_t s0, int64_t n, const float* acts) {
+        for (int64_t s = 0; s < n; ++s) acc.add_sample(acts + s * calib.seq * width, calib.seq, s0 + s);
       });
-      std::vector<float> h(zeros.size());
-      backend->download(h.data(), h_dev.data(), h.size() * sizeof(float));
-      h_dev.reset();
-      const float scale = static_cast<float>(2.0 / token_count);
-      for (auto& v : h) v *= scale;
+      const std::vector<float> h = acc.finish(MPI_COMM_NULL, calib.count * calib.seq);
       m.forward_seconds += seconds_since(t0);
 
       for (int i = 0; i < 7; ++i) {
