@@ -1,0 +1,59 @@
+#pragma once
+// Stage communicators and the activation transport between pipeline stages (DESIGN.md section 7).
+// World = P stages x D ranks; rank r is member r % D of stage r / D and exchanges activations with the
+// member of the same index in the neighbouring stages only.
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pipequant::comm {
+
+struct StageLayout {
+  int world_rank = 0;
+  int world_size = 1;
+  int stages = 1;           // P
+  int ranks_per_stage = 1;  // D
+  int stage = 0;
+  int index = 0;            // member index inside the stage group
+  int prev = -1;            // world rank of the peer in the previous stage, -1 for the first stage
+  int next = -1;            // world rank of the peer in the next stage, -1 for the last stage
+  MPI_Comm stage_comm = MPI_COMM_NULL;  // the D ranks of this stage
+  bool first() const { return stage == 0; }
+  bool last() const { return stage == stages - 1; }
+};
+
+// Collective on MPI_COMM_WORLD. The caller frees stage_comm with free_stage_layout.
+StageLayout make_stage_layout(int ranks_per_stage);
+void free_stage_layout(StageLayout& layout);
+
+// Moves activations (host fp32 buffers) to the next stage and from the previous one. Sends are posted
+// and return at once (the buffer must stay alive until wait_sends); receives block until the data is in.
+// Implementations: `mpi` (host-staged, here) and `nccl` (GPU to GPU, with the CUDA backend).
+class ActivationTransport {
+ public:
+  virtual ~ActivationTransport() = default;
+  virtual std::string name() const = 0;
+  virtual void send_next(const float* data, int64_t count, int tag) = 0;
+  virtual void recv_prev(float* data, int64_t count, int tag) = 0;
+  virtual void wait_sends() = 0;
+  uint64_t bytes_sent() const { return bytes_sent_; }
+  uint64_t bytes_received() const { return bytes_received_; }
+  double recv_wait_seconds() const { return recv_wait_seconds_; }  // time blocked in recv_prev
+
+ protected:
+  uint64_t bytes_sent_ = 0;
+  uint64_t bytes_received_ = 0;
+  double recv_wait_seconds_ = 0.0;
+};
+
+std::unique_ptr<ActivationTransport> make_mpi_transport(const StageLayout& layout);
+
+// Point-to-point bandwidth between world ranks 0 and 1 over a transport-like pattern, printed as an
+// nccl-tests style table (size, count, type, time, algbw, busbw) by rank 0. Collective on the world.
+int run_transport_benchmark(int64_t min_bytes, int64_t max_bytes, int iters, int warmup, std::string& table);
+
+}  // namespace pipequant::comm
