@@ -9,9 +9,10 @@
 //   /blocks/<i>/<module>/scales   float16 [G, N]
 //   /blocks/<i>/<module>/g_idx    int32 [K]
 //     attributes: bits, group_size, sym, act_order, static_groups, damp, fallback, relative_error,
-//                 rtn_relative_error, in_features, out_features, checksum_<dataset> (CRC-32 of the bytes)
-//   /blocks/<i>/<tensor name>     unquantized block tensors (norms, biases) in their source dtype, with
-//                                 attribute checksum
+//                 rtn_relative_error, in_features, out_features, groups, checksum_<dataset> (CRC-32 of the bytes)
+//   /blocks/<i>/<tensor name>     unquantized block tensors (norms, biases) in their source dtype (F32: float,
+//                                 F16: IEEE half, BF16: a 16-bit float type with bfloat16's fields), with
+//                                 attributes dtype and checksum
 //     attribute on /blocks/<i>: complete = 1, written last
 //   /tensors/<hf name>            unquantized model tensors (embed_tokens, norm, lm_head), attribute checksum
 // HDF5's own error printing is switched off; failures become UserError with the file and the object.
@@ -27,23 +28,23 @@ namespace pipequant::io {
 
 // A quantized linear in the packed GPTQ layout above.
 struct PackedLinear {
-  std::string module;  // e.g. "self_attn.q_proj"
+  std::string module;        // e.g. "self_attn.q_proj"
   int64_t in_features = 0;   // K
   int64_t out_features = 0;  // N
   int64_t groups = 0;        // G
   int bits = 4;
-  int64_t group_size = -1;   // -1: one group per row
+  int64_t group_size = -1;  // -1: one group per row
   bool sym = false;
   bool act_order = false;
   bool static_groups = false;
-  double damp = 0.0;               // the damping actually used (relative, after any fallback)
-  std::string fallback = "none";   // none | damp | rtn | cpu
-  double relative_error = 0.0;     // ||WX - QX||^2 / ||WX||^2 on the calibration inputs
-  double rtn_relative_error = 0.0; // the same for round-to-nearest on the same inputs (the baseline)
-  std::vector<int32_t> qweight;    // [ceil(K*bits/32), N]
-  std::vector<int32_t> qzeros;     // [G, ceil(N*bits/32)]
-  std::vector<uint16_t> scales;    // fp16 bits [G, N]
-  std::vector<int32_t> g_idx;      // [K]
+  double damp = 0.0;                // the damping actually used (relative, after any fallback)
+  std::string fallback = "none";    // none | damp | rtn | cpu
+  double relative_error = 0.0;      // ||WX - QX||^2 / ||WX||^2 on the calibration inputs
+  double rtn_relative_error = 0.0;  // the same for round-to-nearest on the same inputs (the baseline)
+  std::vector<int32_t> qweight;     // [ceil(K*bits/32), N]
+  std::vector<int32_t> qzeros;      // [G, ceil(N*bits/32)]
+  std::vector<uint16_t> scales;     // fp16 bits [G, N]
+  std::vector<int32_t> g_idx;       // [K]
 };
 
 // An unquantized tensor, kept in its source dtype ("F32", "F16" or "BF16").
@@ -55,6 +56,9 @@ struct DenseTensor {
 };
 
 uint32_t crc32_of(const void* data, size_t bytes);
+
+// How raw data reaches the file: collective MPI-IO (the default) or independent (for comparison in benchmarks).
+enum class TransferMode { kCollective, kIndependent };
 
 class ShardWriter {
  public:
@@ -74,13 +78,29 @@ class ShardWriter {
   void mark_complete(int64_t block);
   // Collective I/O really happened for the last raw-data write (H5Pget_mpio_no_collective_cause == 0).
   bool last_write_was_collective() const { return last_collective_; }
+  // The global H5D_mpio_no_collective_cause_t bits of the last raw-data write (0 = collective).
+  uint32_t last_no_collective_cause() const { return last_cause_; }
+  void set_transfer_mode(TransferMode mode) { mode_ = mode; }
+  // Bytes of raw data written to the file by the whole communicator (the same value on every rank).
   uint64_t bytes_written() const { return bytes_written_; }
+  const std::string& path() const { return path_; }
+  // Collective; closes the file. Idempotent; the destructor calls it and swallows errors.
   void close();
 
  private:
+  // Writes one dataset under `parent` (an open hid_t) and records the collective cause and the bytes.
+  void write_dataset(long long parent, const std::string& object, const std::string& name, long long file_type,
+                     long long mem_type, const std::vector<int64_t>& shape, const void* data, size_t elem_bytes);
+  void close_file();
+
   std::string path_;
   long long file_ = -1;  // hid_t
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int size_ = 1;
+  TransferMode mode_ = TransferMode::kCollective;
   bool last_collective_ = false;
+  uint32_t last_cause_ = 0;
   uint64_t bytes_written_ = 0;
 };
 
@@ -92,17 +112,21 @@ class ShardReader {
   ShardReader& operator=(const ShardReader&) = delete;
 
   const std::string& path() const { return path_; }
-  std::vector<int64_t> blocks() const;                 // sorted
+  std::vector<int64_t> blocks() const;  // sorted
   bool block_complete(int64_t block) const;
   std::vector<std::string> linears(int64_t block) const;        // modules with a qweight
   std::vector<std::string> block_tensors(int64_t block) const;  // the dense ones
   PackedLinear read_linear(int64_t block, const std::string& module) const;
+  // The attributes only (the four vectors stay empty): cheap, for listings of large models.
+  PackedLinear read_linear_info(int64_t block, const std::string& module) const;
   DenseTensor read_block_tensor(int64_t block, const std::string& name) const;
   bool has_tensor(const std::string& name) const;
   DenseTensor read_tensor(const std::string& name) const;
   std::vector<std::string> tensors() const;
   // Recomputes every checksum of the block; names of what does not match are returned (empty = good).
   std::vector<std::string> verify_block(int64_t block) const;
+  // The same for /tensors.
+  std::vector<std::string> verify_tensors() const;
 
  private:
   std::string path_;
@@ -111,13 +135,13 @@ class ShardReader {
 
 // model.h5: written by rank 0 alone after the shards are closed, or rewritten on resume.
 struct ModelIndex {
-  std::string config_json;     // the source config.json
-  std::string args_json;       // the run's arguments
-  std::string fingerprint;     // hex digest of model, calibration data and arguments
+  std::string config_json;  // the source config.json
+  std::string args_json;    // the run's arguments
+  std::string fingerprint;  // hex digest of model, calibration data and arguments
   std::string format = "gptq";
-  std::vector<std::string> shard_files;        // relative to the output directory
-  std::map<int64_t, int64_t> block_shard;      // block -> index into shard_files
-  std::map<std::string, int64_t> tensor_shard; // /tensors name -> index into shard_files
+  std::vector<std::string> shard_files;         // relative to the output directory
+  std::map<int64_t, int64_t> block_shard;       // block -> index into shard_files
+  std::map<std::string, int64_t> tensor_shard;  // /tensors name -> index into shard_files
   bool complete = false;                        // every block complete and verified
 };
 void write_model_index(const std::string& out_dir, const ModelIndex& index);
@@ -127,5 +151,8 @@ bool model_index_exists(const std::string& out_dir);
 
 // Call once at start: turns HDF5's automatic error printing off for the whole process.
 void silence_hdf5_errors();
+
+// Bytes of the four packed datasets of a linear, from its shape attributes: the size the shard holds.
+uint64_t packed_bytes(const PackedLinear& linear);
 
 }  // namespace pipequant::io
