@@ -28,6 +28,9 @@ struct QuantizeOptions {
   bool overwrite = false;
   std::string metrics_path;
   std::string args_json;  // the command line as JSON, stored in model.h5
+  int ranks_per_stage = 1;        // D: ranks of one stage group (world = P stages x D)
+  std::string blocks_per_stage;   // "" = balance by bytes; "N" or "a,b,c"
+  bool dry_run = false;           // print the plan and stop
   RunOptions run;
 };
 

@@ -1,0 +1,80 @@
+#include "src/driver_util.hpp"
+
+#include <mpi.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "kernels/error.hpp"
+
+namespace pipequant {
+
+std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
+  int threads = run.threads;
+  if (threads <= 0) {
+    // share the node's cores among the ranks on it
+    MPI_Comm local;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local);
+    int local_size = 1;
+    MPI_Comm_size(local, &local_size);
+    MPI_Comm_free(&local);
+    threads = std::max(1, omp_get_num_procs() / local_size);
+  }
+  if (run.backend == "cpu") return kernels::make_cpu_backend(threads);
+  if (run.backend == "cuda") return kernels::make_cuda_backend(0, 0);
+  PQ_REQUIRE(run.backend == "auto", "--backend: expected auto, cpu or cuda, got '", run.backend, "'");
+  if (kernels::cuda_device_count() > 0) return kernels::make_cuda_backend(0, 0);
+  return kernels::make_cpu_backend(threads);
+}
+
+void Fingerprint::add(const void* data, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < bytes; ++i) {
+    h_ ^= p[i];
+    h_ *= 1099511628211ull;
+  }
+}
+
+std::string Fingerprint::hex() const {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h_));
+  return buf;
+}
+
+void prepare_out_dir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  PQ_REQUIRE(!ec && std::filesystem::is_directory(dir), "--out ", dir, ": cannot create the output directory (",
+             ec ? ec.message() : "not a directory", ")");
+  const std::string probe = dir + "/.pipequant-write-test";
+  {
+    std::ofstream f(probe);
+    PQ_REQUIRE(f.good(), "--out ", dir, ": the output directory is not writable");
+  }
+  std::filesystem::remove(probe, ec);
+}
+
+io::DenseTensor dense_from_checkpoint(const io::Checkpoint& ckpt, const std::string& name, const std::string& as) {
+  const auto& info = ckpt.info(name);
+  const auto raw = ckpt.raw(name);
+  io::DenseTensor t;
+  t.name = as;
+  t.dtype = io::dtype_name(info.dtype);
+  t.shape = info.shape;
+  t.bytes.assign(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<const char*>(raw.data()) + raw.size());
+  return t;
+}
+
+void propagate(BlockRunner& runner, std::vector<float>& x, int64_t samples, int64_t hidden) {
+  std::vector<float> next(x.size());
+  const int64_t seq = runner.seq();
+  for_each_micro_batch(runner, x.data(), samples, hidden, Until::kOutput, [&](int64_t s0, int64_t n, const float* acts) {
+    runner.backend().download(next.data() + s0 * seq * hidden, acts, static_cast<size_t>(n * seq * hidden) * sizeof(float));
+  });
+  x.swap(next);
+}
+
+}  // namespace pipequant

@@ -1,0 +1,58 @@
+#pragma once
+// Pieces shared by the quantize and eval drivers.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.hpp"
+#include "io/shard.hpp"
+#include "kernels/backend.hpp"
+#include "src/model.hpp"
+#include "src/pipeline.hpp"
+
+namespace pipequant {
+
+using Clock = std::chrono::steady_clock;
+inline double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// The backend of --backend, with the CPU threads of --threads (0: the node's cores shared by its ranks).
+std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run);
+
+// FNV-1a 64-bit over a sequence of byte ranges: the run's fingerprint.
+class Fingerprint {
+ public:
+  void add(const void* data, size_t bytes);
+  void add(const std::string& s) { add(s.data(), s.size()); }
+  std::string hex() const;
+
+ private:
+  uint64_t h_ = 1469598103934665603ull;
+};
+
+// Creates the output directory and checks that it is writable; throws UserError naming it.
+void prepare_out_dir(const std::string& dir);
+
+// A checkpoint tensor in its source dtype, stored under the name `as`.
+io::DenseTensor dense_from_checkpoint(const io::Checkpoint& ckpt, const std::string& name, const std::string& as);
+
+// Runs `samples` samples of x through the runner in micro-batches until `until`, calling
+// sink(first_sample, count, activations) for each micro-batch.
+template <typename Sink>
+void for_each_micro_batch(BlockRunner& runner, const float* x, int64_t samples, int64_t hidden, Until until,
+                          Sink&& sink) {
+  const int64_t seq = runner.seq();
+  for (int64_t s0 = 0; s0 < samples; s0 += runner.micro_batch()) {
+    const int64_t n = std::min(runner.micro_batch(), samples - s0);
+    sink(s0, n, runner.forward(x + s0 * seq * hidden, n, until));
+  }
+}
+
+// x [samples * seq, hidden] <- the block outputs of x (in place, through host staging).
+void propagate(BlockRunner& runner, std::vector<float>& x, int64_t samples, int64_t hidden);
+
+}  // namespace pipequant

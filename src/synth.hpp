@@ -1,0 +1,31 @@
+#pragma once
+// Synthetic checkpoints and token files: deterministic random weights in the Hugging Face Llama layout, for
+// tests and benchmarks at sizes no real checkpoint at hand has.
+
+#include <cstdint>
+#include <string>
+
+namespace pipequant {
+
+struct SynthOptions {
+  std::string out_dir;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t vocab_size = 0;
+  std::string dtype = "bf16";  // bf16 | fp16 | fp32
+  uint64_t seed = 0;
+  bool tie_word_embeddings = false;
+};
+
+// Writes out_dir/config.json and out_dir/model.safetensors (creating out_dir). The same options give the
+// same bytes on every platform. Throws UserError for invalid options or an unwritable directory.
+void write_synthetic_checkpoint(const SynthOptions& options);
+
+// Writes `count` int32 token ids in [0, vocab) as a 1-D .npy file, drawn from a Zipf-like distribution
+// (p(rank r) ~ 1/(r+1)^1.1, ranks shuffled over the vocabulary) so that some tokens are frequent, as in text.
+void write_synthetic_tokens(const std::string& path, int64_t count, int64_t vocab, uint64_t seed);
+
+}  // namespace pipequant
