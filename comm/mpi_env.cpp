@@ -46,6 +46,10 @@ int world_size() {
 
 void abort_job(const std::string& message, int code) {
   const int rank = world_rank();
+  // When every rank meets the same bad input, rank 0's line should be the one the user reads: the others
+  // wait a moment, and rank 0's MPI_Abort usually ends them first. A failure on one rank alone still ends
+  // the job within seconds.
+  if (rank != 0 && world_size() > 1) sleep(2);
   if (rank == 0) {
     std::fprintf(stderr, "pipequant: error: %s\n", message.c_str());
   } else {
