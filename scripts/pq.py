@@ -53,3 +53,36 @@ def perplexity(stdout):
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def packed_datasets(out_dir):
+    """{'/blocks/<i>/<module>/<dataset>': bytes} for every packed dataset, read through model.h5's links."""
+    import h5py
+    result = {}
+    with h5py.File(os.path.join(out_dir, "model.h5"), "r") as f:
+        if int(f.attrs["complete"]) != 1:
+            raise RuntimeError(f"{out_dir}/model.h5 is not complete")
+        for b in f["blocks"]:
+            blk = f["blocks"][b]
+            for module in blk:
+                if isinstance(blk[module], h5py.Group):
+                    for d in PACKED:
+                        result[f"/blocks/{b}/{module}/{d}"] = blk[module][d][()].tobytes()
+    return result
+
+
+def compare_outputs(a, b):
+    """List of differences between the packed datasets of two outputs (empty = bit-identical)."""
+    da, db = packed_datasets(a), packed_datasets(b)
+    problems = []
+    if set(da) != set(db):
+        problems.append(f"dataset sets differ: {sorted(set(da) ^ set(db))[:5]}")
+    for k in sorted(set(da) & set(db)):
+        if da[k] != db[k]:
+            problems.append(f"{k} differs")
+    if not da:
+        problems.append("no packed datasets")
+    return problems
