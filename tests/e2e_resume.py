@@ -82,6 +82,9 @@ with h5py.File(shard, "r+") as f:
     d = f["blocks/3/mlp.up_proj/qweight"]
     v = d[0, 0]
     d[0, 0] = v ^ 0x5
+insp = pq.run(["inspect", out], check=False)
+results.append(("inspect reports the altered dataset and exits 1",
+                insp.returncode == 1 and "MISMATCH" in insp.stdout and "qweight" in insp.stdout))
 p = pq.run(quantize_args(out), np=3)
 results.append(("the altered block was detected on resume", "block 3 fails its checksums" in p.stdout))
 diff = pq.compare_outputs(clean, out)
