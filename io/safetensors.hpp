@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -25,8 +26,8 @@ struct TensorInfo {
   std::string name;
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
-  std::string file;       // path of the .safetensors file holding it
-  uint64_t offset = 0;    // absolute byte offset of the data in that file
+  std::string file;     // path of the .safetensors file holding it
+  uint64_t offset = 0;  // absolute byte offset of the data in that file
   uint64_t nbytes = 0;
   int64_t numel() const;
 };
@@ -68,6 +69,18 @@ struct TensorToWrite {
   std::vector<std::byte> bytes;  // already in dtype, little-endian
 };
 void write_safetensors(const std::string& file, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// Streaming form, for checkpoints too large to hold in memory twice: tensors are described up front and
+// `fill(i, out)` writes tensor i's bytes (dtype, little-endian; out.size() = numel x dtype size) when its
+// turn comes, so only one tensor is in memory at a time.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+};
+void write_safetensors(const std::string& file, const std::vector<TensorSpec>& specs,
+                       const std::function<void(size_t index, std::span<std::byte> out)>& fill,
                        const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace pipequant::io

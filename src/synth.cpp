@@ -95,8 +95,8 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
   require_positive(o.vocab_size, "--vocab-size");
   PQ_REQUIRE(o.hidden_size % o.num_heads == 0, "synth: --hidden-size ", o.hidden_size,
              " must be a multiple of --num-heads ", o.num_heads);
-  PQ_REQUIRE(o.num_heads % o.num_kv_heads == 0, "synth: --num-kv-heads ", o.num_kv_heads,
-             " must divide --num-heads ", o.num_heads);
+  PQ_REQUIRE(o.num_heads % o.num_kv_heads == 0, "synth: --num-kv-heads ", o.num_kv_heads, " must divide --num-heads ",
+             o.num_heads);
   const int64_t head_dim = o.hidden_size / o.num_heads;
   PQ_REQUIRE(head_dim % 2 == 0, "synth: head_dim = --hidden-size / --num-heads = ", head_dim,
              " must be even (RoPE rotates pairs of channels)");
@@ -157,31 +157,31 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
   for (const auto& t : tensors) specs.push_back(t.spec);
   const std::string model_path = (fs::path(o.out_dir) / "model.safetensors").string();
   // One tensor at a time is generated and written, so memory stays at the largest tensor.
-  io::write_safetensors(
-      model_path, specs,
-      [&](size_t i, std::span<std::byte> out) {
-        const SynthTensor& t = tensors[i];
-        Rng rng(mix_seed(o.seed, i));
-        const size_t item = io::dtype_size(t.spec.dtype);
-        const size_t n = out.size() / item;
-        for (size_t k = 0; k < n; ++k) {
-          const float v = static_cast<float>(t.mean + t.std * rng.normal());
-          std::byte* dst = out.data() + k * item;
-          if (t.spec.dtype == io::DType::kF32) {
-            std::memcpy(dst, &v, 4);
-          } else {
-            const uint16_t bits = t.spec.dtype == io::DType::kBF16 ? float_to_bf16(v) : float_to_fp16(v);
-            std::memcpy(dst, &bits, 2);
-          }
-        }
-      },
-      {{"format", "pt"}, {"generator", "pipequant synth"}, {"seed", std::to_string(o.seed)}});
+  io::write_safetensors(model_path, specs,
+                        [&](size_t i, std::span<std::byte> out) {
+                          const SynthTensor& t = tensors[i];
+                          Rng rng(mix_seed(o.seed, i));
+                          const size_t item = io::dtype_size(t.spec.dtype);
+                          const size_t n = out.size() / item;
+                          for (size_t k = 0; k < n; ++k) {
+                            const float v = static_cast<float>(t.mean + t.std * rng.normal());
+                            std::byte* dst = out.data() + k * item;
+                            if (t.spec.dtype == io::DType::kF32) {
+                              std::memcpy(dst, &v, 4);
+                            } else {
+                              const uint16_t bits =
+                                  t.spec.dtype == io::DType::kBF16 ? float_to_bf16(v) : float_to_fp16(v);
+                              std::memcpy(dst, &bits, 2);
+                            }
+                          }
+                        },
+                        {{"format", "pt"}, {"generator", "pipequant synth"}, {"seed", std::to_string(o.seed)}});
 }
 
 void write_synthetic_tokens(const std::string& path, int64_t count, int64_t vocab, uint64_t seed) {
   PQ_REQUIRE(count > 0, "synth-tokens: --count must be positive, got ", count);
-  PQ_REQUIRE(vocab > 1 && vocab <= static_cast<int64_t>(INT32_MAX) + 1, "synth-tokens: --vocab-size must be in [2, 2^31], got ",
-             vocab);
+  PQ_REQUIRE(vocab > 1 && vocab <= static_cast<int64_t>(INT32_MAX) + 1,
+             "synth-tokens: --vocab-size must be in [2, 2^31], got ", vocab);
   Rng rng(mix_seed(seed, 0x746f6b656e73ull));  // "tokens": a stream distinct from any checkpoint tensor's
   // rank r has weight 1/(r+1)^1.1 (Zipf's law with the exponent of natural text, about 1)
   std::vector<double> cdf(static_cast<size_t>(vocab));

@@ -1,0 +1,242 @@
+// config.json of a Llama-family checkpoint: read, validated field by field, and written back.
+#include "io/model_config.hpp"
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string_view>
+
+#include "kernels/error.hpp"
+
+namespace pipequant::io {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Architectures whose checkpoints have the Llama layout (RMSNorm, rotate_half RoPE, GQA, SwiGLU, HF names).
+inline constexpr std::string_view kArchitectures[] = {"LlamaForCausalLM", "MistralForCausalLM"};
+inline constexpr std::string_view kRopeTypes[] = {"default", "linear", "llama3"};
+
+// The value as written in the file, shortened so that an error stays one line.
+std::string show(const json& v) {
+  std::string s = v.dump();
+  if (s.size() > 60) s = s.substr(0, 57) + "...";
+  return s;
+}
+
+// Field access with errors of the form "<origin>: field <name>: <what was expected>, got <value>".
+// An optional field that is absent or null keeps its default.
+class Fields {
+ public:
+  Fields(const json& j, const std::string& origin, std::string prefix = "")
+      : j_(j), origin_(origin), prefix_(std::move(prefix)) {}
+
+  bool present(const char* name) const { return j_.contains(name) && !j_[name].is_null(); }
+
+  [[noreturn]] void bad(const char* name, const std::string& expected) const {
+    if (!present(name)) fail(origin_, ": field ", prefix_, name, ": missing (expected ", expected, ")");
+    fail(origin_, ": field ", prefix_, name, ": expected ", expected, ", got ", show(j_[name]));
+  }
+
+  int64_t positive_int(const char* name) const {
+    if (!present(name)) bad(name, "a positive integer");
+    const json& v = j_[name];
+    if (v.is_number_unsigned()) {
+      if (v.get<uint64_t>() > 0 && v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX)) return v.get<int64_t>();
+    } else if (v.is_number_integer()) {
+      if (v.get<int64_t>() > 0) return v.get<int64_t>();
+    }
+    bad(name, "a positive integer");
+  }
+  void positive_int(const char* name, int64_t* out) const {
+    if (present(name)) *out = positive_int(name);
+  }
+
+  double positive_number(const char* name) const {
+    if (!present(name)) bad(name, "a positive number");
+    const json& v = j_[name];
+    if (v.is_number() && std::isfinite(v.get<double>()) && v.get<double>() > 0) return v.get<double>();
+    bad(name, "a positive number");
+  }
+  void positive_number(const char* name, double* out) const {
+    if (present(name)) *out = positive_number(name);
+  }
+
+  void boolean(const char* name, bool* out) const {
+    if (!present(name)) return;
+    if (!j_[name].is_boolean()) bad(name, "true or false");
+    *out = j_[name].get<bool>();
+  }
+
+  void string(const char* name, std::string* out) const {
+    if (!present(name)) return;
+    if (!j_[name].is_string()) bad(name, "a string");
+    *out = j_[name].get<std::string>();
+  }
+
+  const json& operator[](const char* name) const { return j_[name]; }
+
+ private:
+  const json& j_;
+  const std::string& origin_;
+  std::string prefix_;
+};
+
+RopeScaling parse_rope_scaling(const json& v, const std::string& origin) {
+  RopeScaling rs;
+  if (v.is_null()) return rs;
+  if (!v.is_object())
+    fail(origin, ": field rope_scaling: expected null or an object {rope_type, factor, ...}, got ", show(v));
+  const Fields f(v, origin, "rope_scaling.");
+  // Newer configs say "rope_type", older ones "type"; some write both.
+  const char* type_key = f.present("rope_type") ? "rope_type" : "type";
+  if (!f.present(type_key)) f.bad("rope_type", "\"llama3\", \"linear\" or \"default\"");
+  if (!v[type_key].is_string()) f.bad(type_key, "\"llama3\", \"linear\" or \"default\"");
+  rs.type = v[type_key].get<std::string>();
+  bool known = false;
+  for (auto t : kRopeTypes) known |= rs.type == t;
+  if (!known) f.bad(type_key, "\"llama3\", \"linear\" or \"default\" (other RoPE scalings are not supported)");
+
+  if (rs.type == "default") {
+    f.positive_number("factor", &rs.factor);
+  } else {
+    rs.factor = f.positive_number("factor");
+  }
+  if (rs.type == "llama3") {
+    rs.low_freq_factor = f.positive_number("low_freq_factor");
+    rs.high_freq_factor = f.positive_number("high_freq_factor");
+    rs.original_max_position_embeddings = f.positive_int("original_max_position_embeddings");
+    // the smooth ramp between the two wavelengths divides by their difference
+    if (!(rs.high_freq_factor > rs.low_freq_factor))
+      f.bad("high_freq_factor", "a number above low_freq_factor " + show(v["low_freq_factor"]));
+  } else {
+    f.positive_number("low_freq_factor", &rs.low_freq_factor);
+    f.positive_number("high_freq_factor", &rs.high_freq_factor);
+    f.positive_int("original_max_position_embeddings", &rs.original_max_position_embeddings);
+  }
+  return rs;
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::load(const std::string& path) {
+  std::error_code ec;
+  std::string file = path;
+  if (fs::is_directory(path, ec)) file = (fs::path(path) / "config.json").string();
+  PQ_REQUIRE(fs::is_regular_file(file, ec), file,
+             ": not found (expected a config.json file or a checkpoint directory holding one)");
+  std::ifstream in(file, std::ios::binary);
+  PQ_REQUIRE(in.good(), file, ": cannot open: ", std::strerror(errno));
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail(file, ": not valid JSON (", e.what(), ")");
+  }
+  return from_json(j, file);
+}
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
+  PQ_REQUIRE(j.is_object(), origin, ": expected a JSON object of model fields, got a JSON ", j.type_name());
+  const Fields f(j, origin);
+  ModelConfig c;
+  c.path = origin;
+  c.raw = j;
+
+  if (f.present("architectures")) {
+    const json& a = j["architectures"];
+    if (!a.is_array()) f.bad("architectures", "a list such as [\"LlamaForCausalLM\"]");
+    bool found = false;
+    for (const auto& name : a) {
+      if (!name.is_string()) continue;
+      for (auto known : kArchitectures) {
+        if (name.get<std::string>() == known) {
+          c.architecture = std::string(known);
+          found = true;
+          break;
+        }
+      }
+      if (found) break;
+    }
+    if (!found) f.bad("architectures", "a Llama-layout model (LlamaForCausalLM or MistralForCausalLM)");
+  }
+  if (f.present("hidden_act")) {
+    if (!(j["hidden_act"].is_string() && j["hidden_act"].get<std::string>() == "silu"))
+      f.bad("hidden_act", "\"silu\" (the SwiGLU MLP of Llama)");
+  }
+
+  c.hidden_size = f.positive_int("hidden_size");
+  c.intermediate_size = f.positive_int("intermediate_size");
+  c.num_layers = f.positive_int("num_hidden_layers");
+  c.num_heads = f.positive_int("num_attention_heads");
+  c.vocab_size = f.positive_int("vocab_size");
+
+  c.num_kv_heads = c.num_heads;
+  f.positive_int("num_key_value_heads", &c.num_kv_heads);
+  if (c.num_heads % c.num_kv_heads != 0)
+    f.bad("num_key_value_heads", "a divisor of num_attention_heads " + std::to_string(c.num_heads) +
+                                     " (each KV head serves a group of query heads)");
+
+  if (f.present("head_dim")) {
+    c.head_dim = f.positive_int("head_dim");
+  } else {
+    if (c.hidden_size % c.num_heads != 0)
+      f.bad("hidden_size",
+            "a multiple of num_attention_heads " + std::to_string(c.num_heads) + " when head_dim is not given");
+    c.head_dim = c.hidden_size / c.num_heads;
+  }
+  // RoPE rotates pairs of channels
+  if (c.head_dim % 2 != 0)
+    fail(origin, ": field head_dim: expected an even number (RoPE rotates pairs of channels), got ", c.head_dim,
+         f.present("head_dim") ? "" : " (hidden_size / num_attention_heads)");
+
+  f.positive_int("max_position_embeddings", &c.max_position_embeddings);
+  f.positive_number("rope_theta", &c.rope_theta);
+  f.positive_number("rms_norm_eps", &c.rms_norm_eps);
+  f.boolean("tie_word_embeddings", &c.tie_word_embeddings);
+  f.boolean("attention_bias", &c.attention_bias);
+  f.boolean("mlp_bias", &c.mlp_bias);
+  f.string("torch_dtype", &c.torch_dtype);
+  if (j.contains("rope_scaling")) c.rope_scaling = parse_rope_scaling(j["rope_scaling"], origin);
+  return c;
+}
+
+json ModelConfig::to_json() const {
+  // Fields this struct does not model (bos_token_id, ...) are kept from the source file.
+  json j = raw.is_object() ? raw : json::object();
+  j["architectures"] = json::array({architecture});
+  if (!j.contains("model_type")) j["model_type"] = architecture == "MistralForCausalLM" ? "mistral" : "llama";
+  j["hidden_size"] = hidden_size;
+  j["intermediate_size"] = intermediate_size;
+  j["num_hidden_layers"] = num_layers;
+  j["num_attention_heads"] = num_heads;
+  j["num_key_value_heads"] = num_kv_heads;
+  j["head_dim"] = head_dim;
+  j["vocab_size"] = vocab_size;
+  if (max_position_embeddings > 0) j["max_position_embeddings"] = max_position_embeddings;
+  j["rope_theta"] = rope_theta;
+  j["rms_norm_eps"] = rms_norm_eps;
+  j["hidden_act"] = "silu";
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  j["attention_bias"] = attention_bias;
+  j["mlp_bias"] = mlp_bias;
+  if (!torch_dtype.empty()) j["torch_dtype"] = torch_dtype;
+  if (rope_scaling.type == "default" && rope_scaling.factor == 1.0) {
+    j["rope_scaling"] = nullptr;
+  } else {
+    json rs = {{"rope_type", rope_scaling.type}, {"factor", rope_scaling.factor}};
+    if (rope_scaling.type == "llama3") {
+      rs["low_freq_factor"] = rope_scaling.low_freq_factor;
+      rs["high_freq_factor"] = rope_scaling.high_freq_factor;
+      rs["original_max_position_embeddings"] = rope_scaling.original_max_position_embeddings;
+    }
+    j["rope_scaling"] = rs;
+  }
+  return j;
+}
+
+}  // namespace pipequant::io

@@ -1,0 +1,308 @@
+// config.json: the two real test checkpoints, defaults, rope_scaling, round trip, and one test per bad field.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <functional>
+
+#include "io/model_config.hpp"
+#include "kernels/error.hpp"
+#include "tests/testdata.hpp"
+
+namespace pipequant::io {
+namespace {
+
+using nlohmann::json;
+using pipequant::testing::scratch_dir;
+using pipequant::testing::testdata;
+
+void expect_user_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+  } catch (const UserError& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
+    return;
+  }
+  ADD_FAILURE() << "no UserError thrown";
+}
+
+// A valid minimal config; tests change one field.
+json base() {
+  return {{"architectures", {"LlamaForCausalLM"}},
+          {"hidden_size", 64},
+          {"intermediate_size", 172},
+          {"num_hidden_layers", 2},
+          {"num_attention_heads", 8},
+          {"vocab_size", 512}};
+}
+
+// from_json(j) must throw naming the origin "cfg.json", the field, and every part.
+void expect_bad(const json& j, const std::string& field, std::vector<std::string> parts) {
+  parts.push_back("cfg.json");
+  parts.push_back("field " + field);
+  expect_user_error([&] { ModelConfig::from_json(j, "cfg.json"); }, parts);
+}
+
+TEST(ModelConfig, Stories260K) {
+  const ModelConfig c = ModelConfig::load(testdata("stories260K"));
+  EXPECT_EQ(c.path, testdata("stories260K") + "/config.json");
+  EXPECT_EQ(c.architecture, "LlamaForCausalLM");
+  EXPECT_EQ(c.hidden_size, 64);
+  EXPECT_EQ(c.intermediate_size, 172);
+  EXPECT_EQ(c.num_layers, 5);
+  EXPECT_EQ(c.num_heads, 8);
+  EXPECT_EQ(c.num_kv_heads, 4);
+  EXPECT_EQ(c.head_dim, 8);  // not in the file: hidden / heads
+  EXPECT_EQ(c.vocab_size, 512);
+  EXPECT_EQ(c.max_position_embeddings, 512);
+  EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-5);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_FALSE(c.mlp_bias);
+  EXPECT_EQ(c.torch_dtype, "float32");
+  EXPECT_EQ(c.rope_scaling.type, "default");
+  EXPECT_EQ(c.raw["bos_token_id"], 1);
+}
+
+TEST(ModelConfig, TinyLlama6LByFilePath) {
+  const ModelConfig c = ModelConfig::load(testdata("tiny-llama-6L/config.json"));
+  EXPECT_EQ(c.hidden_size, 256);
+  EXPECT_EQ(c.intermediate_size, 768);
+  EXPECT_EQ(c.num_layers, 6);
+  EXPECT_EQ(c.num_heads, 4);
+  EXPECT_EQ(c.num_kv_heads, 2);
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(c.vocab_size, 4096);
+  EXPECT_EQ(c.max_position_embeddings, 2048);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.torch_dtype, "bfloat16");
+}
+
+TEST(ModelConfig, Defaults) {
+  json j = base();
+  j.erase("architectures");
+  const ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.num_kv_heads, 8);
+  EXPECT_EQ(c.head_dim, 8);
+  EXPECT_FALSE(c.tie_word_embeddings);
+  EXPECT_EQ(c.max_position_embeddings, 0);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+  EXPECT_EQ(c.torch_dtype, "");
+  EXPECT_EQ(c.architecture, "LlamaForCausalLM");
+}
+
+TEST(ModelConfig, NullOptionalFieldsKeepDefaults) {
+  json j = base();
+  j["head_dim"] = nullptr;
+  j["rope_scaling"] = nullptr;
+  j["num_key_value_heads"] = nullptr;
+  const ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.head_dim, 8);
+  EXPECT_EQ(c.num_kv_heads, 8);
+  EXPECT_EQ(c.rope_scaling.type, "default");
+}
+
+TEST(ModelConfig, ExplicitHeadDimAndMistral) {
+  json j = base();
+  j["architectures"] = {"MistralForCausalLM"};
+  j["head_dim"] = 16;  // q_proj is then [128, 64], as Mistral-Nemo / Llama variants allow
+  j["num_key_value_heads"] = 2;
+  const ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.architecture, "MistralForCausalLM");
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.num_kv_heads, 2);
+}
+
+TEST(ModelConfig, RopeScalingLlama3) {
+  json j = base();
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0},
+                       {"original_max_position_embeddings", 8192}};
+  j["rope_theta"] = 500000.0;
+  const ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.rope_scaling.type, "llama3");
+  EXPECT_DOUBLE_EQ(c.rope_scaling.factor, 8.0);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.low_freq_factor, 1.0);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.high_freq_factor, 4.0);
+  EXPECT_EQ(c.rope_scaling.original_max_position_embeddings, 8192);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 500000.0);
+}
+
+TEST(ModelConfig, RopeScalingLinearWithOldTypeKey) {
+  json j = base();
+  j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  const ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.rope_scaling.type, "linear");
+  EXPECT_DOUBLE_EQ(c.rope_scaling.factor, 2.0);
+}
+
+TEST(ModelConfig, ToJsonRoundTrip) {
+  json j = base();
+  j["num_key_value_heads"] = 4;
+  j["tie_word_embeddings"] = true;
+  j["rms_norm_eps"] = 1e-6;
+  j["bos_token_id"] = 1;
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 32.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0},
+                       {"original_max_position_embeddings", 8192}};
+  const ModelConfig a = ModelConfig::from_json(j, "cfg.json");
+  const json out = a.to_json();
+  EXPECT_EQ(out["bos_token_id"], 1);  // fields not modelled are kept
+  EXPECT_EQ(out["hidden_act"], "silu");
+  const ModelConfig b = ModelConfig::from_json(out, "out.json");
+  EXPECT_EQ(b.hidden_size, a.hidden_size);
+  EXPECT_EQ(b.intermediate_size, a.intermediate_size);
+  EXPECT_EQ(b.num_layers, a.num_layers);
+  EXPECT_EQ(b.num_heads, a.num_heads);
+  EXPECT_EQ(b.num_kv_heads, 4);
+  EXPECT_EQ(b.head_dim, a.head_dim);
+  EXPECT_EQ(b.vocab_size, a.vocab_size);
+  EXPECT_EQ(b.tie_word_embeddings, true);
+  EXPECT_DOUBLE_EQ(b.rms_norm_eps, 1e-6);
+  EXPECT_EQ(b.rope_scaling.type, "llama3");
+  EXPECT_DOUBLE_EQ(b.rope_scaling.factor, 32.0);
+
+  // a config built in code (as synth does) writes a complete file
+  ModelConfig fresh;
+  fresh.hidden_size = 32;
+  fresh.intermediate_size = 96;
+  fresh.num_layers = 1;
+  fresh.num_heads = 4;
+  fresh.num_kv_heads = 2;
+  fresh.head_dim = 8;
+  fresh.vocab_size = 100;
+  const ModelConfig back = ModelConfig::from_json(fresh.to_json(), "fresh");
+  EXPECT_EQ(back.num_kv_heads, 2);
+  EXPECT_EQ(back.head_dim, 8);
+  EXPECT_TRUE(back.to_json()["rope_scaling"].is_null());
+}
+
+// ---- bad fields ----
+
+TEST(ModelConfigBad, MissingRequiredField) {
+  for (const char* field :
+       {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"}) {
+    json j = base();
+    j.erase(field);
+    expect_bad(j, field, {"missing", "positive integer"});
+  }
+}
+
+TEST(ModelConfigBad, StringWhereIntegerExpected) {
+  json j = base();
+  j["hidden_size"] = "abc";
+  expect_bad(j, "hidden_size", {"expected a positive integer, got \"abc\""});
+}
+
+TEST(ModelConfigBad, ZeroNegativeAndFractional) {
+  json j = base();
+  j["vocab_size"] = 0;
+  expect_bad(j, "vocab_size", {"positive integer", "got 0"});
+  j = base();
+  j["num_hidden_layers"] = -3;
+  expect_bad(j, "num_hidden_layers", {"got -3"});
+  j = base();
+  j["intermediate_size"] = 171.5;
+  expect_bad(j, "intermediate_size", {"got 171.5"});
+}
+
+TEST(ModelConfigBad, KvHeadsDoNotDivideHeads) {
+  json j = base();
+  j["num_key_value_heads"] = 3;
+  expect_bad(j, "num_key_value_heads", {"divisor of num_attention_heads 8", "got 3"});
+}
+
+TEST(ModelConfigBad, HiddenNotMultipleOfHeads) {
+  json j = base();
+  j["num_attention_heads"] = 6;
+  j["num_key_value_heads"] = 6;
+  expect_bad(j, "hidden_size", {"multiple of num_attention_heads 6"});
+}
+
+TEST(ModelConfigBad, OddHeadDim) {
+  json j = base();
+  j["head_dim"] = 7;
+  expect_bad(j, "head_dim", {"even", "7"});
+}
+
+TEST(ModelConfigBad, WrongArchitecture) {
+  json j = base();
+  j["architectures"] = {"GPT2LMHeadModel"};
+  expect_bad(j, "architectures", {"LlamaForCausalLM", "got [\"GPT2LMHeadModel\"]"});
+  j["architectures"] = "LlamaForCausalLM";
+  expect_bad(j, "architectures", {"a list"});
+}
+
+TEST(ModelConfigBad, HiddenActNotSilu) {
+  json j = base();
+  j["hidden_act"] = "gelu";
+  expect_bad(j, "hidden_act", {"silu", "got \"gelu\""});
+}
+
+TEST(ModelConfigBad, WrongTypesOfOptionalFields) {
+  json j = base();
+  j["tie_word_embeddings"] = "yes";
+  expect_bad(j, "tie_word_embeddings", {"true or false"});
+  j = base();
+  j["rope_theta"] = -1.0;
+  expect_bad(j, "rope_theta", {"positive number"});
+  j = base();
+  j["rms_norm_eps"] = "1e-5";
+  expect_bad(j, "rms_norm_eps", {"positive number"});
+  j = base();
+  j["torch_dtype"] = 16;
+  expect_bad(j, "torch_dtype", {"a string"});
+}
+
+TEST(ModelConfigBad, RopeScaling) {
+  json j = base();
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  expect_bad(j, "rope_scaling.rope_type", {"llama3", "got \"yarn\""});
+  j["rope_scaling"] = {{"factor", 4.0}};
+  expect_bad(j, "rope_scaling.rope_type", {"missing"});
+  j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}};
+  expect_bad(j, "rope_scaling.high_freq_factor", {"missing"});
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 4.0},
+                       {"high_freq_factor", 1.0},
+                       {"original_max_position_embeddings", 8192}};
+  expect_bad(j, "rope_scaling.high_freq_factor", {"above low_freq_factor"});
+  j["rope_scaling"] = {{"type", "linear"}};
+  expect_bad(j, "rope_scaling.factor", {"missing"});
+  j["rope_scaling"] = "llama3";
+  expect_bad(j, "rope_scaling", {"null or an object"});
+}
+
+TEST(ModelConfigBad, NotAnObject) {
+  expect_user_error([] { ModelConfig::from_json(json::array({1, 2}), "cfg.json"); }, {"cfg.json", "JSON object"});
+}
+
+TEST(ModelConfigBad, MissingFile) {
+  const std::string dir = scratch_dir("cfg-missing");
+  expect_user_error([&] { ModelConfig::load(dir); }, {dir + "/config.json", "not found"});
+  expect_user_error([&] { ModelConfig::load(dir + "/nope.json"); }, {"nope.json", "not found"});
+}
+
+TEST(ModelConfigBad, FileNotJson) {
+  const std::string dir = scratch_dir("cfg-not-json");
+  std::ofstream(dir + "/config.json") << "{\"hidden_size\": 64,,}";
+  expect_user_error([&] { ModelConfig::load(dir); }, {dir + "/config.json", "not valid JSON"});
+}
+
+TEST(ModelConfigBad, LoadNamesTheFile) {
+  const std::string dir = scratch_dir("cfg-bad-field");
+  json j = base();
+  j["vocab_size"] = "512";
+  std::ofstream(dir + "/config.json") << j.dump();
+  expect_user_error([&] { ModelConfig::load(dir); }, {dir + "/config.json", "field vocab_size", "got \"512\""});
+}
+
+}  // namespace
+}  // namespace pipequant::io
