@@ -108,7 +108,7 @@ void* CudaBackend::allocate(size_t bytes) {
   if (bytes > budget_ - live_) {  // live_ <= budget_ always, so this cannot wrap
     fail("CUDA device ", device_, ": allocating ", bytes, " bytes would exceed the device memory budget of ", budget_,
          " bytes (", live_, " bytes live, peak ", peak_,
-         "); raise the GPU memory budget (--gpu-mem) or lower the micro-batch size");
+         "); raise the GPU memory budget or lower the micro-batch size (--micro-batch)");
   }
   void* p = nullptr;
   // Stream-ordered: the memory is usable by work on stream_ at once, and deallocate returns it in order.
@@ -117,7 +117,7 @@ void* CudaBackend::allocate(size_t bytes) {
     cudaGetLastError();
     fail("CUDA device ", device_, ": out of device memory allocating ", bytes, " bytes (", live_,
          " bytes live in this process's backend, budget ", budget_,
-         " bytes); another process may be using the GPU, or the budget (--gpu-mem) is above what is free");
+         " bytes); another process may be using the GPU, or the budget is above what is free");
   }
   CUDA_CHECK(status);
   sizes_.emplace(p, bytes);
