@@ -1,12 +1,297 @@
 // CpuBackend: factorization, quantization grid and the GPTQ column loop.
+#include <lapacke.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "kernels/cpu/cpu_backend.hpp"
 #include "kernels/error.hpp"
+#include "kernels/numeric.hpp"
 
 namespace pipequant::kernels {
 
-bool CpuBackend::reverse_cholesky(float*, int64_t) { PQ_ASSERT(false, "reverse_cholesky: not written yet"); return false; }
-void CpuBackend::quant_params(const float*, int64_t, int64_t, int64_t, QuantGrid, float*, float*, int64_t) { PQ_ASSERT(false, "quant_params: not written yet"); }
-void CpuBackend::quantize(const float*, int64_t, int64_t, const float*, const float*, int64_t, const int32_t*, QuantGrid, uint8_t*, float*) { PQ_ASSERT(false, "quantize: not written yet"); }
-void CpuBackend::gptq_block(const GptqBlockArgs&) { PQ_ASSERT(false, "gptq_block: not written yet"); }
+namespace {
+
+// A scale that rounds to 0 in fp16 becomes the smallest fp16 normal, so that w / scale stays finite.
+inline constexpr float kMinScale = 6.103515625e-05f;  // 2^-14
+// The largest finite fp16: a scale above it would be stored as infinity.
+inline constexpr float kMaxScale = 65504.0f;
+// Rows handled together by one pass of the GPTQ column loop: the arithmetic runs across these rows in
+// lockstep, so every per-column step (divide, round, clamp, update) is a SIMD operation with no reduction.
+inline constexpr int64_t kLanes = 16;
+
+struct ScaleZero {
+  float scale;
+  float zero;
+};
+
+// The GPTQ reference quantizer (IST-DASLab gptq quant.py, find_params with weight=True, no mse) for one row
+// whose values span [lo, hi]; the scale is rounded to fp16 because the output stores it as fp16.
+inline ScaleZero params_from_range(float lo, float hi, QuantGrid grid) {
+  float xmin = std::min(lo, 0.0f);
+  float xmax = std::max(hi, 0.0f);
+  if (grid.sym) {
+    xmax = std::max(std::fabs(xmin), xmax);
+    if (xmin < 0.0f) xmin = -xmax;
+  }
+  if (xmin == 0.0f && xmax == 0.0f) {
+    xmin = -1.0f;
+    xmax = 1.0f;
+  }
+  const float maxq = static_cast<float>(grid.maxq());
+  float scale = round_to_fp16((xmax - xmin) / maxq);
+  if (!(scale > 0.0f)) scale = kMinScale;  // also catches NaN from non-finite weights
+  scale = std::min(scale, kMaxScale);
+  float zero = grid.sym ? static_cast<float>((grid.maxq() + 1) / 2) : std::nearbyint(-xmin / scale);
+  zero = std::clamp(zero, 0.0f, maxq);
+  return {scale, zero};
+}
+
+// q = clamp(round(w / scale) + zero, 0, maxq), round half to even (std::nearbyint in the default mode).
+inline float quantize_code(float w, float scale, float zero, float maxq) {
+  return std::clamp(std::nearbyint(w / scale) + zero, 0.0f, maxq);
+}
+
+}  // namespace
+
+bool CpuBackend::reverse_cholesky(float* h, int64_t n) {
+  PQ_ASSERT(h != nullptr && n > 0, "reverse_cholesky: n = ", n);
+  const int64_t nn = n * n;
+  // J H J (J the exchange matrix) reverses both axes, which in row-major storage is the flat array reversed.
+  const auto reverse_all = [h, nn] {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nn / 2; ++i) std::swap(h[i], h[nn - 1 - i]);
+  };
+  reverse_all();
+  // Row-major lower Cholesky (J H J = L' L'^T): H is symmetric, so the column-major view of the buffer is the
+  // same matrix, and its column-major upper factor U (= L'^T) lies in memory exactly as the row-major L'.
+  // Calling LAPACK column-major avoids LAPACKE's row-major path, which transposes through an n x n copy.
+  const lapack_int info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(n), h, static_cast<lapack_int>(n));
+  // R = J L' J is upper triangular and R R^T = J L' L'^T J = H.
+  reverse_all();
+  if (info != 0) return false;
+  bool finite = true;
+#pragma omp parallel for schedule(static) reduction(&& : finite)
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = h + i * n;
+    std::fill(row, row + i, 0.0f);  // the strict lower triangle still holds J H J's leftovers
+    for (int64_t j = i; j < n; ++j) finite = finite && std::isfinite(row[j]);
+  }
+  return finite;
+}
+
+void CpuBackend::quant_params(const float* w, int64_t rows, int64_t cols, int64_t ld, QuantGrid grid, float* scale,
+                              float* zero, int64_t stride) {
+  PQ_ASSERT(rows >= 0 && cols > 0 && ld >= cols, "quant_params: rows ", rows, " cols ", cols, " ld ", ld);
+#pragma omp parallel for schedule(static) if (rows * cols > (int64_t{1} << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = w + r * ld;
+    float lo = 0.0f, hi = 0.0f;  // the reference widens the range to include 0 anyway
+    for (int64_t c = 0; c < cols; ++c) {
+      lo = std::min(lo, x[c]);
+      hi = std::max(hi, x[c]);
+    }
+    const ScaleZero p = params_from_range(lo, hi, grid);
+    scale[r * stride] = p.scale;
+    zero[r * stride] = p.zero;
+  }
+}
+
+void CpuBackend::quantize(const float* w, int64_t rows, int64_t cols, const float* scales, const float* zeros,
+                          int64_t groups, const int32_t* param_of, QuantGrid grid, uint8_t* q, float* deq) {
+  PQ_ASSERT(rows >= 0 && cols > 0 && groups > 0, "quantize: rows ", rows, " cols ", cols, " groups ", groups);
+  const float maxq = static_cast<float>(grid.maxq());
+#pragma omp parallel for schedule(static) if (rows * cols > (int64_t{1} << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = scales + r * groups;  // this row's table entries [groups]
+    const float* z = zeros + r * groups;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int32_t p = param_of[c];
+      const float code = quantize_code(w[r * cols + c], s[p], z[p], maxq);
+      q[r * cols + c] = static_cast<uint8_t>(code);
+      if (deq) deq[r * cols + c] = s[p] * (code - z[p]);
+    }
+  }
+}
+
+// The column loop in the reverse-Cholesky form (H = R R^T, R = U^-1 with U the reference's upper Cholesky
+// factor of H^-1). With res_i = w_i - q_i the error the reference propagates is E = (W - Q) R, and the
+// current value of column j is w_cur_j = (wc_j + sum_{begin <= i < j} res_i R[i, j]) / R[j, j].
+//
+// Dynamic group parameters read the weights the reference reads: its W after the lazy updates of earlier
+// blocks only, W_c = w_c - sum_{i < begin} E_i U[i, c]. Because R U = I, that sum folds into the block:
+// W_c = w_c + sum_{begin <= i <= c} A_i U[i, c], with A_i = wc_i - w_i R[i, i] (the lazy part of wc), so only
+// the inverse of R's diagonal tile over the block and the groups that start in it is needed. (wc_c / R[c, c]
+// is that value only for c = begin.)
+//
+// Rows are independent; kLanes rows at a time are copied transposed into small tiles (column-major within
+// the tile) so that each column step is a contiguous kLanes-wide vector, and the in-block update of the
+// later columns reads row j of R, which is contiguous. Every row runs the same instruction sequence in
+// whatever tile it lands, so the result does not depend on the thread count.
+void CpuBackend::gptq_block(const GptqBlockArgs& a) {
+  PQ_ASSERT(a.rows > 0 && a.cols > 0 && 0 <= a.begin && a.begin < a.end && a.end <= a.cols && a.groups > 0,
+            "gptq_block: rows ", a.rows, " cols ", a.cols, " block [", a.begin, ", ", a.end, ") groups ", a.groups);
+  PQ_ASSERT(a.r && a.w && a.wc && a.res && a.err2 && a.q && a.scales && a.zeros && a.param_of,
+            "gptq_block: null pointer");
+  PQ_ASSERT(a.dynamic_group_size >= 0, "gptq_block: dynamic_group_size ", a.dynamic_group_size);
+  const int64_t rows = a.rows;
+  const int64_t cols = a.cols;
+  const int64_t begin = a.begin;
+  const int64_t width = a.end - a.begin;
+  const int64_t gsize = a.dynamic_group_size;
+  const int64_t groups = a.groups;
+  const float maxq = static_cast<float>(a.grid.maxq());
+  const QuantGrid grid = a.grid;
+
+  // Columns [begin, span_end): the block, and every dynamic group that starts in it (groups may reach past it).
+  int64_t span_end = a.end;
+  bool group_starts = false;
+  if (gsize > 0) {
+    const int64_t last_start = (a.end - 1) / gsize * gsize;
+    group_starts = last_start >= begin;
+    if (group_starts) span_end = std::max(span_end, std::min(cols, last_start + gsize));
+  }
+  const int64_t span = span_end - begin;
+  std::vector<float> rdiag(static_cast<size_t>(span));  // R[c, c] for c in [begin, span_end)
+  for (int64_t c = begin; c < span_end; ++c) rdiag[static_cast<size_t>(c - begin)] = a.r[c * cols + c];
+
+  // ut [span, span]: ut[c * span + i] = U[begin + i, begin + c] for i <= c, the inverse of R's diagonal tile
+  // stored by columns. Column c solves R_tile u = e_c by back substitution in double; columns are independent.
+  std::vector<float> ut;
+  if (group_starts) {
+    ut.assign(static_cast<size_t>(span * span), 0.0f);
+#pragma omp parallel
+    {
+      std::vector<double> u(static_cast<size_t>(span));
+#pragma omp for schedule(dynamic, 8)
+      for (int64_t c = 0; c < span; ++c) {
+        u[static_cast<size_t>(c)] = 1.0 / static_cast<double>(rdiag[static_cast<size_t>(c)]);
+        for (int64_t i = c - 1; i >= 0; --i) {
+          const float* r_row = a.r + (begin + i) * cols + begin;  // R[begin + i, begin:]
+          double sum = 0.0;
+          for (int64_t t = i + 1; t <= c; ++t) sum += static_cast<double>(r_row[t]) * u[static_cast<size_t>(t)];
+          u[static_cast<size_t>(i)] = -sum / static_cast<double>(rdiag[static_cast<size_t>(i)]);
+        }
+        for (int64_t i = 0; i <= c; ++i) ut[static_cast<size_t>(c * span + i)] = static_cast<float>(u[static_cast<size_t>(i)]);
+      }
+    }
+  }
+
+  const int64_t tiles = (rows + kLanes - 1) / kLanes;
+#pragma omp parallel
+  {
+    // per-thread tiles [width][kLanes]: running weights, original weights (then residuals), codes
+    std::vector<float> wt(static_cast<size_t>(width * kLanes));
+    std::vector<float> ot(static_cast<size_t>(width * kLanes));
+    std::vector<float> qt(static_cast<size_t>(width * kLanes));
+    std::vector<float> at(group_starts ? static_cast<size_t>(span * kLanes) : 0);  // A = wc - w diag(R), [span][kLanes]
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = t * kLanes;
+      const int64_t live = std::min(kLanes, rows - r0);  // rows of this tile; the others are zero padding
+      if (live < kLanes) {  // padding lanes: zeros quantize to finite values and are never stored
+        std::fill(wt.begin(), wt.end(), 0.0f);
+        std::fill(ot.begin(), ot.end(), 0.0f);
+      }
+      for (int64_t l = 0; l < live; ++l) {
+        const float* wc_row = a.wc + (r0 + l) * cols + begin;
+        const float* w_row = a.w + (r0 + l) * cols + begin;
+        for (int64_t jj = 0; jj < width; ++jj) {
+          wt[static_cast<size_t>(jj * kLanes + l)] = wc_row[jj];
+          ot[static_cast<size_t>(jj * kLanes + l)] = w_row[jj];
+        }
+      }
+      float err[kLanes] = {};
+      float scale[kLanes];
+      float zero[kLanes];
+      for (int64_t l = 0; l < live; ++l) err[l] = a.err2[r0 + l];
+      int32_t loaded = -1;  // the table entry currently in scale/zero
+
+      for (int64_t jj = 0; jj < width; ++jj) {
+        const int64_t j = begin + jj;
+        if (gsize > 0 && j % gsize == 0) {
+          // A new group: its parameters come from the weights as the reference has them at this point (see
+          // above): w_c + sum_{begin <= i <= c} A_i U[i, c] for the group's columns c, A = wc - w diag(R).
+          const int64_t g = j / gsize;
+          const int64_t c_end = std::min(j + gsize, cols);
+          for (int64_t l = 0; l < live; ++l) {
+            const float* wc_row = a.wc + (r0 + l) * cols;
+            const float* w_row = a.w + (r0 + l) * cols;
+            for (int64_t i = begin; i < c_end; ++i)
+              at[static_cast<size_t>((i - begin) * kLanes + l)] = wc_row[i] - w_row[i] * rdiag[static_cast<size_t>(i - begin)];
+          }
+          float lo[kLanes] = {};
+          float hi[kLanes] = {};
+          for (int64_t c = j; c < c_end; ++c) {
+            const float* u_col = ut.data() + (c - begin) * span;  // U[begin:c+1, c]
+            float v[kLanes] = {};
+            for (int64_t i = 0; i <= c - begin; ++i) {
+              const float uic = u_col[i];
+              const float* ai = at.data() + i * kLanes;
+#pragma omp simd
+              for (int64_t l = 0; l < kLanes; ++l) v[l] += ai[l] * uic;
+            }
+            for (int64_t l = 0; l < live; ++l) {
+              const float x = a.w[(r0 + l) * cols + c] + v[l];
+              lo[l] = std::min(lo[l], x);
+              hi[l] = std::max(hi[l], x);
+            }
+          }
+          for (int64_t l = 0; l < live; ++l) {
+            const ScaleZero p = params_from_range(lo[l], hi[l], grid);
+            a.scales[(r0 + l) * groups + g] = p.scale;
+            a.zeros[(r0 + l) * groups + g] = p.zero;
+          }
+          loaded = -1;
+        }
+        const int32_t p = a.param_of[j];
+        if (p != loaded) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            scale[l] = l < live ? a.scales[(r0 + l) * groups + p] : 1.0f;
+            zero[l] = l < live ? a.zeros[(r0 + l) * groups + p] : 0.0f;
+          }
+          loaded = p;
+        }
+
+        const float rjj = rdiag[static_cast<size_t>(jj)];
+        float* wj = wt.data() + jj * kLanes;  // running weight of column j times R[j, j], [kLanes]
+        float* oj = ot.data() + jj * kLanes;  // original weight in, residual out, [kLanes]
+        float* qj = qt.data() + jj * kLanes;
+        float res[kLanes];
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const float x = wj[l] / rjj;
+          const float code = quantize_code(x, scale[l], zero[l], maxq);
+          const float deq = scale[l] * (code - zero[l]);
+          const float e = (x - deq) * rjj;
+          err[l] += e * e;
+          qj[l] = code;
+          res[l] = oj[l] - deq;
+          oj[l] = res[l];
+        }
+        // later columns of the block: wt[:, j'] += res * R[j, j'] (row j of R is contiguous)
+        const float* r_row = a.r + j * cols + begin;
+        for (int64_t jn = jj + 1; jn < width; ++jn) {
+          const float rv = r_row[jn];
+          float* wn = wt.data() + jn * kLanes;
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) wn[l] += res[l] * rv;
+        }
+      }
+
+      for (int64_t l = 0; l < live; ++l) {
+        uint8_t* q_row = a.q + (r0 + l) * cols + begin;
+        float* res_row = a.res + (r0 + l) * cols + begin;
+        for (int64_t jj = 0; jj < width; ++jj) {
+          q_row[jj] = static_cast<uint8_t>(qt[static_cast<size_t>(jj * kLanes + l)]);
+          res_row[jj] = ot[static_cast<size_t>(jj * kLanes + l)];
+        }
+        a.err2[r0 + l] = err[l];
+      }
+    }
+  }
+}
 
 }  // namespace pipequant::kernels

@@ -1,0 +1,166 @@
+// GPTQ solve benchmark on the CPU backend (DESIGN.md section 9).
+#include "src/bench_gptq.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.hpp"
+#include "kernels/error.hpp"
+#include "src/quant.hpp"
+
+namespace pipequant {
+
+namespace {
+
+using kernels::Backend;
+using kernels::Buffer;
+using kernels::Trans;
+
+struct Shape {
+  int64_t out = 0;  // N, rows of W
+  int64_t in = 0;   // K, columns of W and the Hessian's size
+};
+
+Shape parse_shape(const std::string& text) {
+  const size_t x = text.find('x');
+  Shape s;
+  try {
+    size_t used_out = 0, used_in = 0;
+    PQ_REQUIRE(x != std::string::npos, "");
+    s.out = std::stoll(text.substr(0, x), &used_out);
+    s.in = std::stoll(text.substr(x + 1), &used_in);
+    PQ_REQUIRE(used_out == x && used_in == text.size() - x - 1, "");
+  } catch (const std::exception&) {
+    fail("bench gptq: shape '", text, "' is not OUTxIN (e.g. 4096x11008)");
+  }
+  PQ_REQUIRE(s.out > 0 && s.in > 0, "bench gptq: shape '", text, "' must have positive sizes");
+  return s;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// GFLOP/s of a 2048^3 sgemm through the backend (cblas_sgemm on the cpu backend), median of 3 after a warm-up.
+double sgemm_rate(Backend& backend) {
+  const int64_t n = 2048;
+  std::vector<float> host(static_cast<size_t>(n * n));
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (auto& v : host) v = u(rng);
+  Buffer<float> a(backend, n * n), b(backend, n * n), c(backend, n * n);
+  backend.upload(a.data(), host.data(), host.size() * sizeof(float));
+  backend.upload(b.data(), host.data(), host.size() * sizeof(float));
+  std::vector<double> times;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    backend.gemm(Trans::kNo, Trans::kNo, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    backend.synchronize();
+    if (rep > 0) times.push_back(seconds_since(t0));
+  }
+  return 2.0 * static_cast<double>(n * n * n) / median(times) / 1e9;
+}
+
+// A Hessian with the structure of real ones: strongly correlated inputs (a low-rank part), a noise floor, and
+// channel scales spread over two orders of magnitude (outlier channels), H = S (A A^T / r + 0.1 I) S with
+// A [K, r] Gaussian and S = diag(exp(N(0, 1))). Costs 2 K^2 r flops instead of the 2 K^2 T of sum x x^T.
+std::vector<float> correlated_hessian(Backend& backend, int64_t k, uint64_t seed) {
+  const int64_t rank = std::min<int64_t>(k, 256);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> a(static_cast<size_t>(k * rank));
+  for (auto& v : a) v = normal(rng);
+  std::vector<float> s(static_cast<size_t>(k));
+  for (auto& v : s) v = std::exp(normal(rng));
+  Buffer<float> ab(backend, k * rank), hb(backend, k * k);
+  backend.upload(ab.data(), a.data(), a.size() * sizeof(float));
+  backend.gemm(Trans::kNo, Trans::kYes, k, k, rank, 1.0f / static_cast<float>(rank), ab.data(), rank, ab.data(), rank,
+               0.0f, hb.data(), k);
+  std::vector<float> h(static_cast<size_t>(k * k));
+  backend.download(h.data(), hb.data(), h.size() * sizeof(float));
+  for (int64_t i = 0; i < k; ++i) {
+    h[static_cast<size_t>(i * k + i)] += 0.1f;
+    for (int64_t j = 0; j < k; ++j) h[static_cast<size_t>(i * k + j)] *= s[static_cast<size_t>(i)] * s[static_cast<size_t>(j)];
+  }
+  return h;
+}
+
+}  // namespace
+
+int run_bench_gptq(const std::vector<std::string>& shapes, int reps, int bits, int64_t group_size, std::ostream& os) {
+  PQ_REQUIRE(reps > 0, "bench gptq: reps must be positive, got ", reps);
+  QuantConfig config;
+  config.bits = bits;
+  config.group_size = group_size;
+  validate(config);
+  std::vector<Shape> parsed;
+  for (const auto& text : shapes) parsed.push_back(parse_shape(text));
+  PQ_REQUIRE(!parsed.empty(), "bench gptq: no shapes given");
+
+  auto backend = kernels::make_cpu_backend(0);
+  char line[512];
+  std::snprintf(line, sizeof(line), "# pipequant bench gptq: backend %s, %d threads, bits %d, group size %lld, %s, block %lld, damp %g\n",
+                backend->name().c_str(), omp_get_max_threads(), bits, static_cast<long long>(group_size),
+                config.sym ? "sym" : "asym", static_cast<long long>(config.block_size), config.damp);
+  os << line;
+  std::snprintf(line, sizeof(line), "# sgemm 2048x2048x2048 through the backend: %.1f GFLOP/s (median of 3, 2*n^3 flops)\n",
+                sgemm_rate(*backend));
+  os << line;
+  os << "# W [N = out, K = in], H [K, K] = S (A A^T / 256 + 0.1 I) S (correlated, outlier channels); 1 warm-up, then "
+     << reps << " timed\n"
+     << "# solve = damping + reverse Cholesky + column loop with lazy updates (QuantizedLinear::solve_seconds)\n"
+     << "# GFLOP/s = (K^3/3 + 2*N*K^2) / median solve; call = whole gptq_quantize incl. relative-error check\n"
+     << "# valid = relative error finite, no fallback, and below round-to-nearest's\n";
+  std::snprintf(line, sizeof(line), "%12s %5s %12s %12s %12s %9s %11s %11s %11s %6s\n", "shape", "reps", "solve_med(s)",
+                "solve_min(s)", "solve_max(s)", "GFLOP/s", "call_med(s)", "rel_err", "rtn_err", "valid");
+  os << line << std::flush;
+
+  bool all_valid = true;
+  uint64_t seed = 1;
+  for (const Shape& s : parsed) {
+    const int64_t n = s.out, k = s.in;
+    std::mt19937_64 rng(seed++);
+    std::normal_distribution<float> normal(0.0f, 0.02f);
+    std::vector<float> w(static_cast<size_t>(n * k));
+    for (auto& v : w) v = normal(rng);
+    const std::vector<float> h = correlated_hessian(*backend, k, seed++);
+
+    std::vector<double> solve, call;
+    QuantizedLinear ql;
+    for (int rep = 0; rep <= reps; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      ql = gptq_quantize(*backend, w.data(), n, k, h.data(), config, "bench");
+      const double t = seconds_since(t0);
+      if (rep == 0) continue;  // warm-up
+      solve.push_back(ql.solve_seconds);
+      call.push_back(t);
+    }
+    const double rtn = rtn_quantize(*backend, w.data(), n, k, h.data(), config).relative_error;
+    const bool valid = std::isfinite(ql.relative_error) && ql.fallback == "none" && ql.relative_error < rtn;
+    all_valid = all_valid && valid;
+    const double kd = static_cast<double>(k), nd = static_cast<double>(n);
+    const double flops = kd * kd * kd / 3.0 + 2.0 * nd * kd * kd;
+    const std::string name = std::to_string(n) + "x" + std::to_string(k);
+    std::snprintf(line, sizeof(line), "%12s %5d %12.3f %12.3f %12.3f %9.1f %11.3f %11.3e %11.3e %6s\n", name.c_str(),
+                  reps, median(solve), *std::min_element(solve.begin(), solve.end()),
+                  *std::max_element(solve.begin(), solve.end()), flops / median(solve) / 1e9, median(call),
+                  ql.relative_error, rtn, valid ? "yes" : "NO");
+    os << line << std::flush;
+  }
+  return all_valid ? 0 : 1;
+}
+
+}  // namespace pipequant
