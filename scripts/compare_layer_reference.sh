@@ -11,7 +11,8 @@
 #     --group-size G    (default 128)
 #     --sym --act-order --static-groups   passed to both
 #     --tokens N        rows of X (default max(2048, in))
-#     --seed S          seed of the synthetic layers (default 0; each shape adds its index)
+#     --seed S          seed of the synthetic layers (default 0; the shape is mixed in, so a shape gets
+#                       the same layer whatever the list)
 #     --bin PATH        the pipequant binary (default build/pipequant)
 #     --work DIR        where W.npy, X.npy and the .h5 go (default: a temporary directory, removed at the end)
 #     --output FILE     also write the table to FILE
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
     --work) WORK="$2"; shift 2 ;;
     --output) OUTPUT="$2"; shift 2 ;;
     --sym | --act-order | --static-groups) FLAGS+=("$1"); shift ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) SHAPE_LIST+=("$1"); shift ;;
   esac
@@ -73,16 +74,15 @@ field() { # field NAME FILE: the value of the last "NAME: value" line
 
 rows=()
 status=0
-index=0
 for shape in "${SHAPE_LIST[@]}"; do
   dir="$WORK/$shape"
   mkdir -p "$dir"
   log "$shape: generating W and X"
   tok_args=()
   if [ "$TOKENS" -gt 0 ]; then tok_args=(--tokens "$TOKENS"); fi
-  "$PYTHON" "$REPO/scripts/make_layer_inputs.py" --shape "$shape" --out-dir "$dir" --seed $((SEED + index)) \
-    "${tok_args[@]}" >&2
-  index=$((index + 1))
+  out_f="${shape%x*}" in_f="${shape#*x}"
+  "$PYTHON" "$REPO/scripts/make_layer_inputs.py" --shape "$shape" --out-dir "$dir" \
+    --seed $((SEED * 1000003 + out_f * 100003 + in_f)) "${tok_args[@]}" >&2
 
   log "$shape: reference ($THREADS threads)"
   ref_err="failed" ref_s="failed" pq_err="failed" pq_s="failed"
