@@ -122,7 +122,8 @@ int run_bench_gptq(const std::vector<std::string>& shapes, int reps, int bits, i
   os << "# W [N = out, K = in], H [K, K] = S (A A^T / 256 + 0.1 I) S (correlated, outlier channels); 1 warm-up, then "
      << reps << " timed\n"
      << "# solve = damping + reverse Cholesky + column loop with lazy updates (QuantizedLinear::solve_seconds)\n"
-     << "# GFLOP/s = (K^3/3 + 2*N*K^2) / median solve; call = whole gptq_quantize incl. relative-error check\n"
+     << "# GFLOP/s = (K^3/3 + 2*N*K^2) / median solve (nominal count: the lazy updates do about N*K^2)\n"
+     << "# call = whole gptq_quantize: host copies, solve, and the relative-error check (4*N*K^2 flops)\n"
      << "# valid = relative error finite, no fallback, and below round-to-nearest's\n";
   std::snprintf(line, sizeof(line), "%12s %5s %12s %12s %12s %9s %11s %11s %11s %6s\n", "shape", "reps", "solve_med(s)",
                 "solve_min(s)", "solve_max(s)", "GFLOP/s", "call_med(s)", "rel_err", "rtn_err", "valid");

@@ -523,7 +523,8 @@ std::string case_name(const testing::TestParamInfo<GptqCase>& info) {
 
 std::vector<GptqCase> gptq_cases() {
   std::vector<GptqCase> cases;
-  for (int64_t gs : {int64_t{-1}, int64_t{32}, int64_t{128}})
+  // 200: groups that cross the 128-column blocks
+  for (int64_t gs : {int64_t{-1}, int64_t{32}, int64_t{128}, int64_t{200}})
     for (Order order : {Order::kNatural, Order::kStatic, Order::kAct, Order::kActStatic})
       for (bool sym : {false, true})
         for (int bits : {3, 4}) {

@@ -1,9 +1,11 @@
 // CpuBackend: factorization, quantization grid and the GPTQ column loop.
+#include <cblas.h>
 #include <lapacke.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.hpp"
@@ -21,6 +23,78 @@ inline constexpr float kMaxScale = 65504.0f;
 // Rows handled together by one pass of the GPTQ column loop: the arithmetic runs across these rows in
 // lockstep, so every per-column step (divide, round, clamp, update) is a SIMD operation with no reduction.
 inline constexpr int64_t kLanes = 16;
+
+// The tiled Cholesky: panel width, and the edge of the square tiles of the panel solve and trailing update.
+inline constexpr int64_t kCholeskyPanel = 256;
+inline constexpr int64_t kCholeskyTile = 512;
+
+// OpenBLAS on one thread for the lifetime of the guard. The tiled code below calls it from OpenMP threads,
+// one fixed-shape tile per call: that makes the result independent of the thread count (OpenBLAS's own
+// threading partitions each call by thread count, and the last bits of its results follow the partition).
+class SingleThreadedBlas {
+ public:
+  explicit SingleThreadedBlas(int restore) : restore_(restore) { openblas_set_num_threads(1); }
+  ~SingleThreadedBlas() { openblas_set_num_threads(restore_); }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int restore_;
+};
+
+// In place: a [n, n] row-major, symmetric positive definite (lower triangle read) -> L lower with a = L L^T;
+// the strict upper triangle is left with junk. Right-looking, by panels of kCholeskyPanel columns: factor the
+// diagonal block (LAPACK), solve the panel below it and update the trailing lower triangle, both in
+// kCholeskyTile tiles spread over the OpenMP threads. Tile shapes never depend on the thread count.
+// Returns LAPACK's info: 0, or the 1-based column where positive definiteness failed, or < 0 for a NaN.
+// Needs OpenBLAS single-threaded (SingleThreadedBlas).
+lapack_int tiled_cholesky_lower(float* a, int64_t n) {
+  std::vector<std::pair<int64_t, int64_t>> tile_pairs;  // (row tile, column tile), column <= row
+  for (int64_t k0 = 0; k0 < n; k0 += kCholeskyPanel) {
+    const int64_t kb = std::min(kCholeskyPanel, n - k0);
+    const int64_t k1 = k0 + kb;
+    float* a11 = a + k0 * n + k0;
+    // row-major lower of a symmetric block = column-major upper of the same memory (no LAPACKE transposition)
+    const lapack_int info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(kb), a11,
+                                           static_cast<lapack_int>(n));
+    if (info != 0) return info > 0 ? info + static_cast<lapack_int>(k0) : info;
+    const int64_t m = n - k1;  // rows below the panel
+    if (m == 0) break;
+    const int64_t tiles = (m + kCholeskyTile - 1) / kCholeskyTile;
+    // A21 [m, kb] <- A21 L11^-T
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = k1 + t * kCholeskyTile;
+      const int64_t rm = std::min(kCholeskyTile, n - r0);
+      cblas_strsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, static_cast<blasint>(rm),
+                  static_cast<blasint>(kb), 1.0f, a11, static_cast<blasint>(n), a + r0 * n + k0, static_cast<blasint>(n));
+    }
+    // A22 [m, m] lower -= A21 A21^T
+    tile_pairs.clear();
+    for (int64_t ti = 0; ti < tiles; ++ti)
+      for (int64_t tj = 0; tj <= ti; ++tj) tile_pairs.emplace_back(ti, tj);
+    const int64_t pairs = static_cast<int64_t>(tile_pairs.size());
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const auto [ti, tj] = tile_pairs[static_cast<size_t>(p)];
+      const int64_t r0 = k1 + ti * kCholeskyTile;
+      const int64_t c0 = k1 + tj * kCholeskyTile;
+      const int64_t rm = std::min(kCholeskyTile, n - r0);
+      const int64_t cm = std::min(kCholeskyTile, n - c0);
+      const float* ai = a + r0 * n + k0;  // A21 rows of the tile [rm, kb]
+      const float* aj = a + c0 * n + k0;  // A21 rows of the tile's columns [cm, kb]
+      float* c = a + r0 * n + c0;
+      if (ti == tj)
+        cblas_ssyrk(CblasRowMajor, CblasLower, CblasNoTrans, static_cast<blasint>(rm), static_cast<blasint>(kb), -1.0f,
+                    ai, static_cast<blasint>(n), 1.0f, c, static_cast<blasint>(n));
+      else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rm), static_cast<blasint>(cm),
+                    static_cast<blasint>(kb), -1.0f, ai, static_cast<blasint>(n), aj, static_cast<blasint>(n), 1.0f, c,
+                    static_cast<blasint>(n));
+    }
+  }
+  return 0;
+}
 
 struct ScaleZero {
   float scale;
@@ -65,10 +139,12 @@ bool CpuBackend::reverse_cholesky(float* h, int64_t n) {
     for (int64_t i = 0; i < nn / 2; ++i) std::swap(h[i], h[nn - 1 - i]);
   };
   reverse_all();
-  // Row-major lower Cholesky (J H J = L' L'^T): H is symmetric, so the column-major view of the buffer is the
-  // same matrix, and its column-major upper factor U (= L'^T) lies in memory exactly as the row-major L'.
-  // Calling LAPACK column-major avoids LAPACKE's row-major path, which transposes through an n x n copy.
-  const lapack_int info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(n), h, static_cast<lapack_int>(n));
+  // Row-major lower Cholesky J H J = L' L'^T, tiled so that the result does not depend on the thread count.
+  lapack_int info = 0;
+  {
+    SingleThreadedBlas single(threads_);
+    info = tiled_cholesky_lower(h, n);
+  }
   // R = J L' J is upper triangular and R R^T = J L' L'^T J = H.
   reverse_all();
   if (info != 0) return false;
