@@ -93,7 +93,8 @@ std::vector<float> correlated_hessian(Backend& backend, int64_t k, uint64_t seed
   backend.download(h.data(), hb.data(), h.size() * sizeof(float));
   for (int64_t i = 0; i < k; ++i) {
     h[static_cast<size_t>(i * k + i)] += 0.1f;
-    for (int64_t j = 0; j < k; ++j) h[static_cast<size_t>(i * k + j)] *= s[static_cast<size_t>(i)] * s[static_cast<size_t>(j)];
+    for (int64_t j = 0; j < k; ++j)
+      h[static_cast<size_t>(i * k + j)] *= s[static_cast<size_t>(i)] * s[static_cast<size_t>(j)];
   }
   return h;
 }
@@ -112,11 +113,13 @@ int run_bench_gptq(const std::vector<std::string>& shapes, int reps, int bits, i
 
   auto backend = kernels::make_cpu_backend(0);
   char line[512];
-  std::snprintf(line, sizeof(line), "# pipequant bench gptq: backend %s, %d threads, bits %d, group size %lld, %s, block %lld, damp %g\n",
+  std::snprintf(line, sizeof(line),
+                "# pipequant bench gptq: backend %s, %d threads, bits %d, group size %lld, %s, block %lld, damp %g\n",
                 backend->name().c_str(), omp_get_max_threads(), bits, static_cast<long long>(group_size),
                 config.sym ? "sym" : "asym", static_cast<long long>(config.block_size), config.damp);
   os << line;
-  std::snprintf(line, sizeof(line), "# sgemm 2048x2048x2048 through the backend: %.1f GFLOP/s (median of 3, 2*n^3 flops)\n",
+  std::snprintf(line, sizeof(line),
+                "# sgemm 2048x2048x2048 through the backend: %.1f GFLOP/s (median of 3, 2*n^3 flops)\n",
                 sgemm_rate(*backend));
   os << line;
   os << "# W [N = out, K = in], H [K, K] = S (A A^T / 256 + 0.1 I) S (correlated, outlier channels); 1 warm-up, then "

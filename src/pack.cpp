@@ -104,7 +104,8 @@ std::vector<uint8_t> unpack_columns(const int32_t* words, int64_t k, int64_t n, 
   with_stream(bits, [&](auto s) {
     using S = decltype(s);
     for (int64_t i = 0; i < k; ++i)
-      for (int64_t c = 0; c < n; ++c) codes[static_cast<size_t>(i * n + c)] = static_cast<uint8_t>(S::get(in + c, n, i));
+      for (int64_t c = 0; c < n; ++c)
+        codes[static_cast<size_t>(i * n + c)] = static_cast<uint8_t>(S::get(in + c, n, i));
   });
   return codes;
 }
@@ -172,8 +173,8 @@ io::PackedLinear pack(const QuantizedLinear& ql, const std::string& module, cons
   const float maxq = static_cast<float>((1 << ql.bits) - 1);
   for (size_t i = 0; i < zero_codes.size(); ++i) {
     const float z = ql.zeros[i];
-    PQ_ASSERT(z >= 0.0f && z <= maxq && z == static_cast<float>(static_cast<int>(z)), "pack: ", module,
-              ": zero point ", z, " is not an integer in [0, ", maxq, "]");
+    PQ_ASSERT(z >= 0.0f && z <= maxq && z == static_cast<float>(static_cast<int>(z)), "pack: ", module, ": zero point ",
+              z, " is not an integer in [0, ", maxq, "]");
     zero_codes[i] = static_cast<uint8_t>(z);
   }
   p.qzeros = pack_rows(zero_codes.data(), g, n, ql.bits);
@@ -200,8 +201,8 @@ QuantizedLinear unpack(const io::PackedLinear& p) {
              " words, expected ", qzeros_words, " (G x ceil(N*bits/32))");
   PQ_REQUIRE(static_cast<int64_t>(p.scales.size()) == g * n, where, ": scales has ", p.scales.size(),
              " values, expected ", g * n, " (G x N)");
-  PQ_REQUIRE(static_cast<int64_t>(p.g_idx.size()) == k, where, ": g_idx has ", p.g_idx.size(), " values, expected ",
-             k, " (K)");
+  PQ_REQUIRE(static_cast<int64_t>(p.g_idx.size()) == k, where, ": g_idx has ", p.g_idx.size(), " values, expected ", k,
+             " (K)");
   for (int64_t c = 0; c < k; ++c) {
     const int32_t gi = p.g_idx[static_cast<size_t>(c)];
     PQ_REQUIRE(gi >= 0 && gi < g, where, ": g_idx[", c, "] = ", gi, " is outside [0, ", g, ")");

@@ -25,6 +25,8 @@ using kernels::Trans;
 inline constexpr int64_t kPanelColumns = 1024;
 // relative_output_error works on row chunks whose stacked [W; D] holds at most this many floats.
 inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
+// Host staging for uploads built row by row (16 MB).
+inline constexpr int64_t kStagingFloats = int64_t{1} << 22;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -74,6 +76,21 @@ void natural_group_params(Backend& backend, const float* w, int64_t rows, int64_
   }
 }
 
+// Fills dst [rows, cols] (backend memory) row by row through a host staging buffer of about
+// kStagingFloats: fill_rows(r0, r1, out) writes rows [r0, r1) into out [r1 - r0, cols]. Permuted, damped
+// or scaled copies of W and H are built this way without a full host copy (K x K is 11 GB at K = 53248).
+template <typename FillRows>
+void upload_rows(Backend& backend, float* dst, int64_t rows, int64_t cols, std::vector<float>& staging,
+                 FillRows&& fill_rows) {
+  const int64_t chunk = std::clamp<int64_t>(kStagingFloats / cols, 1, rows);
+  staging.resize(static_cast<size_t>(chunk * cols));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    fill_rows(r0, r1, staging.data());
+    backend.upload(dst + r0 * cols, staging.data(), sizeof(float) * static_cast<size_t>((r1 - r0) * cols));
+  }
+}
+
 // Tables [rows, groups] -> QuantizedLinear layout [groups, rows].
 void transpose_tables(const std::vector<float>& scales_rg, const std::vector<float>& zeros_rg, int64_t rows,
                       int64_t groups, QuantizedLinear& out) {
@@ -110,7 +127,8 @@ void validate(const QuantConfig& config) {
 
 std::vector<float> QuantizedLinear::dequantize() const {
   PQ_ASSERT(static_cast<int64_t>(q.size()) == rows * cols && static_cast<int64_t>(g_idx.size()) == cols &&
-                static_cast<int64_t>(scales.size()) == groups * rows && static_cast<int64_t>(zeros.size()) == groups * rows,
+                static_cast<int64_t>(scales.size()) == groups * rows &&
+                static_cast<int64_t>(zeros.size()) == groups * rows,
             "QuantizedLinear::dequantize: inconsistent sizes");
   std::vector<float> w(static_cast<size_t>(rows * cols));
 #pragma omp parallel for schedule(static) if (rows * cols > (int64_t{1} << 16))
@@ -118,8 +136,7 @@ std::vector<float> QuantizedLinear::dequantize() const {
     for (int64_t k = 0; k < cols; ++k) {
       const int64_t t = static_cast<int64_t>(g_idx[static_cast<size_t>(k)]) * rows + n;  // table index [groups, rows]
       const float code = static_cast<float>(q[static_cast<size_t>(n * cols + k)]);
-      w[static_cast<size_t>(n * cols + k)] =
-          scales[static_cast<size_t>(t)] * (code - zeros[static_cast<size_t>(t)]);
+      w[static_cast<size_t>(n * cols + k)] = scales[static_cast<size_t>(t)] * (code - zeros[static_cast<size_t>(t)]);
     }
   return w;
 }
@@ -139,7 +156,8 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t m = std::min(chunk, rows - r0);
     std::copy(w + r0 * cols, w + (r0 + m) * cols, stacked.begin());
-    for (int64_t i = 0; i < m * cols; ++i) stacked[static_cast<size_t>(m * cols + i)] = w[r0 * cols + i] - wq[r0 * cols + i];
+    for (int64_t i = 0; i < m * cols; ++i)
+      stacked[static_cast<size_t>(m * cols + i)] = w[r0 * cols + i] - wq[r0 * cols + i];
     upload(backend, sb, stacked.data(), 2 * m * cols);
     backend.gemm(Trans::kNo, Trans::kNo, 2 * m, cols, cols, 1.0f, sb.data(), cols, hb.data(), cols, 0.0f, pb.data(),
                  cols);
@@ -231,19 +249,15 @@ QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, in
   }
 
   // Dead inputs (never active in the calibration data): H[i, i] = 1 and W[:, i] = 0, as the reference does.
-  std::vector<float> wh(w, w + rows * cols);  // [rows, cols], dead columns zeroed, later permuted
-  std::vector<float> diag(static_cast<size_t>(cols));
-  std::vector<int64_t> dead;
+  std::vector<float> diag(static_cast<size_t>(cols));  // diag(H) with the dead entries set to 1
+  std::vector<char> dead(static_cast<size_t>(cols), 0);
   for (int64_t i = 0; i < cols; ++i) {
     diag[static_cast<size_t>(i)] = h[i * cols + i];
     if (diag[static_cast<size_t>(i)] == 0.0f) {
-      dead.push_back(i);
+      dead[static_cast<size_t>(i)] = 1;
       diag[static_cast<size_t>(i)] = 1.0f;
     }
   }
-  if (!dead.empty())
-    for (int64_t r = 0; r < rows; ++r)
-      for (const int64_t i : dead) wh[static_cast<size_t>(r * cols + i)] = 0.0f;
 
   // Act-order: columns by decreasing diag(H); a stable sort keeps ties in input order (deterministic).
   std::vector<int64_t> perm(static_cast<size_t>(cols));
@@ -268,42 +282,48 @@ QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, in
   out.groups = groups;
   out.bits = config.bits;
   out.g_idx.resize(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j) out.g_idx[static_cast<size_t>(perm[static_cast<size_t>(j)])] = param_of[static_cast<size_t>(j)];
+  for (int64_t j = 0; j < cols; ++j)
+    out.g_idx[static_cast<size_t>(perm[static_cast<size_t>(j)])] = param_of[static_cast<size_t>(j)];
 
-  Buffer<float> wb(backend, rows * cols);   // original weights, processing order
-  Buffer<float> wcb(backend, rows * cols);  // running weights (see GptqBlockArgs::wc)
+  // Row r of W in processing order with dead columns zeroed, each column times col_scale[j] (or 1).
+  std::vector<float> staging;
+  const auto fill_w = [&](const float* col_scale) {
+    return [&, col_scale](int64_t r0, int64_t r1, float* dst) {
+#pragma omp parallel for schedule(static)
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* src = w + r * cols;
+        float* row = dst + (r - r0) * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          const int64_t c = perm[static_cast<size_t>(j)];
+          const float v = dead[static_cast<size_t>(c)] ? 0.0f : src[c];
+          row[j] = col_scale ? v * col_scale[j] : v;
+        }
+      }
+    };
+  };
+
+  Buffer<float> wb(backend, rows * cols);    // original weights, processing order, dead columns zeroed
+  Buffer<float> wcb(backend, rows * cols);   // running weights (see GptqBlockArgs::wc)
   Buffer<float> sb(backend, rows * groups);  // scale table [rows, groups]
   Buffer<float> zb(backend, rows * groups);  // zero table [rows, groups]
   if (tables_up_front) {
     // Static groups come from the dead-zeroed weights in natural column order; the per-row parameters from
     // the weights as given, because the reference sets its quantizer up before it zeroes dead columns.
-    upload(backend, wcb, gs > 0 ? wh.data() : w, rows * cols);
+    if (gs > 0) {
+      upload_rows(backend, wcb.data(), rows, cols, staging, [&](int64_t r0, int64_t r1, float* dst) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            dst[(r - r0) * cols + c] = dead[static_cast<size_t>(c)] ? 0.0f : w[r * cols + c];
+      });
+    } else {
+      upload(backend, wcb, w, rows * cols);
+    }
     natural_group_params(backend, wcb.data(), rows, cols, gs, grid, sb.data(), zb.data(), groups);
   }
-  if (config.act_order) {
-    std::vector<float> row(static_cast<size_t>(cols));
-    for (int64_t r = 0; r < rows; ++r) {
-      float* wr = wh.data() + r * cols;
-      for (int64_t j = 0; j < cols; ++j) row[static_cast<size_t>(j)] = wr[perm[static_cast<size_t>(j)]];
-      std::copy(row.begin(), row.end(), wr);
-    }
-  }
-  upload(backend, wb, wh.data(), rows * cols);
+  upload_rows(backend, wb.data(), rows, cols, staging, fill_w(nullptr));
 
-  // The Hessian in processing order with the dead diagonal fixed; damped on the diagonal before each try.
-  std::vector<float> hp(static_cast<size_t>(kk));
-#pragma omp parallel for schedule(static)
-  for (int64_t a = 0; a < cols; ++a) {
-    const float* src = h + perm[static_cast<size_t>(a)] * cols;
-    float* dst = hp.data() + a * cols;
-    for (int64_t b = 0; b < cols; ++b) dst[b] = src[perm[static_cast<size_t>(b)]];
-  }
   double diag_sum = 0.0;
-  for (int64_t a = 0; a < cols; ++a) {
-    const float d = diag[static_cast<size_t>(perm[static_cast<size_t>(a)])];
-    hp[static_cast<size_t>(a * cols + a)] = d;
-    diag_sum += d;
-  }
+  for (int64_t a = 0; a < cols; ++a) diag_sum += diag[static_cast<size_t>(perm[static_cast<size_t>(a)])];
   const double diag_mean = diag_sum / static_cast<double>(cols);
 
   const auto t_solve = std::chrono::steady_clock::now();
@@ -311,11 +331,19 @@ QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, in
   double damp = config.damp;
   bool factored = false;
   for (int attempt = 0; attempt <= config.damp_retries; ++attempt) {
+    // H in processing order, dead diagonal fixed, damped: built from h on every try (the factorization
+    // overwrites it)
     const float add = static_cast<float>(damp * diag_mean);
-    for (int64_t a = 0; a < cols; ++a) hp[static_cast<size_t>(a * cols + a)] += add;
-    upload(backend, rb, hp.data(), kk);
-    for (int64_t a = 0; a < cols; ++a)
-      hp[static_cast<size_t>(a * cols + a)] = diag[static_cast<size_t>(perm[static_cast<size_t>(a)])];
+    upload_rows(backend, rb.data(), cols, cols, staging, [&](int64_t a0, int64_t a1, float* dst) {
+#pragma omp parallel for schedule(static)
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t pa = perm[static_cast<size_t>(a)];
+        const float* src = h + pa * cols;
+        float* row = dst + (a - a0) * cols;
+        for (int64_t b = 0; b < cols; ++b) row[b] = src[perm[static_cast<size_t>(b)]];
+        row[a] = diag[static_cast<size_t>(pa)] + add;
+      }
+    });
     if (backend.reverse_cholesky(rb.data(), cols)) {
       factored = true;
       break;
@@ -341,19 +369,14 @@ QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, in
   }
   out.damp_used = damp;
   out.fallback = damp != config.damp ? "damp" : "none";
-  hp = std::vector<float>();  // the factor is all the solve needs from here on
 
   // wc[:, j] = w[:, j] * R[j, j]. The diagonal is fetched element by element: K tiny copies instead of the
   // whole K x K factor, which matters on a device backend.
   std::vector<float> rdiag(static_cast<size_t>(cols));
   for (int64_t j = 0; j < cols; ++j)
     backend.download(&rdiag[static_cast<size_t>(j)], rb.data() + j * cols + j, sizeof(float));
-  for (int64_t r = 0; r < rows; ++r) {
-    float* wr = wh.data() + r * cols;
-    for (int64_t j = 0; j < cols; ++j) wr[j] *= rdiag[static_cast<size_t>(j)];
-  }
-  upload(backend, wcb, wh.data(), rows * cols);
-  wh = std::vector<float>();
+  upload_rows(backend, wcb.data(), rows, cols, staging, fill_w(rdiag.data()));
+  staging = std::vector<float>();
 
   Buffer<float> resb(backend, rows * cols);  // w - dequant(q), processing order
   Buffer<uint8_t> qb(backend, rows * cols);  // codes, processing order

@@ -72,7 +72,9 @@ std::vector<float> low_rank_spd(int64_t k, int64_t r, uint64_t seed) {
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j <= i; ++j) {
       double v = i == j ? 0.1 : 0.0;
-      for (int64_t t = 0; t < r; ++t) v += static_cast<double>(a[static_cast<size_t>(i * r + t)]) * a[static_cast<size_t>(j * r + t)] / static_cast<double>(r);
+      for (int64_t t = 0; t < r; ++t)
+        v += static_cast<double>(a[static_cast<size_t>(i * r + t)]) * a[static_cast<size_t>(j * r + t)] /
+             static_cast<double>(r);
       h[static_cast<size_t>(i * k + j)] = h[static_cast<size_t>(j * k + i)] = static_cast<float>(v);
     }
   return h;
@@ -144,7 +146,8 @@ Matrix ref_cholesky_inverse(const Matrix& l, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
       double v = 0.0;
-      for (int64_t k = std::max(i, j); k < n; ++k) v += li[static_cast<size_t>(k * n + i)] * li[static_cast<size_t>(k * n + j)];
+      for (int64_t k = std::max(i, j); k < n; ++k)
+        v += li[static_cast<size_t>(k * n + i)] * li[static_cast<size_t>(k * n + j)];
       inv[static_cast<size_t>(i * n + j)] = v;
     }
   return inv;
@@ -165,7 +168,8 @@ RefResult ref_gptq(const std::vector<float>& w_in, const std::vector<float>& h_i
   auto W = [&](int64_t r, int64_t c) -> double& { return w[static_cast<size_t>(r * cols + c)]; };
 
   std::vector<RefParams> row_params(static_cast<size_t>(rows));  // quantizer.find_params(W) before dead columns
-  for (int64_t r = 0; r < rows; ++r) row_params[static_cast<size_t>(r)] = ref_find_params(&W(r, 0), cols, bits, cfg.sym);
+  for (int64_t r = 0; r < rows; ++r)
+    row_params[static_cast<size_t>(r)] = ref_find_params(&W(r, 0), cols, bits, cfg.sym);
 
   for (int64_t i = 0; i < cols; ++i)
     if (h[static_cast<size_t>(i * cols + i)] == 0) {
@@ -177,7 +181,8 @@ RefResult ref_gptq(const std::vector<float>& w_in, const std::vector<float>& h_i
   if (cfg.static_groups)
     for (int64_t g0 = 0; g0 < cols; g0 += gs) {
       std::vector<RefParams> p(static_cast<size_t>(rows));
-      for (int64_t r = 0; r < rows; ++r) p[static_cast<size_t>(r)] = ref_find_params(&W(r, g0), std::min(gs, cols - g0), bits, cfg.sym);
+      for (int64_t r = 0; r < rows; ++r)
+        p[static_cast<size_t>(r)] = ref_find_params(&W(r, g0), std::min(gs, cols - g0), bits, cfg.sym);
       static_params.push_back(p);
     }
 
@@ -192,7 +197,8 @@ RefResult ref_gptq(const std::vector<float>& w_in, const std::vector<float>& h_i
       for (int64_t j = 0; j < cols; ++j) wp[static_cast<size_t>(r * cols + j)] = W(r, perm[static_cast<size_t>(j)]);
     for (int64_t a = 0; a < cols; ++a)
       for (int64_t b = 0; b < cols; ++b)
-        hp[static_cast<size_t>(a * cols + b)] = h[static_cast<size_t>(perm[static_cast<size_t>(a)] * cols + perm[static_cast<size_t>(b)])];
+        hp[static_cast<size_t>(a * cols + b)] =
+            h[static_cast<size_t>(perm[static_cast<size_t>(a)] * cols + perm[static_cast<size_t>(b)])];
     w = wp;
     h = hp;
   }
@@ -269,7 +275,8 @@ double ref_relative_error(const std::vector<float>& w, const std::vector<double>
   double num = 0, den = 0;
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<double> d(static_cast<size_t>(cols));
-    for (int64_t c = 0; c < cols; ++c) d[static_cast<size_t>(c)] = w[static_cast<size_t>(r * cols + c)] - wq[static_cast<size_t>(r * cols + c)];
+    for (int64_t c = 0; c < cols; ++c)
+      d[static_cast<size_t>(c)] = w[static_cast<size_t>(r * cols + c)] - wq[static_cast<size_t>(r * cols + c)];
     for (int64_t i = 0; i < cols; ++i)
       for (int64_t j = 0; j < cols; ++j) {
         const double hij = h[static_cast<size_t>(i * cols + j)];
@@ -300,7 +307,8 @@ TEST(ReverseCholesky, UpperFactorReproducesH) {
         EXPECT_EQ(r[static_cast<size_t>(i * n + j)], 0.0f) << "lower triangle at " << i << "," << j;
       }
       double v = 0;  // (R R^T)[i, j] = sum_k R[i, k] R[j, k], k >= max(i, j)
-      for (int64_t k = std::max(i, j); k < n; ++k) v += static_cast<double>(r[static_cast<size_t>(i * n + k)]) * r[static_cast<size_t>(j * n + k)];
+      for (int64_t k = std::max(i, j); k < n; ++k)
+        v += static_cast<double>(r[static_cast<size_t>(i * n + k)]) * r[static_cast<size_t>(j * n + k)];
       max_h = std::max(max_h, std::fabs(static_cast<double>(h[static_cast<size_t>(i * n + j)])));
       max_diff = std::max(max_diff, std::fabs(v - h[static_cast<size_t>(i * n + j)]));
     }
@@ -361,8 +369,8 @@ TEST(QuantGrid, SymmetricRangeRoundsHalfToEvenAndClamps) {
 TEST(QuantGrid, ScaleIsFp16AndDegenerateRowsAreHandled) {
   auto backend = cpu();
   // rows [3, 4]: [0 .. 1] at 2-bit (scale 1/3 -> fp16), all zero, a range too small for fp16, all negative
-  std::vector<float> w = {0.0f, 1.0f, 0.5f, 0.25f,  //
-                          0.0f, 0.0f, 0.0f, 0.0f,   //
+  std::vector<float> w = {0.0f, 1.0f,  0.5f, 0.25f,  //
+                          0.0f, 0.0f,  0.0f, 0.0f,   //
                           0.0f, 1e-9f, 0.0f, 0.0f};
   std::vector<float> scale(3), zero(3);
   backend->quant_params(w.data(), 3, 4, 4, QuantGrid{2, false}, scale.data(), zero.data(), 1);
@@ -394,7 +402,7 @@ TEST(Pack, ThreeBitStreamStraddlesWords) {
   const auto words = pack_columns(codes.data(), 12, 1, 3);
   ASSERT_EQ(words.size(), 2u);
   EXPECT_EQ(words[0], static_cast<int32_t>(0xd11f58d1u));  // bits 30, 31 hold the low bits of code 10
-  EXPECT_EQ(words[1], 0xc);                                 // bit 0: its high bit (0); bits 1-3: code 11 = 6
+  EXPECT_EQ(words[1], 0xc);                                // bit 0: its high bit (0); bits 1-3: code 11 = 6
   EXPECT_EQ(unpack_columns(words.data(), 12, 1, 3), codes);
   // the same stream along N
   const auto row_words = pack_rows(codes.data(), 1, 12, 3);
@@ -422,8 +430,11 @@ TEST(Pack, RoundTripAllWidthsRaggedShapes) {
     const int64_t probe_k = 101, probe_c = 17;
     const int64_t bit = probe_k * bits;
     const uint64_t lo = static_cast<uint32_t>(cw[static_cast<size_t>((bit / 32) * n + probe_c)]);
-    const uint64_t hi = bit / 32 + 1 < (k * bits + 31) / 32 ? static_cast<uint32_t>(cw[static_cast<size_t>((bit / 32 + 1) * n + probe_c)]) : 0;
-    EXPECT_EQ(((lo | (hi << 32)) >> (bit % 32)) & ((1u << bits) - 1), codes[static_cast<size_t>(probe_k * n + probe_c)]);
+    const uint64_t hi = bit / 32 + 1 < (k * bits + 31) / 32
+                            ? static_cast<uint32_t>(cw[static_cast<size_t>((bit / 32 + 1) * n + probe_c)])
+                            : 0;
+    EXPECT_EQ(((lo | (hi << 32)) >> (bit % 32)) & ((1u << bits) - 1),
+              codes[static_cast<size_t>(probe_k * n + probe_c)]);
 
     // the whole packed linear, with a ragged last group
     QuantizedLinear ql;
@@ -639,7 +650,8 @@ TEST(Gptq, DeadColumnQuantizesToTheZeroPoint) {
 // (g) the Hessian fallback chain
 
 bool log_mentions(const QuantizedLinear& ql, const std::string& text) {
-  return std::any_of(ql.log.begin(), ql.log.end(), [&](const std::string& l) { return l.find(text) != std::string::npos; });
+  return std::any_of(ql.log.begin(), ql.log.end(),
+                     [&](const std::string& l) { return l.find(text) != std::string::npos; });
 }
 
 TEST(Gptq, NonFiniteHessianFallsBackToRtn) {
@@ -682,21 +694,27 @@ TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
   for (int64_t i = 0; i < cols; ++i) {  // Gram-Schmidt on the rows
     for (int64_t p = 0; p < i; ++p) {
       double d = 0;
-      for (int64_t c = 0; c < cols; ++c) d += qm[static_cast<size_t>(i * cols + c)] * qm[static_cast<size_t>(p * cols + c)];
-      for (int64_t c = 0; c < cols; ++c) qm[static_cast<size_t>(i * cols + c)] -= d * qm[static_cast<size_t>(p * cols + c)];
+      for (int64_t c = 0; c < cols; ++c)
+        d += qm[static_cast<size_t>(i * cols + c)] * qm[static_cast<size_t>(p * cols + c)];
+      for (int64_t c = 0; c < cols; ++c)
+        qm[static_cast<size_t>(i * cols + c)] -= d * qm[static_cast<size_t>(p * cols + c)];
     }
     double norm = 0;
-    for (int64_t c = 0; c < cols; ++c) norm += qm[static_cast<size_t>(i * cols + c)] * qm[static_cast<size_t>(i * cols + c)];
+    for (int64_t c = 0; c < cols; ++c)
+      norm += qm[static_cast<size_t>(i * cols + c)] * qm[static_cast<size_t>(i * cols + c)];
     for (int64_t c = 0; c < cols; ++c) qm[static_cast<size_t>(i * cols + c)] /= std::sqrt(norm);
   }
   std::vector<double> lambda(static_cast<size_t>(cols));
-  for (int64_t i = 0; i < cols; ++i) lambda[static_cast<size_t>(i)] = 0.5 + static_cast<double>(i) / static_cast<double>(cols);
+  for (int64_t i = 0; i < cols; ++i)
+    lambda[static_cast<size_t>(i)] = 0.5 + static_cast<double>(i) / static_cast<double>(cols);
   lambda[0] = -0.004;
   std::vector<float> h(static_cast<size_t>(cols * cols));
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = 0; j < cols; ++j) {
       double v = 0;
-      for (int64_t e = 0; e < cols; ++e) v += qm[static_cast<size_t>(e * cols + i)] * lambda[static_cast<size_t>(e)] * qm[static_cast<size_t>(e * cols + j)];
+      for (int64_t e = 0; e < cols; ++e)
+        v += qm[static_cast<size_t>(e * cols + i)] * lambda[static_cast<size_t>(e)] *
+             qm[static_cast<size_t>(e * cols + j)];
       h[static_cast<size_t>(i * cols + j)] = static_cast<float>(v);
     }
   for (int64_t i = 0; i < cols; ++i)

@@ -55,8 +55,8 @@ lapack_int tiled_cholesky_lower(float* a, int64_t n) {
     const int64_t k1 = k0 + kb;
     float* a11 = a + k0 * n + k0;
     // row-major lower of a symmetric block = column-major upper of the same memory (no LAPACKE transposition)
-    const lapack_int info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(kb), a11,
-                                           static_cast<lapack_int>(n));
+    const lapack_int info =
+        LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', static_cast<lapack_int>(kb), a11, static_cast<lapack_int>(n));
     if (info != 0) return info > 0 ? info + static_cast<lapack_int>(k0) : info;
     const int64_t m = n - k1;  // rows below the panel
     if (m == 0) break;
@@ -67,7 +67,8 @@ lapack_int tiled_cholesky_lower(float* a, int64_t n) {
       const int64_t r0 = k1 + t * kCholeskyTile;
       const int64_t rm = std::min(kCholeskyTile, n - r0);
       cblas_strsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, static_cast<blasint>(rm),
-                  static_cast<blasint>(kb), 1.0f, a11, static_cast<blasint>(n), a + r0 * n + k0, static_cast<blasint>(n));
+                  static_cast<blasint>(kb), 1.0f, a11, static_cast<blasint>(n), a + r0 * n + k0,
+                  static_cast<blasint>(n));
     }
     // A22 [m, m] lower -= A21 A21^T
     tile_pairs.clear();
@@ -250,7 +251,8 @@ void CpuBackend::gptq_block(const GptqBlockArgs& a) {
           for (int64_t t = i + 1; t <= c; ++t) sum += static_cast<double>(r_row[t]) * u[static_cast<size_t>(t)];
           u[static_cast<size_t>(i)] = -sum / static_cast<double>(rdiag[static_cast<size_t>(i)]);
         }
-        for (int64_t i = 0; i <= c; ++i) ut[static_cast<size_t>(c * span + i)] = static_cast<float>(u[static_cast<size_t>(i)]);
+        for (int64_t i = 0; i <= c; ++i)
+          ut[static_cast<size_t>(c * span + i)] = static_cast<float>(u[static_cast<size_t>(i)]);
       }
     }
   }
@@ -296,7 +298,8 @@ void CpuBackend::gptq_block(const GptqBlockArgs& a) {
             const float* wc_row = a.wc + (r0 + l) * cols;
             const float* w_row = a.w + (r0 + l) * cols;
             for (int64_t i = begin; i < c_end; ++i)
-              at[static_cast<size_t>((i - begin) * kLanes + l)] = wc_row[i] - w_row[i] * rdiag[static_cast<size_t>(i - begin)];
+              at[static_cast<size_t>((i - begin) * kLanes + l)] =
+                  wc_row[i] - w_row[i] * rdiag[static_cast<size_t>(i - begin)];
           }
           float lo[kLanes] = {};
           float hi[kLanes] = {};
