@@ -107,6 +107,13 @@ void check_inputs(const float* w, int64_t rows, int64_t cols, const QuantConfig&
   validate(config);
   PQ_REQUIRE(rows > 0 && cols > 0, "quantize: the weight shape must be positive, got [", rows, ", ", cols, "]");
   PQ_REQUIRE(w != nullptr, "quantize: no weights given");
+  // a NaN or infinite weight has no grid point; it would turn into an arbitrary code
+  int64_t bad = -1;
+#pragma omp parallel for schedule(static) reduction(max : bad)
+  for (int64_t i = 0; i < rows * cols; ++i)
+    if (!std::isfinite(w[i])) bad = std::max(bad, i);
+  PQ_REQUIRE(bad < 0, "quantize: the weights hold a non-finite value (at row ", bad / std::max<int64_t>(cols, 1),
+             ", column ", bad % std::max<int64_t>(cols, 1), "); check the checkpoint");
 }
 
 }  // namespace
@@ -403,6 +410,8 @@ QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, in
   args.param_of = pob.data();
   args.dynamic_group_size = tables_up_front ? 0 : gs;
   args.grid = grid;
+  // Columns beyond the current panel lag behind the GptqBlockArgs::wc invariant until the panel is done;
+  // gptq_block reads wc only in its block and in groups starting there, which panel_width keeps in the panel.
   const int64_t block = config.block_size;
   const int64_t panel = panel_width(block, args.dynamic_group_size, cols);
   for (int64_t p0 = 0; p0 < cols; p0 += panel) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -730,6 +731,16 @@ TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
   ASSERT_EQ(ql.log.size(), 1u);
   EXPECT_EQ(ql.log[0], "layers.2.o: Cholesky failed with damp 0.001, retrying with 0.01");
   EXPECT_TRUE(std::isfinite(ql.relative_error));
+}
+
+TEST(Gptq, NonFiniteWeightsAreRejected) {
+  const int64_t rows = 4, cols = 32;
+  auto w = random_normal(rows * cols, 45, 0.05f);
+  w[static_cast<size_t>(2 * cols + 7)] = std::numeric_limits<float>::infinity();
+  const auto h = low_rank_spd(cols, 8, 46);
+  auto backend = cpu();
+  EXPECT_THROW(gptq_quantize(*backend, w.data(), rows, cols, h.data(), QuantConfig{}), UserError);
+  EXPECT_THROW(rtn_quantize(*backend, w.data(), rows, cols, h.data(), QuantConfig{}), UserError);
 }
 
 // ---------------------------------------------------------------------------------------------------------
