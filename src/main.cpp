@@ -1,1 +1,23 @@
-int main() { return 0; }
+// pipequant: quantizes Llama-family checkpoints across ranks. Errors a user can cause end the whole job
+// with one line and a non-zero exit; nothing half-written is marked complete.
+#include <exception>
+#include <new>
+
+#include "comm/mpi_env.hpp"
+#include "io/shard.hpp"
+#include "kernels/error.hpp"
+#include "src/cli.hpp"
+
+int main(int argc, char** argv) {
+  pipequant::comm::MpiEnv env(&argc, &argv);
+  pipequant::io::silence_hdf5_errors();
+  try {
+    return pipequant::run_cli(argc, argv);
+  } catch (const pipequant::UserError& e) {
+    pipequant::comm::abort_job(e.what(), 2);
+  } catch (const std::bad_alloc&) {
+    pipequant::comm::abort_job("out of host memory (try a smaller --micro-batch or --nsamples)", 3);
+  } catch (const std::exception& e) {
+    pipequant::comm::abort_job(std::string("unexpected failure: ") + e.what(), 4);
+  }
+}
