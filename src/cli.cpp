@@ -85,6 +85,8 @@ void add_quant_options(po::options_description& d) {
       "act-order", po::bool_switch(), "process columns by decreasing Hessian diagonal")(
       "static-groups", po::bool_switch(), "with --act-order: groups fixed in natural order before the solve")(
       "damp", po::value<double>()->default_value(0.01), "damping, relative to mean(diag(H))")(
+      "damp-retries", po::value<int>()->default_value(QuantConfig{}.damp_retries),
+      "times the damping is multiplied by 10 when the Cholesky fails, before falling back to RTN")(
       "block-size", po::value<int64_t>()->default_value(128), "GPTQ lazy-update block width");
 }
 
@@ -99,6 +101,7 @@ QuantConfig quant_config(const po::variables_map& vm) {
   q.act_order = vm["act-order"].as<bool>();
   q.static_groups = vm["static-groups"].as<bool>();
   q.damp = vm["damp"].as<double>();
+  q.damp_retries = vm["damp-retries"].as<int>();
   q.block_size = vm["block-size"].as<int64_t>();
   validate(q);
   return q;

@@ -120,16 +120,16 @@ void check_inputs(const float* w, int64_t rows, int64_t cols, const QuantConfig&
 
 void validate(const QuantConfig& config) {
   PQ_REQUIRE(config.bits == 2 || config.bits == 3 || config.bits == 4 || config.bits == 8,
-             "bits must be 2, 3, 4 or 8, got ", config.bits);
+             "--bits must be 2, 3, 4 or 8, got ", config.bits);
   PQ_REQUIRE(config.group_size == -1 || config.group_size > 0,
-             "group size must be a positive number of input channels or -1 (one group per row), got ",
+             "--group-size must be a positive number of input channels or -1 (one group per row), got ",
              config.group_size);
-  PQ_REQUIRE(config.damp > 0.0 && config.damp <= 1.0, "damp must be in (0, 1] (relative to mean(diag(H))), got ",
+  PQ_REQUIRE(config.damp > 0.0 && config.damp <= 1.0, "--damp must be in (0, 1] (relative to mean(diag(H))), got ",
              config.damp);
-  PQ_REQUIRE(config.damp_retries >= 0, "damp retries must be >= 0, got ", config.damp_retries);
-  PQ_REQUIRE(config.block_size > 0, "GPTQ block size must be positive, got ", config.block_size);
+  PQ_REQUIRE(config.damp_retries >= 0, "--damp-retries must be >= 0, got ", config.damp_retries);
+  PQ_REQUIRE(config.block_size > 0, "--block-size must be positive, got ", config.block_size);
   PQ_REQUIRE(!(config.act_order && config.static_groups && config.group_size == -1),
-             "static groups with act-order need a group size (got -1, one group per row)");
+             "--static-groups with --act-order needs a --group-size (got -1, one group per row)");
 }
 
 std::vector<float> QuantizedLinear::dequantize() const {

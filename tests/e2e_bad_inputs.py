@@ -79,8 +79,8 @@ calib_ids = np.load(CALIB)
 cases = []  # (name, args, expected substrings of the error line)
 
 
-def quantize_args(model=STORIES, calib=CALIB, out=None, extra=()):
-    return ["quantize", "--model", model, "--calib", calib, "--seq-len", 128, "--method", "gptq", "--bits", 4,
+def quantize_args(model=STORIES, calib=CALIB, out=None, extra=(), bits=4):
+    return ["quantize", "--model", model, "--calib", calib, "--seq-len", 128, "--method", "gptq", "--bits", bits,
             "--group-size", 32, "--out", out or os.path.join(work, "out-" + str(len(cases)))] + list(extra)
 
 
@@ -122,7 +122,7 @@ blocker = os.path.join(work, "a-file")
 open(blocker, "w").write("x")
 cases.append(("unwritable output dir", quantize_args(out=os.path.join(blocker, "out")), ["--out", "a-file"]))
 cases.append(("unknown flag", quantize_args(extra=["--frobnicate", "1"]), ["frobnicate"]))
-cases.append(("bad bits", quantize_args(extra=["--bits", "5"]), ["--bits", "5"]))
+cases.append(("bad bits", quantize_args(bits=5), ["--bits", "5"]))
 cases.append(("missing model dir", quantize_args(model=os.path.join(work, "no-such-model")), ["no-such-model"]))
 w = tokens("w.npy", np.ones((8, 16), np.float32))
 x = tokens("x.npy", np.ones((32, 12), np.float32))

@@ -23,9 +23,9 @@ pq.run(["synth-tokens", "--out", calib, "--count", 40 * 128 + 7, "--vocab-size",
 results = []
 
 
-def quantize_args(out, extra=()):
+def quantize_args(out, extra=(), bits=4):
     return ["quantize", "--model", model, "--calib", calib, "--seq-len", 128, "--nsamples", 40, "--method", "gptq",
-            "--bits", 4, "--group-size", 128, "--out", out] + list(extra)
+            "--bits", bits, "--group-size", 128, "--out", out] + list(extra)
 
 
 clean = os.path.join(work, "clean")
@@ -91,11 +91,11 @@ diff = pq.compare_outputs(clean, out)
 results.append(("after redoing it the output is bit-identical again" + (f": {diff[:3]}" if diff else ""), not diff))
 
 # a different run into the same directory is refused, unless --overwrite
-p = pq.run(quantize_args(out, ["--bits", 3]), np=3, check=False, timeout=30)
+p = pq.run(quantize_args(out, bits=3), np=3, check=False, timeout=30)
 err = [l for l in (p.stderr + p.stdout).splitlines() if "error:" in l]
 results.append(("a different fingerprint is refused with a clear message",
                 p.returncode != 0 and bool(err) and "--overwrite" in err[0]))
-p = pq.run(quantize_args(out, ["--bits", 3, "--overwrite"]), np=3)
+p = pq.run(quantize_args(out, ["--overwrite"], bits=3), np=3)
 results.append(("--overwrite replaces it", "output:" in p.stdout and "resumed" not in p.stdout))
 
 shutil.rmtree(work, ignore_errors=True)
