@@ -30,8 +30,14 @@ def evaluate(model_dir, tokens, seq, quantized=None):
     return pq.perplexity(pq.run(args, np=1).stdout)
 
 
-def run_model(name, work):
-    spec = MODELS[name]
+def run_model(name, work, settings=None, extras=True):
+    """settings: (bits, group) pairs to run (default: the model's full list); extras: also evaluate the
+    extra token files (WikiText-2 for tiny-llama-6L, 5x the judge file's length)."""
+    spec = dict(MODELS[name])
+    if settings is not None:
+        spec["settings"] = settings
+    if not extras:
+        spec["extra"] = []
     model_dir = pq.testdata(spec["model"])
     judge = pq.testdata(spec["judge"])
     seq = spec["seq"]

@@ -10,11 +10,14 @@ import quality_table  # noqa: E402
 
 failures = []
 with tempfile.TemporaryDirectory(prefix="pipequant-e2e-quality-") as work:
-    for name in quality_table.MODELS:
-        res = quality_table.run_model(name, work)
+    # the suite runs every stories260K setting and two tiny-llama-6L settings without the WikiText-2
+    # evaluations (docs/quality.md holds the full table, from scripts/quality_table.py)
+    subset = {"stories260K": None, "tiny-llama-6L": [(4, 128), (3, -1)]}
+    for name, settings in subset.items():
+        res = quality_table.run_model(name, work, settings=settings, extras=False)
         fp = res["fp"]["judge"]
         by = {(r["method"], r["bits"], r["group"]): r for r in res["runs"]}
-        for bits, group in quality_table.MODELS[name]["settings"]:
+        for bits, group in settings or quality_table.MODELS[name]["settings"]:
             rtn, gptq = by[("rtn", bits, group)], by[("gptq", bits, group)]
             print(f"{name} {bits}-bit g{group}: fp {fp:.4f} rtn {rtn['judge']:.4f} gptq {gptq['judge']:.4f}")
             if not gptq["judge"] < rtn["judge"]:
