@@ -1,0 +1,138 @@
+// Synthetic checkpoints and token files: shapes, config, determinism, value ranges; the checkpoint passes
+// the same validation as a real one and runs through the forward pass.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+
+#include "io/model_config.hpp"
+#include "io/npy.hpp"
+#include "io/safetensors.hpp"
+#include "kernels/error.hpp"
+#include "src/model.hpp"
+#include "src/pipeline.hpp"
+#include "src/synth.hpp"
+#include "testdata.hpp"
+
+namespace pipequant {
+namespace {
+
+SynthOptions small(const std::string& dir, uint64_t seed) {
+  SynthOptions o;
+  o.out_dir = dir;
+  o.hidden_size = 64;
+  o.intermediate_size = 96;
+  o.num_layers = 2;
+  o.num_heads = 4;
+  o.num_kv_heads = 2;
+  o.vocab_size = 100;
+  o.dtype = "bf16";
+  o.seed = seed;
+  return o;
+}
+
+std::string bytes_of(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+TEST(Synth, CheckpointHasLlamaLayoutAndValidates) {
+  const std::string dir = testing::scratch_dir("synth-a");
+  write_synthetic_checkpoint(small(dir, 7));
+  const io::ModelConfig c = io::ModelConfig::load(dir);
+  EXPECT_EQ(c.hidden_size, 64);
+  EXPECT_EQ(c.num_kv_heads, 2);
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_FALSE(c.tie_word_embeddings);
+  const io::Checkpoint ckpt = io::Checkpoint::open(dir);
+  EXPECT_NO_THROW(validate_checkpoint(ckpt, c));
+  EXPECT_EQ(ckpt.info("model.layers.1.self_attn.k_proj.weight").shape, (std::vector<int64_t>{32, 64}));
+  EXPECT_EQ(ckpt.info("model.layers.0.mlp.down_proj.weight").shape, (std::vector<int64_t>{64, 96}));
+  EXPECT_EQ(ckpt.info("lm_head.weight").shape, (std::vector<int64_t>{100, 64}));
+  EXPECT_EQ(ckpt.info("model.embed_tokens.weight").dtype, io::DType::kBF16);
+
+  // weights are finite, not constant, of a scale that keeps activations sane
+  const auto w = ckpt.read_f32("model.layers.0.self_attn.q_proj.weight");
+  double sum2 = 0.0;
+  for (float v : w) {
+    ASSERT_TRUE(std::isfinite(v));
+    sum2 += static_cast<double>(v) * v;
+  }
+  const double rms = std::sqrt(sum2 / static_cast<double>(w.size()));
+  EXPECT_GT(rms, 1e-3);
+  EXPECT_LT(rms, 1.0);
+
+  // the forward pass gives finite, non-degenerate logits
+  const std::vector<int32_t> ids{1, 5, 9, 42, 99, 3};
+  const auto logits = sequence_logits(dir, ids, RunOptions{});
+  ASSERT_EQ(logits.size(), ids.size() * 100);
+  EXPECT_TRUE(std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); }));
+  EXPECT_NE(*std::max_element(logits.begin(), logits.end()), *std::min_element(logits.begin(), logits.end()));
+}
+
+TEST(Synth, SameSeedSameBytesOtherSeedOtherWeights) {
+  const std::string a = testing::scratch_dir("synth-seed-a"), b = testing::scratch_dir("synth-seed-b"),
+                    c = testing::scratch_dir("synth-seed-c");
+  write_synthetic_checkpoint(small(a, 11));
+  write_synthetic_checkpoint(small(b, 11));
+  write_synthetic_checkpoint(small(c, 12));
+  EXPECT_EQ(bytes_of(a + "/model.safetensors"), bytes_of(b + "/model.safetensors"));
+  EXPECT_NE(bytes_of(a + "/model.safetensors"), bytes_of(c + "/model.safetensors"));
+}
+
+TEST(Synth, TiedEmbeddingsWriteNoLmHead) {
+  const std::string dir = testing::scratch_dir("synth-tied");
+  SynthOptions o = small(dir, 3);
+  o.tie_word_embeddings = true;
+  o.dtype = "fp16";
+  write_synthetic_checkpoint(o);
+  const io::Checkpoint ckpt = io::Checkpoint::open(dir);
+  EXPECT_FALSE(ckpt.has("lm_head.weight"));
+  EXPECT_TRUE(io::ModelConfig::load(dir).tie_word_embeddings);
+  EXPECT_EQ(ckpt.info("model.norm.weight").dtype, io::DType::kF16);
+}
+
+TEST(Synth, BadOptionsNameTheField) {
+  const std::string dir = testing::scratch_dir("synth-bad");
+  SynthOptions o = small(dir, 1);
+  o.num_heads = 5;  // 64 is not a multiple of 5
+  EXPECT_THROW(write_synthetic_checkpoint(o), UserError);
+  o = small(dir, 1);
+  o.num_kv_heads = 3;  // 4 query heads are not a multiple of 3
+  EXPECT_THROW(write_synthetic_checkpoint(o), UserError);
+  o = small(dir, 1);
+  o.dtype = "int8";
+  try {
+    write_synthetic_checkpoint(o);
+    FAIL() << "expected UserError";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("int8"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Synth, TokensAreInRangeDeterministicAndSkewed) {
+  const std::string dir = testing::scratch_dir("synth-tokens");
+  write_synthetic_tokens(dir + "/a.npy", 20000, 300, 4);
+  write_synthetic_tokens(dir + "/b.npy", 20000, 300, 4);
+  EXPECT_EQ(bytes_of(dir + "/a.npy"), bytes_of(dir + "/b.npy"));
+  const io::TokenFile t = io::read_tokens(dir + "/a.npy");
+  ASSERT_EQ(t.ids.size(), 20000u);
+  std::map<int32_t, int> counts;
+  for (int32_t id : t.ids) {
+    ASSERT_GE(id, 0);
+    ASSERT_LT(id, 300);
+    ++counts[id];
+  }
+  int most = 0;
+  for (const auto& [id, n] : counts) most = std::max(most, n);
+  // p(rank 0) = 1 / H(300, 1.1) ~ 0.19: far above the uniform 1/300
+  EXPECT_GT(most, 20000 / 300 * 10);
+  EXPECT_GT(counts.size(), 150u);  // the tail is drawn too
+}
+
+}  // namespace
+}  // namespace pipequant
