@@ -40,7 +40,11 @@ struct GptqBlockArgs {
   int64_t groups = 0;        // columns of the scale/zero tables
   const int32_t* param_of = nullptr;  // [cols]: which table entry quantizes the column at position j
   int64_t dynamic_group_size = 0;     // > 0: at positions j with j % size == 0 compute table entry j / size
-                                      //      from the running weights wc[:, j:j+size] / diag(R); 0: tables given
+                                      //      from the min/max over the group's columns c of the weights as
+                                      //      sequential GPTQ has them when it reaches j:
+                                      //      W_c = w_c + sum_{begin <= i <= c} A_i U[i, c], A_i = wc_i - w_i R[i, i],
+                                      //      U = R^-1 on the diagonal tile (a group may reach past `end`);
+                                      //      0: the tables are given
   QuantGrid grid;
 };
 

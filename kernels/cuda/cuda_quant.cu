@@ -143,9 +143,30 @@ struct GptqKernelArgs {
   int64_t groups;
   const int32_t* param_of;  // [cols]
   int64_t dynamic_group_size;
+  const float* ut;  // dynamic groups starting in the block: ut[c * span + i] = U[begin + i, begin + c], U the
+                    // inverse of R's diagonal tile over [begin, begin + span); null otherwise
+  int64_t span;
   int maxq;
   bool sym;
 };
+
+// U = inverse of the upper triangular tile R[begin:begin+span, begin:begin+span], one thread per column c:
+// R_tile u = e_c by back substitution in double (u in `work`, [span] doubles per column), stored as float in
+// ut[c * span + i] for i <= c, exactly as the CPU backend computes it.
+__global__ void tile_inverse_kernel(const float* r, int64_t cols, int64_t begin, int64_t span, double* work,
+                                    float* ut) {
+  const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (c >= span) return;
+  double* u = work + c * span;
+  const float* rb = r + begin * cols + begin;  // R[begin + i, begin + t] = rb[i * cols + t]
+  u[c] = 1.0 / static_cast<double>(rb[c * cols + c]);
+  for (int64_t i = c - 1; i >= 0; --i) {
+    double sum = 0.0;
+    for (int64_t t = i + 1; t <= c; ++t) sum += static_cast<double>(rb[i * cols + t]) * u[t];
+    u[i] = -sum / static_cast<double>(rb[i * cols + i]);
+  }
+  for (int64_t i = 0; i < span; ++i) ut[c * span + i] = i <= c ? static_cast<float>(u[i]) : 0.0f;
+}
 
 // One thread per row; every thread runs the same column sequence, so all branches below are uniform.
 // For each column j of the block, in order:
@@ -216,14 +237,22 @@ __global__ void gptq_block_kernel(GptqKernelArgs a) {
         const int jb = c0 + jj;          // column within the block
         const int64_t j = a.begin + jb;  // column of the matrix
         if (gsize > 0 && j % gsize == 0) {
-          // A new group: parameters from the weights as they were when the block started (wc / diag(R)),
-          // as the reference reads its stale W.
+          // A new group: parameters from the weights as sequential GPTQ reads them here (its W as of the
+          // block start, also for columns past the block): W_c = w_c + sum_{begin <= i <= c} A_i U[i, c],
+          // A_i = wc_i - w_i R[i, i]; the same operations in the same order as the CPU backend
           const int64_t c_end = min(j + gsize, cols);
+          const float* w_full = a.w + row * cols;
           float lo = 0.0f, hi = 0.0f;
           for (int64_t c = j; c < c_end; ++c) {
-            const float v = wc_row[c] / a.r[c * cols + c];
-            lo = fminf(lo, v);
-            hi = fmaxf(hi, v);
+            const float* u_col = a.ut + (c - a.begin) * a.span;
+            float v = 0.0f;
+            for (int64_t i = a.begin; i <= c; ++i) {
+              const float ai = fmaf(-w_full[i], a.r[i * cols + i], wc_row[i]);
+              v = fmaf(ai, u_col[i - a.begin], v);
+            }
+            const float x = w_full[c] + v;
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
           }
           const int64_t g = j / gsize;
           grid_params(lo, hi, a.maxq, a.sym, scale_row + g, zero_row + g);
@@ -253,7 +282,7 @@ __global__ void gptq_block_kernel(GptqKernelArgs a) {
   a.err2[row] = err2;
 }
 
-void launch_gptq_block(cudaStream_t stream, int sm_count, const GptqBlockArgs& args) {
+void launch_gptq_block(cudaStream_t stream, int sm_count, const GptqBlockArgs& args, const float* ut, int64_t span) {
   PQ_ASSERT(args.rows > 0 && args.cols > 0 && 0 <= args.begin && args.begin < args.end && args.end <= args.cols &&
                 args.groups > 0,
             "gptq_block: rows ", args.rows, " cols ", args.cols, " block [", args.begin, ", ", args.end, ") groups ",
@@ -278,7 +307,7 @@ void launch_gptq_block(cudaStream_t stream, int sm_count, const GptqBlockArgs& a
   const GptqKernelArgs k{args.rows,   args.cols,   args.begin,         width,          args.r,
                          args.w,      args.wc,     args.res,           args.err2,      args.q,
                          args.scales, args.zeros,  args.groups,        args.param_of,  args.dynamic_group_size,
-                         args.grid.maxq(), args.grid.sym};
+                         ut,          span,        args.grid.maxq(),   args.grid.sym};
   if (width <= kGptqTileColumns) {
     const size_t smem = sizeof(float) * static_cast<size_t>(width) * (kGptqTileColumns + threads);
     // at most 128 x (128 + 128) floats = 128 KiB: above the default 48 KiB, within sm_80 / sm_90 limits
@@ -329,6 +358,28 @@ void CudaBackend::quantize(const float* w, int64_t rows, int64_t cols, const flo
   launch_quantize(stream_, w, rows, cols, scales, zeros, groups, param_of, grid, q, deq);
 }
 
-void CudaBackend::gptq_block(const GptqBlockArgs& args) { launch_gptq_block(stream_, sm_count_, args); }
+void CudaBackend::gptq_block(const GptqBlockArgs& args) {
+  // Columns [begin, span_end): the block and every dynamic group that starts in it (a group may reach past it)
+  const int64_t gsize = args.dynamic_group_size;
+  int64_t span_end = args.end;
+  bool group_starts = false;
+  if (gsize > 0 && args.end > args.begin) {
+    const int64_t last_start = (args.end - 1) / gsize * gsize;
+    group_starts = last_start >= args.begin;
+    if (group_starts) span_end = std::max(span_end, std::min(args.cols, last_start + gsize));
+  }
+  if (!group_starts) {
+    launch_gptq_block(stream_, sm_count_, args, nullptr, 0);
+    return;
+  }
+  const int64_t span = span_end - args.begin;
+  Buffer<double> work(*this, span * span);
+  Buffer<float> ut(*this, span * span);
+  constexpr int kThreads = 64;
+  tile_inverse_kernel<<<static_cast<unsigned>(ceil_div(span, kThreads)), kThreads, 0, stream_>>>(
+      args.r, args.cols, args.begin, span, work.data(), ut.data());
+  CUDA_CHECK_LAUNCH();
+  launch_gptq_block(stream_, sm_count_, args, ut.data(), span);
+}
 
 }  // namespace pipequant::kernels
