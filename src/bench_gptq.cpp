@@ -101,7 +101,8 @@ std::vector<float> correlated_hessian(Backend& backend, int64_t k, uint64_t seed
 
 }  // namespace
 
-int run_bench_gptq(const std::vector<std::string>& shapes, int reps, int bits, int64_t group_size, std::ostream& os) {
+int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes, int reps, int bits, int64_t group_size,
+                   std::ostream& os) {
   PQ_REQUIRE(reps > 0, "bench gptq: reps must be positive, got ", reps);
   QuantConfig config;
   config.bits = bits;
@@ -111,7 +112,7 @@ int run_bench_gptq(const std::vector<std::string>& shapes, int reps, int bits, i
   for (const auto& text : shapes) parsed.push_back(parse_shape(text));
   PQ_REQUIRE(!parsed.empty(), "bench gptq: no shapes given");
 
-  auto backend = kernels::make_cpu_backend(0);
+  Backend* backend = &backend_ref;
   char line[512];
   std::snprintf(line, sizeof(line),
                 "# pipequant bench gptq: backend %s, %d threads, bits %d, group size %lld, %s, block %lld, damp %g\n",

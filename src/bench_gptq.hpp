@@ -7,12 +7,15 @@
 #include <string>
 #include <vector>
 
+#include "kernels/backend.hpp"
+
 namespace pipequant {
 
 // shapes: "OUTxIN" (e.g. "4096x11008"); reps timed solves after one warm-up. Prints one row per shape with
 // the median, min and max solve time, GFLOP/s counted as (K^3/3 + 2*N*K^2) / time, and the relative output
 // error next to round-to-nearest's. Returns 0 when every result passed its check (finite, no fallback,
 // better than RTN), 1 otherwise. Throws UserError for a malformed shape or argument.
-int run_bench_gptq(const std::vector<std::string>& shapes, int reps, int bits, int64_t group_size, std::ostream& os);
+int run_bench_gptq(kernels::Backend& backend, const std::vector<std::string>& shapes, int reps, int bits,
+                   int64_t group_size, std::ostream& os);
 
 }  // namespace pipequant

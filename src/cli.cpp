@@ -19,6 +19,7 @@
 #include "io/shard.hpp"
 #include "kernels/error.hpp"
 #include "src/bench_gptq.hpp"
+#include "src/driver_util.hpp"
 #include "src/inspect.hpp"
 #include "src/pipeline.hpp"
 #include "src/quant.hpp"
@@ -110,7 +111,9 @@ QuantConfig quant_config(const po::variables_map& vm) {
 void add_run_options(po::options_description& d) {
   d.add_options()("backend", po::value<std::string>()->default_value("auto"), "auto | cpu | cuda")(
       "threads", po::value<int>()->default_value(0), "CPU threads per rank (0 = all cores)")(
-      "micro-batch", po::value<int64_t>()->default_value(4), "samples per forward call");
+      "micro-batch", po::value<int64_t>()->default_value(4), "samples per forward call")(
+      "gpu-mem", po::value<double>()->default_value(0.0),
+      "CUDA device memory budget per rank in GB (1e9 bytes); 0 = what is free, less a margin");
 }
 
 RunOptions run_options(const po::variables_map& vm) {
@@ -118,6 +121,8 @@ RunOptions run_options(const po::variables_map& vm) {
   r.backend = vm["backend"].as<std::string>();
   r.threads = vm["threads"].as<int>();
   r.micro_batch = vm["micro-batch"].as<int64_t>();
+  r.gpu_mem_gb = vm["gpu-mem"].as<double>();
+  PQ_REQUIRE(r.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", r.gpu_mem_gb);
   PQ_REQUIRE(r.micro_batch > 0, "--micro-batch must be positive, got ", r.micro_batch);
   PQ_REQUIRE(r.threads >= 0, "--threads must be >= 0, got ", r.threads);
   return r;
@@ -183,7 +188,7 @@ int cmd_quantize(int argc, char** argv) {
   PQ_REQUIRE(transport == "mpi", "--transport: expected mpi (nccl comes with the CUDA backend), got '", transport, "'");
   // the fingerprint covers what changes the result: not where it goes, nor how the work is laid out
   nlohmann::json args = options_json(cmd.vm);
-  for (const char* k : {"out", "overwrite", "metrics", "threads", "micro-batch", "backend", "config", "help",
+  for (const char* k : {"out", "overwrite", "metrics", "threads", "micro-batch", "backend", "gpu-mem", "config", "help",
                         "ranks-per-stage", "blocks-per-stage", "transport", "dry-run"})
     args.erase(k);
   o.args_json = args.dump();
@@ -341,13 +346,15 @@ int cmd_bench(int argc, char** argv) {
       "reps", po::value<int>()->default_value(3), "timed repetitions after one warm-up")(
       "bits", po::value<int>()->default_value(4), "bits")("group-size", po::value<int64_t>()->default_value(128),
                                                           "group size (-1 = per row)");
+  add_run_options(cmd.desc);
   if (parse(cmd, argc - 1, argv + 1)) return print_help(cmd) ? 0 : 0;
   std::vector<std::string> shapes;
   std::stringstream ss(cmd.vm["shapes"].as<std::string>());
   for (std::string s; std::getline(ss, s, ',');)
     if (!s.empty()) shapes.push_back(s);
+  const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
   if (comm::world_rank() != 0) return 0;
-  return run_bench_gptq(shapes, cmd.vm["reps"].as<int>(), cmd.vm["bits"].as<int>(), cmd.vm["group-size"].as<int64_t>(),
+  return run_bench_gptq(*backend, shapes, cmd.vm["reps"].as<int>(), cmd.vm["bits"].as<int>(), cmd.vm["group-size"].as<int64_t>(),
                         std::cout);
 }
 

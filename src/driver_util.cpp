@@ -13,20 +13,23 @@
 namespace pipequant {
 
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
-  int threads = run.threads;
-  if (threads <= 0) {
-    // share the node's cores among the ranks on it
-    MPI_Comm local;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local);
-    int local_size = 1;
-    MPI_Comm_size(local, &local_size);
-    MPI_Comm_free(&local);
-    threads = std::max(1, omp_get_num_procs() / local_size);
-  }
+  // the ranks on this node share its cores, and take its GPUs round-robin by local rank
+  MPI_Comm local;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local);
+  int local_size = 1, local_rank = 0;
+  MPI_Comm_size(local, &local_size);
+  MPI_Comm_rank(local, &local_rank);
+  MPI_Comm_free(&local);
+  const int threads = run.threads > 0 ? run.threads : std::max(1, omp_get_num_procs() / local_size);
+  const auto budget = static_cast<size_t>(run.gpu_mem_gb * 1e9);
+  const auto cuda = [&] {
+    const int devices = kernels::cuda_device_count();
+    return kernels::make_cuda_backend(devices > 0 ? local_rank % devices : 0, budget);
+  };
   if (run.backend == "cpu") return kernels::make_cpu_backend(threads);
-  if (run.backend == "cuda") return kernels::make_cuda_backend(0, 0);
+  if (run.backend == "cuda") return cuda();
   PQ_REQUIRE(run.backend == "auto", "--backend: expected auto, cpu or cuda, got '", run.backend, "'");
-  if (kernels::cuda_device_count() > 0) return kernels::make_cuda_backend(0, 0);
+  if (kernels::cuda_device_count() > 0) return cuda();
   return kernels::make_cpu_backend(threads);
 }
 

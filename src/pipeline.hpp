@@ -15,6 +15,7 @@ struct RunOptions {
   std::string backend = "auto";  // auto | cpu | cuda
   int threads = 0;               // CPU threads, 0 = all cores
   int64_t micro_batch = 4;       // samples per forward call
+  double gpu_mem_gb = 0.0;       // CUDA allocator budget per rank in GB (1e9 bytes); 0 = free memory less a margin
 };
 
 struct QuantizeOptions {
