@@ -86,3 +86,14 @@ def compare_outputs(a, b):
     if not da:
         problems.append("no packed datasets")
     return problems
+
+
+if __name__ == "__main__":
+    # pq.py compare OUT_A OUT_B: are the packed datasets of two outputs bit-identical?
+    if len(sys.argv) != 4 or sys.argv[1] != "compare":
+        sys.exit("usage: pq.py compare OUT_A OUT_B")
+    diffs = compare_outputs(sys.argv[2], sys.argv[3])
+    for d in diffs:
+        print(d)
+    print("identical" if not diffs else f"{len(diffs)} differences")
+    sys.exit(1 if diffs else 0)
