@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Propagation modes compared: a synthetic Llama quantized by 3 pipeline stages with `--propagation quantized`
 (each stage waits for the previous stage's quantized outputs) and `--propagation fp` (inputs from the
 unquantized model: all stages work at once). Prints the wall times and each run's per-stage report, and

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Quantizes the two real test checkpoints with RTN and GPTQ at several settings, evaluates perplexity, and
 prints a markdown table (FP, RTN, GPTQ; bits x group) with the per-linear relative output errors.
 
