@@ -13,19 +13,9 @@ namespace {
 
 using nlohmann::json;
 using pipequant::testing::scratch_dir;
+using pipequant::testing::expect_user_error;
 using pipequant::testing::testdata;
 
-void expect_user_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-  } catch (const UserError& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-    return;
-  }
-  ADD_FAILURE() << "no UserError thrown";
-}
 
 // A valid minimal config; tests change one field.
 json base() {

@@ -20,20 +20,9 @@ namespace {
 
 using nlohmann::json;
 using pipequant::testing::scratch_dir;
+using pipequant::testing::expect_user_error;
 using pipequant::testing::testdata;
 
-// Runs fn and checks that it throws UserError whose message contains every one of `parts`.
-void expect_user_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-  } catch (const UserError& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-    return;
-  }
-  ADD_FAILURE() << "no UserError thrown";
-}
 
 std::vector<char> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -1,9 +1,15 @@
 #pragma once
 // Where tests find ../shared/testdata: $PIPEQUANT_TESTDATA, else the path CMake put in
-// $PIPEQUANT_TESTDATA_DEFAULT. Also a per-test scratch directory.
+// $PIPEQUANT_TESTDATA_DEFAULT. Also a per-test scratch directory and a check of UserError messages.
+#include <gtest/gtest.h>
+
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
+#include <vector>
+
+#include "kernels/error.hpp"
 
 #include <unistd.h>
 
@@ -22,6 +28,19 @@ inline std::string scratch_dir(const std::string& name) {
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p.string();
+}
+
+// Runs fn and checks that it throws UserError whose message is one line containing every one of `parts`.
+inline void expect_user_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+  } catch (const UserError& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
+    return;
+  }
+  ADD_FAILURE() << "no UserError thrown";
 }
 
 }  // namespace pipequant::testing
