@@ -135,13 +135,14 @@ StageMetrics metrics_from_string(const std::string& s) {
   m.write_seconds = j["pack_write_s"];
   m.wait_seconds = j["wait_s"];
   m.total_seconds = j["total_s"];
+  m.busy_from_seconds = j["busy_from_s"];
+  m.busy_until_seconds = j["busy_until_s"];
   m.transport_bytes = j["transport_bytes"];
   m.transport_seconds = j["transport_s"];
   m.hdf5_bytes = j["hdf5_bytes"];
   m.peak_host_bytes = j["peak_host_bytes"];
   m.peak_device_bytes = j["peak_device_bytes"];
-  for (const auto& l : j["linears"])
-    m.linears.push_back({l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], l[8]});
+  for (const auto& l : j["linears"]) m.linears.push_back({l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], l[8]});
   return m;
 }
 
@@ -175,9 +176,8 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   pin.config = config;
   for (int64_t b = 0; b < config.num_layers; ++b) pin.block_bytes.push_back(block_source_bytes(ckpt, b));
   pin.embedding_bytes = ckpt.info("model.embed_tokens.weight").nbytes;
-  pin.head_bytes = ckpt.info("model.norm.weight").nbytes + (ckpt.has("lm_head.weight") && !config.tie_word_embeddings
-                                                                 ? ckpt.info("lm_head.weight").nbytes
-                                                                 : 0);
+  pin.head_bytes = ckpt.info("model.norm.weight").nbytes +
+                   (ckpt.has("lm_head.weight") && !config.tie_word_embeddings ? ckpt.info("lm_head.weight").nbytes : 0);
   pin.world = world_size;
   pin.ranks_per_stage = opt.ranks_per_stage;
   pin.blocks_per_stage = opt.blocks_per_stage;
@@ -256,12 +256,13 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
       index.complete = false;
       io::write_model_index(opt.out_dir, index);
     }
-    std::printf("pipequant quantize: %s, %lld blocks, %s %d-bit group %lld%s%s, %lld samples x %lld tokens, "
-                "propagation %s, transport mpi\n",
-                opt.model_dir.c_str(), static_cast<long long>(config.num_layers), method_name(opt.quant.method),
-                opt.quant.bits, static_cast<long long>(opt.quant.group_size), opt.quant.sym ? " sym" : "",
-                opt.quant.act_order ? " act-order" : "", static_cast<long long>(calib.count),
-                static_cast<long long>(calib.seq), opt.propagation.c_str());
+    std::printf(
+        "pipequant quantize: %s, %lld blocks, %s %d-bit group %lld%s%s, %lld samples x %lld tokens, "
+        "propagation %s, transport mpi\n",
+        opt.model_dir.c_str(), static_cast<long long>(config.num_layers), method_name(opt.quant.method), opt.quant.bits,
+        static_cast<long long>(opt.quant.group_size), opt.quant.sym ? " sym" : "",
+        opt.quant.act_order ? " act-order" : "", static_cast<long long>(calib.count), static_cast<long long>(calib.seq),
+        opt.propagation.c_str());
     std::fflush(stdout);
   }
   MPI_Bcast(&resume, 1, MPI_INT, 0, MPI_COMM_WORLD);
@@ -297,8 +298,15 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
       for (size_t i = 0; i < 7; ++i) {
         const io::PackedLinear p = reader.read_linear(b, kLinearModules[i]);
         r.w[i] = unpack(p).dequantize();
-        r.records[i] = {b, kLinearModules[i], p.out_features, p.in_features, p.relative_error, p.rtn_relative_error,
-                        p.fallback, p.damp, 0.0};
+        r.records[i] = {b,
+                        kLinearModules[i],
+                        p.out_features,
+                        p.in_features,
+                        p.relative_error,
+                        p.rtn_relative_error,
+                        p.fallback,
+                        p.damp,
+                        0.0};
       }
       resumed[b] = std::move(r);
     }
@@ -325,6 +333,9 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   m.blocks = sp.blocks;
 
   BlockRunner runner(*backend, config, seq, mb);
+  // the common origin of the busy spans: every rank leaves this barrier at (nearly) the same moment
+  MPI_Barrier(MPI_COMM_WORLD);
+  const auto t_sync = Clock::now();
   std::vector<float> x(static_cast<size_t>(my_samples * seq * hidden));
   auto t0 = Clock::now();
   if (layout.first()) {
@@ -347,13 +358,15 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
       const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
       float* xi = x.data() + s0 * seq * hidden;
       if (!layout.first()) transport->recv_prev(xi, n * seq * hidden, static_cast<int>(i));
+      if (i == 0) m.busy_from_seconds = seconds_since(t_sync);  // fp: busy from the first micro-batch on
       if (!layout.last()) {
         t0 = Clock::now();
         std::copy_n(xi, n * seq * hidden, sent.data() + s0 * seq * hidden);
         for (const auto& blk : fp_blocks) {
           runner.set_block(blk);
           const float* out = runner.forward(sent.data() + s0 * seq * hidden, n, Until::kOutput);
-          backend->download(sent.data() + s0 * seq * hidden, out, static_cast<size_t>(n * seq * hidden) * sizeof(float));
+          backend->download(sent.data() + s0 * seq * hidden, out,
+                            static_cast<size_t>(n * seq * hidden) * sizeof(float));
         }
         m.forward_seconds += seconds_since(t0);
         transport->send_next(sent.data() + s0 * seq * hidden, n * seq * hidden, static_cast<int>(i));
@@ -367,6 +380,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   }
   (void)mb_floats;
 
+  if (!fp_mode) m.busy_from_seconds = seconds_since(t_sync);  // quantized: busy once all inputs are here
   for (int64_t b = sp.first_block; b < sp.first_block + sp.blocks; ++b) {
     const auto t_block = Clock::now();
     t0 = Clock::now();
@@ -390,9 +404,11 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
         const Until until = static_cast<Until>(g);
         const int64_t width = runner.width(until);
         HessianAccumulator acc(*backend, width);
-        for_each_micro_batch(runner, x.data(), my_samples, hidden, until, [&](int64_t s0, int64_t n, const float* acts) {
-          for (int64_t s = 0; s < n; ++s) acc.add_sample(acts + s * seq * width, seq, s_begin + s0 + s);
-        });
+        for_each_micro_batch(runner, x.data(), my_samples, hidden, until,
+                             [&](int64_t s0, int64_t n, const float* acts) {
+                               for (int64_t s = 0; s < n; ++s)
+                                 acc.add_sample(acts + s * seq * width, seq, s_begin + s0 + s);
+                             });
         const std::vector<float> h = acc.finish(layout.stage_comm, calib.count * seq);
         m.forward_seconds += seconds_since(t0);
         for (int i = 0; i < 7; ++i) {
@@ -430,8 +446,8 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
           p.rtn_relative_error = rtn.relative_error;
           shard.write_linear(b, p);
           m.write_seconds += seconds_since(t0);
-          m.linears.push_back({b, module, lin.out, lin.in, ql.relative_error, rtn.relative_error, ql.fallback,
-                               ql.damp_used, solve_s});
+          m.linears.push_back(
+              {b, module, lin.out, lin.in, ql.relative_error, rtn.relative_error, ql.fallback, ql.damp_used, solve_s});
           group_error[static_cast<size_t>(g)] = std::max(group_error[static_cast<size_t>(g)], ql.relative_error);
           // quantized propagation: later linears of this block, and the next block, see the quantized weights
           if (!fp_mode) runner.set_linear(i, deq);
@@ -439,7 +455,8 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
       }
       t0 = Clock::now();
       const std::string prefix = block_prefix(b);
-      shard.write_block_tensor(b, dense_from_checkpoint(ckpt, prefix + "input_layernorm.weight", "input_layernorm.weight"));
+      shard.write_block_tensor(
+          b, dense_from_checkpoint(ckpt, prefix + "input_layernorm.weight", "input_layernorm.weight"));
       shard.write_block_tensor(b, dense_from_checkpoint(ckpt, prefix + "post_attention_layernorm.weight",
                                                         "post_attention_layernorm.weight"));
       for (int i = 0; i < 7; ++i) {
@@ -457,10 +474,12 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     if (root)
       std::printf("block %3lld/%lld  %7.2f s  %s max rel. error  qkv %.3e  o %.3e  gate_up %.3e  down %.3e\n",
                   static_cast<long long>(b + 1), static_cast<long long>(config.num_layers), seconds_since(t_block),
-                  skip.count(b) ? "resumed" : "       ", group_error[0], group_error[1], group_error[2], group_error[3]);
+                  skip.count(b) ? "resumed" : "       ", group_error[0], group_error[1], group_error[2],
+                  group_error[3]);
     std::fflush(stdout);
   }
 
+  m.busy_until_seconds = seconds_since(t_sync);
   if (!fp_mode && !layout.last()) {
     for (int64_t i = 0; i < micro_batches; ++i) {
       const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);

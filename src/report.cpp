@@ -31,6 +31,8 @@ nlohmann::json StageMetrics::to_json() const {
           {"pack_write_s", write_seconds},
           {"wait_s", wait_seconds},
           {"total_s", total_seconds},
+          {"busy_from_s", busy_from_seconds},
+          {"busy_until_s", busy_until_seconds},
           {"transport_bytes", transport_bytes},
           {"transport_GBps", transport_seconds > 0 ? transport_bytes / transport_seconds / 1e9 : 0.0},
           {"hdf5_bytes", hdf5_bytes},
@@ -56,22 +58,40 @@ void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, con
                   const std::string& propagation, const std::string& backend) {
   os << "\n== pipequant report: method " << method << ", propagation " << propagation << ", backend " << backend
      << " (seconds; GB = 1e9 bytes) ==\n";
-  os << std::left << std::setw(6) << "stage" << std::right << std::setw(6) << "ranks" << std::setw(8) << "blocks"
-     << std::setw(9) << "load" << std::setw(10) << "fwd+hess" << std::setw(9) << "solve" << std::setw(11)
-     << "pack+write" << std::setw(8) << "wait" << std::setw(9) << "total" << std::setw(12) << "xport GB" << std::setw(10)
-     << "xport GB/s" << std::setw(10) << "h5 GB" << std::setw(9) << "h5 GB/s" << std::setw(12) << "host peak GB"
-     << std::setw(11) << "dev peak GB" << "\n";
+  // one column per figure, each as wide as its widest cell
+  const std::vector<std::string> head = {"stage",      "ranks", "blocks",  "load",         "fwd+hess",   "solve",
+                                         "pack+write", "wait",  "total",   "busy from",    "busy until", "xport GB",
+                                         "xport GB/s", "h5 GB", "h5 GB/s", "host peak GB", "dev peak GB"};
+  std::vector<std::vector<std::string>> rows;
   for (const auto& s : stages) {
-    os << std::left << std::setw(6) << s.stage << std::right << std::setw(6) << s.ranks << std::setw(8)
-       << (std::to_string(s.first_block) + "+" + std::to_string(s.blocks)) << std::setw(9) << fixed(s.load_seconds, 2)
-       << std::setw(10) << fixed(s.forward_seconds, 2) << std::setw(9) << fixed(s.solve_seconds, 2) << std::setw(11)
-       << fixed(s.write_seconds, 2) << std::setw(8) << fixed(s.wait_seconds, 2) << std::setw(9)
-       << fixed(s.total_seconds, 2) << std::setw(12) << fixed(s.transport_bytes / 1e9, 4) << std::setw(10)
-       << fixed(s.transport_seconds > 0 ? s.transport_bytes / s.transport_seconds / 1e9 : 0.0, 2) << std::setw(10)
-       << fixed(s.hdf5_bytes / 1e9, 4) << std::setw(9)
-       << fixed(s.write_seconds > 0 ? s.hdf5_bytes / s.write_seconds / 1e9 : 0.0, 3) << std::setw(12)
-       << fixed(s.peak_host_bytes / 1e9, 3) << std::setw(11) << fixed(s.peak_device_bytes / 1e9, 3) << "\n";
+    const std::string blocks = s.blocks == 0
+                                   ? std::string("-")
+                                   : std::to_string(s.first_block) + "-" + std::to_string(s.first_block + s.blocks - 1);
+    rows.push_back({std::to_string(s.stage), std::to_string(s.ranks), blocks, fixed(s.load_seconds, 2),
+                    fixed(s.forward_seconds, 2), fixed(s.solve_seconds, 2), fixed(s.write_seconds, 2),
+                    fixed(s.wait_seconds, 2), fixed(s.total_seconds, 2), fixed(s.busy_from_seconds, 2),
+                    fixed(s.busy_until_seconds, 2), fixed(s.transport_bytes / 1e9, 4),
+                    fixed(s.transport_seconds > 0 ? s.transport_bytes / s.transport_seconds / 1e9 : 0.0, 2),
+                    fixed(s.hdf5_bytes / 1e9, 4),
+                    fixed(s.write_seconds > 0 ? s.hdf5_bytes / s.write_seconds / 1e9 : 0.0, 3),
+                    fixed(s.peak_host_bytes / 1e9, 3), fixed(s.peak_device_bytes / 1e9, 3)});
   }
+  std::vector<size_t> width(head.size());
+  for (size_t c = 0; c < head.size(); ++c) {
+    width[c] = head[c].size();
+    for (const auto& r : rows) width[c] = std::max(width[c], r[c].size());
+  }
+  auto line = [&](const std::vector<std::string>& cells) {
+    for (size_t c = 0; c < cells.size(); ++c) {
+      if (c == 0)
+        os << std::left << std::setw(static_cast<int>(width[c])) << cells[c] << std::right;
+      else
+        os << "  " << std::setw(static_cast<int>(width[c])) << cells[c];
+    }
+    os << "\n";
+  };
+  line(head);
+  for (const auto& r : rows) line(r);
   // error summary over all linears, per module kind
   std::map<std::string, std::vector<const LinearRecord*>> by_module;
   size_t fallbacks = 0, count = 0;
@@ -110,11 +130,16 @@ void write_metrics(const std::string& path, const std::vector<StageMetrics>& sta
   for (const auto& s : stages) {
     f << s.to_json().dump() << "\n";
     for (const auto& l : s.linears) {
-      nlohmann::json j = {{"record", "linear"},          {"stage", s.stage},
-                          {"block", l.block},            {"module", l.module},
-                          {"out_features", l.out_features}, {"in_features", l.in_features},
-                          {"relative_error", l.relative_error}, {"rtn_relative_error", l.rtn_relative_error},
-                          {"fallback", l.fallback},      {"damp", l.damp},
+      nlohmann::json j = {{"record", "linear"},
+                          {"stage", s.stage},
+                          {"block", l.block},
+                          {"module", l.module},
+                          {"out_features", l.out_features},
+                          {"in_features", l.in_features},
+                          {"relative_error", l.relative_error},
+                          {"rtn_relative_error", l.rtn_relative_error},
+                          {"fallback", l.fallback},
+                          {"damp", l.damp},
                           {"solve_s", l.solve_seconds}};
       f << j.dump() << "\n";
     }

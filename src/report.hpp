@@ -3,11 +3,10 @@
 // memory, and the quantization error summary; printed as a table and written as JSON lines.
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace pipequant {
 
@@ -32,9 +31,13 @@ struct StageMetrics {
   double load_seconds = 0.0;
   double forward_seconds = 0.0;  // forward + Hessian accumulation
   double solve_seconds = 0.0;
-  double write_seconds = 0.0;    // pack + HDF5 write
-  double wait_seconds = 0.0;     // waiting for activations
+  double write_seconds = 0.0;  // pack + HDF5 write
+  double wait_seconds = 0.0;   // waiting for activations
   double total_seconds = 0.0;
+  // when this stage worked (from its first input to the end of its last block), seconds after the job-wide start
+  // barrier: stages that overlap in time show overlapping spans
+  double busy_from_seconds = 0.0;
+  double busy_until_seconds = 0.0;
   uint64_t transport_bytes = 0;
   double transport_seconds = 0.0;
   uint64_t hdf5_bytes = 0;
