@@ -142,8 +142,19 @@ StageMetrics metrics_from_string(const std::string& s) {
   m.hdf5_bytes = j["hdf5_bytes"];
   m.peak_host_bytes = j["peak_host_bytes"];
   m.peak_device_bytes = j["peak_device_bytes"];
+  m.peak_device_forward_bytes = j["peak_device_forward_bytes"];
+  m.peak_device_solve_bytes = j["peak_device_solve_bytes"];
   for (const auto& l : j["linears"]) m.linears.push_back({l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], l[8]});
   return m;
+}
+
+// The backend's high-water mark since the last call into one phase's slot and the stage's overall peak; the
+// next phase starts counting from what is live now.
+void note_peak(kernels::Backend& backend, uint64_t& phase, StageMetrics& m) {
+  const uint64_t peak = backend.peak_bytes();
+  phase = std::max(phase, peak);
+  m.peak_device_bytes = std::max(m.peak_device_bytes, peak);
+  backend.reset_peak();
 }
 
 }  // namespace
@@ -381,6 +392,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   (void)mb_floats;
 
   if (!fp_mode) m.busy_from_seconds = seconds_since(t_sync);  // quantized: busy once all inputs are here
+  note_peak(*backend, m.peak_device_forward_bytes, m);        // embedding, fp-mode forward
   for (int64_t b = sp.first_block; b < sp.first_block + sp.blocks; ++b) {
     const auto t_block = Clock::now();
     t0 = Clock::now();
@@ -411,6 +423,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
                              });
         const std::vector<float> h = acc.finish(layout.stage_comm, calib.count * seq);
         m.forward_seconds += seconds_since(t0);
+        note_peak(*backend, m.peak_device_forward_bytes, m);
         for (int i = 0; i < 7; ++i) {
           if (kLinearGroup[static_cast<size_t>(i)] != g) continue;
           const auto& lin = weights.linears[static_cast<size_t>(i)];
@@ -439,6 +452,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
                 relative_output_error(*backend, lin.w.data(), rtn.dequantize().data(), lin.out, lin.in, h.data());
           }
           m.solve_seconds += seconds_since(t0);
+          note_peak(*backend, m.peak_device_solve_bytes, m);
           if (root)
             for (const auto& line : ql.log) std::printf("  warning: %s\n", line.c_str());
           t0 = Clock::now();
@@ -471,6 +485,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     t0 = Clock::now();
     propagate(runner, x, my_samples, hidden);
     m.forward_seconds += seconds_since(t0);
+    note_peak(*backend, m.peak_device_forward_bytes, m);
     if (root)
       std::printf("block %3lld/%lld  %7.2f s  %s max rel. error  qkv %.3e  o %.3e  gate_up %.3e  down %.3e\n",
                   static_cast<long long>(b + 1), static_cast<long long>(config.num_layers), seconds_since(t_block),
@@ -504,7 +519,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   shard.close();
   m.hdf5_bytes = shard.bytes_written();
   m.write_seconds += seconds_since(t0);
-  m.peak_device_bytes = backend->peak_bytes();
+  m.peak_device_bytes = std::max<uint64_t>(m.peak_device_bytes, backend->peak_bytes());
   m.peak_host_bytes = peak_host_bytes();
   m.total_seconds = seconds_since(t_start);
 

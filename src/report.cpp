@@ -38,7 +38,9 @@ nlohmann::json StageMetrics::to_json() const {
           {"hdf5_bytes", hdf5_bytes},
           {"hdf5_GBps", write_seconds > 0 ? hdf5_bytes / write_seconds / 1e9 : 0.0},
           {"peak_host_bytes", peak_host_bytes},
-          {"peak_device_bytes", peak_device_bytes}};
+          {"peak_device_bytes", peak_device_bytes},
+          {"peak_device_forward_bytes", peak_device_forward_bytes},
+          {"peak_device_solve_bytes", peak_device_solve_bytes}};
 }
 
 namespace {
@@ -59,9 +61,10 @@ void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, con
   os << "\n== pipequant report: method " << method << ", propagation " << propagation << ", backend " << backend
      << " (seconds; GB = 1e9 bytes) ==\n";
   // one column per figure, each as wide as its widest cell
-  const std::vector<std::string> head = {"stage",      "ranks", "blocks",  "load",         "fwd+hess",   "solve",
-                                         "pack+write", "wait",  "total",   "busy from",    "busy until", "xport GB",
-                                         "xport GB/s", "h5 GB", "h5 GB/s", "host peak GB", "dev peak GB"};
+  const std::vector<std::string> head = {"stage",        "ranks",       "blocks",     "load",        "fwd+hess",
+                                         "solve",        "pack+write",  "wait",       "total",       "busy from",
+                                         "busy until",   "xport GB",    "xport GB/s", "h5 GB",       "h5 GB/s",
+                                         "host peak GB", "dev peak GB", "dev fwd GB", "dev solve GB"};
   std::vector<std::vector<std::string>> rows;
   for (const auto& s : stages) {
     const std::string blocks = s.blocks == 0
@@ -74,7 +77,8 @@ void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, con
                     fixed(s.transport_seconds > 0 ? s.transport_bytes / s.transport_seconds / 1e9 : 0.0, 2),
                     fixed(s.hdf5_bytes / 1e9, 4),
                     fixed(s.write_seconds > 0 ? s.hdf5_bytes / s.write_seconds / 1e9 : 0.0, 3),
-                    fixed(s.peak_host_bytes / 1e9, 3), fixed(s.peak_device_bytes / 1e9, 3)});
+                    fixed(s.peak_host_bytes / 1e9, 3), fixed(s.peak_device_bytes / 1e9, 3),
+                    fixed(s.peak_device_forward_bytes / 1e9, 3), fixed(s.peak_device_solve_bytes / 1e9, 3)});
   }
   std::vector<size_t> width(head.size());
   for (size_t c = 0; c < head.size(); ++c) {

@@ -43,6 +43,9 @@ struct StageMetrics {
   uint64_t hdf5_bytes = 0;
   uint64_t peak_host_bytes = 0;
   uint64_t peak_device_bytes = 0;
+  // the backend's high-water marks in the forward + Hessian phase and in the solve (GPTQ/RTN, errors)
+  uint64_t peak_device_forward_bytes = 0;
+  uint64_t peak_device_solve_bytes = 0;
   std::vector<LinearRecord> linears;
 
   nlohmann::json to_json() const;

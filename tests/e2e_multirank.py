@@ -20,7 +20,9 @@ for mode in ("quantized", "fp"):
     outs = {}
     for ranks, per_stage in layouts:
         out = os.path.join(work, f"{mode}-np{ranks}-d{per_stage}")
-        p = pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", 128, "--method", "gptq", "--bits", 4,
+        metrics = out + ".jsonl"
+        p = pq.run(["quantize", "--metrics", metrics, "--model", model, "--calib", calib, "--seq-len", 128,
+                    "--method", "gptq", "--bits", 4,
                     "--group-size", 32, "--act-order", "--propagation", mode, "--ranks-per-stage", per_stage,
                     "--micro-batch", 3 if ranks == 1 else 2, "--out", out], np=ranks)
         if "HDF5-DIAG" in p.stderr + p.stdout:
@@ -29,6 +31,15 @@ for mode in ("quantized", "fp"):
         plan_ok = f"{stages} stages x {per_stage} ranks per stage" in p.stdout
         results.append((f"{mode} np {ranks} (D={per_stage}): plan printed with {stages} stages", plan_ok))
         outs[(ranks, per_stage)] = out
+        # per-phase device peaks: the solve phase holds at least the widest Hessian (fp32), the overall peak is
+        # the larger of the two phases
+        recs = pq.read_metrics(metrics)
+        widest = max(r["in_features"] for r in recs if r["record"] == "linear")
+        for st in (r for r in recs if r["record"] == "stage"):
+            fwd, solve, peak = st["peak_device_forward_bytes"], st["peak_device_solve_bytes"], st["peak_device_bytes"]
+            results.append((f"{mode} np {ranks} stage {st['stage']}: device peaks forward {fwd}, solve {solve} "
+                            f"(>= {4 * widest ** 2}), overall {peak}",
+                            fwd > 0 and solve >= 4 * widest ** 2 and peak == max(fwd, solve)))
     ref = outs[(1, 1)]
     for key, out in outs.items():
         if key == (1, 1):
