@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 namespace pipequant::kernels {
 
@@ -30,14 +31,14 @@ struct GptqBlockArgs {
   int64_t end = 0;           // one past the last column of the block
   const float* r = nullptr;  // R [cols, cols], upper triangular, H_damped = R R^T
   const float* w = nullptr;  // original weights [rows, cols] (dead columns zeroed)
-  float* wc = nullptr;       // running weights [rows, cols]: wc[:, j] = w[:, j] * R[j, j] + sum_{i<begin} res[:, i] R[i, j]
-  float* res = nullptr;      // out: w - dequant(q) for this block's columns [rows, cols]
-  float* err2 = nullptr;     // in/out: per-row sum of e^2, e = res-propagated error times R[j, j] ([rows]); its total
-                             // equals tr(D H_damped D^T), the GPTQ loss
-  uint8_t* q = nullptr;      // out: codes [rows, cols]
-  float* scales = nullptr;   // scale table [rows, groups] (fp16-representable values)
-  float* zeros = nullptr;    // zero table [rows, groups] (integers stored as float)
-  int64_t groups = 0;        // columns of the scale/zero tables
+  float* wc = nullptr;   // running weights [rows, cols]: wc[:, j] = w[:, j] * R[j, j] + sum_{i<begin} res[:, i] R[i, j]
+  float* res = nullptr;  // out: w - dequant(q) for this block's columns [rows, cols]
+  float* err2 = nullptr;    // in/out: per-row sum of e^2, e = res-propagated error times R[j, j] ([rows]); its total
+                            // equals tr(D H_damped D^T), the GPTQ loss
+  uint8_t* q = nullptr;     // out: codes [rows, cols]
+  float* scales = nullptr;  // scale table [rows, groups] (fp16-representable values)
+  float* zeros = nullptr;   // zero table [rows, groups] (integers stored as float)
+  int64_t groups = 0;       // columns of the scale/zero tables
   const int32_t* param_of = nullptr;  // [cols]: which table entry quantizes the column at position j
   int64_t dynamic_group_size = 0;     // > 0: at positions j with j % size == 0 compute table entry j / size
                                       //      from the min/max over the group's columns c of the weights as
@@ -61,6 +62,13 @@ class Backend {
   virtual void synchronize() = 0;
   virtual size_t peak_bytes() const = 0;  // high-water mark of allocate() since reset_peak()
   virtual void reset_peak() = 0;
+  virtual size_t live_bytes() const = 0;    // allocated now
+  virtual size_t budget_bytes() const = 0;  // what allocate() may hold at once; 0: no budget
+
+  // Where work that does not fit this backend's budget goes (DESIGN.md section 4, fallback 3: a Hessian too
+  // large for the device is factored and solved on the CPU); null when there is no such backend.
+  Backend* host_fallback() const { return host_fallback_.get(); }
+  void set_host_fallback(std::unique_ptr<Backend> host) { host_fallback_ = std::move(host); }
 
   // --- dense linear algebra -----------------------------------------------------------------------------
   // C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, row-major with leading dimensions.
@@ -76,8 +84,7 @@ class Backend {
   virtual void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) = 0;
   // In place, HF rotate_half RoPE on x [samples * seq, heads * head_dim]; the position of row t is t % seq;
   // inv_freq [head_dim / 2].
-  virtual void rope(float* x, int64_t samples, int64_t seq, int64_t heads, int64_t head_dim,
-                    const float* inv_freq) = 0;
+  virtual void rope(float* x, int64_t samples, int64_t seq, int64_t heads, int64_t head_dim, const float* inv_freq) = 0;
   // Causal grouped-query attention, softmax scale 1/sqrt(head_dim).
   // q, out [samples * seq, heads * head_dim]; k, v [samples * seq, kv_heads * head_dim];
   // query head h reads kv head h / (heads / kv_heads).
@@ -109,6 +116,9 @@ class Backend {
                         int64_t groups, const int32_t* param_of, QuantGrid grid, uint8_t* q, float* deq) = 0;
   // The GPTQ column loop of one block (see GptqBlockArgs).
   virtual void gptq_block(const GptqBlockArgs& args) = 0;
+
+ private:
+  std::unique_ptr<Backend> host_fallback_;
 };
 
 // Typed RAII buffer in backend memory.
@@ -117,7 +127,8 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(Backend& backend, int64_t count)
-      : backend_(&backend), data_(static_cast<T*>(backend.allocate(sizeof(T) * static_cast<size_t>(count)))),
+      : backend_(&backend),
+        data_(static_cast<T*>(backend.allocate(sizeof(T) * static_cast<size_t>(count)))),
         count_(count) {}
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -149,8 +160,9 @@ class Buffer {
   int64_t count_ = 0;
 };
 
-// The CPU backend; threads <= 0 means all cores.
-std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
+// The CPU backend; threads <= 0 means all cores. budget_bytes > 0 bounds what it allocates at once (an
+// allocation past it is a UserError), as a device backend's memory budget does; 0: no bound.
+std::unique_ptr<Backend> make_cpu_backend(int threads = 0, size_t budget_bytes = 0);
 
 }  // namespace pipequant::kernels
 

@@ -24,7 +24,10 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   const auto budget = static_cast<size_t>(run.gpu_mem_gb * 1e9);
   const auto cuda = [&] {
     const int devices = kernels::cuda_device_count();
-    return kernels::make_cuda_backend(devices > 0 ? local_rank % devices : 0, budget);
+    auto backend = kernels::make_cuda_backend(devices > 0 ? local_rank % devices : 0, budget);
+    // solves whose Hessian does not fit the budget run on the host (DESIGN.md section 4, fallback 3)
+    backend->set_host_fallback(kernels::make_cpu_backend(threads));
+    return backend;
   };
   if (run.backend == "cpu") return kernels::make_cpu_backend(threads);
   if (run.backend == "cuda") return cuda();
@@ -74,9 +77,11 @@ io::DenseTensor dense_from_checkpoint(const io::Checkpoint& ckpt, const std::str
 void propagate(BlockRunner& runner, std::vector<float>& x, int64_t samples, int64_t hidden) {
   std::vector<float> next(x.size());
   const int64_t seq = runner.seq();
-  for_each_micro_batch(runner, x.data(), samples, hidden, Until::kOutput, [&](int64_t s0, int64_t n, const float* acts) {
-    runner.backend().download(next.data() + s0 * seq * hidden, acts, static_cast<size_t>(n * seq * hidden) * sizeof(float));
-  });
+  for_each_micro_batch(runner, x.data(), samples, hidden, Until::kOutput,
+                       [&](int64_t s0, int64_t n, const float* acts) {
+                         runner.backend().download(next.data() + s0 * seq * hidden, acts,
+                                                   static_cast<size_t>(n * seq * hidden) * sizeof(float));
+                       });
   x.swap(next);
 }
 

@@ -116,6 +116,29 @@ void check_inputs(const float* w, int64_t rows, int64_t cols, const QuantConfig&
              ", column ", bad % std::max<int64_t>(cols, 1), "); check the checkpoint");
 }
 
+// Backend memory that gptq_quantize (and rtn_quantize with an error check) holds at its peak: R [cols, cols],
+// four [rows, cols] float matrices (w, wc, res and relative_output_error's chunk) with the codes, the tables,
+// plus relative_output_error's own copy of H.
+size_t solve_bytes(int64_t rows, int64_t cols, int64_t groups) {
+  const auto r = static_cast<size_t>(rows), c = static_cast<size_t>(cols), g = static_cast<size_t>(groups);
+  return sizeof(float) * (2 * c * c + 4 * r * c + 2 * r * g + r + c) + r * c;
+}
+
+// The backend that runs a solve of this size: `backend` when it fits its budget (or there is no budget or no
+// host fallback), its host fallback otherwise, with a line for the log.
+Backend& solve_backend(Backend& backend, int64_t rows, int64_t cols, int64_t groups, const std::string& label,
+                       std::vector<std::string>& log) {
+  Backend* host = backend.host_fallback();
+  const size_t need = solve_bytes(rows, cols, groups);
+  const size_t budget = backend.budget_bytes(), live = backend.live_bytes();
+  if (host == nullptr || budget == 0 || need <= budget - std::min(budget, live)) return backend;
+  std::ostringstream os;
+  os << label << ": the solve needs " << need / 1e9 << " GB of " << backend.name() << " memory, "
+     << (budget - std::min(budget, live)) / 1e9 << " GB of the budget are free: solved on the " << host->name();
+  log.push_back(os.str());
+  return *host;
+}
+
 }  // namespace
 
 void validate(const QuantConfig& config) {
@@ -193,11 +216,13 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
   return den == 0.0 ? 0.0 : num / den;
 }
 
-QuantizedLinear rtn_quantize(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int64_t cols, const float* h,
                              const QuantConfig& config) {
   check_inputs(w, rows, cols, config);
   const QuantGrid grid{config.bits, config.sym};
   const int64_t groups = group_count(cols, config.group_size);
+  std::vector<std::string> moved;  // RTN is the baseline: where it ran is not a fallback of the layer
+  Backend& backend = solve_backend(primary, rows, cols, groups, "rtn", moved);
   QuantizedLinear out;
   out.rows = rows;
   out.cols = cols;
@@ -233,7 +258,7 @@ QuantizedLinear rtn_quantize(Backend& backend, const float* w, int64_t rows, int
   return out;
 }
 
-QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+QuantizedLinear gptq_quantize(Backend& primary, const float* w, int64_t rows, int64_t cols, const float* h,
                               const QuantConfig& config, const std::string& name) {
   check_inputs(w, rows, cols, config);
   PQ_REQUIRE(h != nullptr, "gptq_quantize: ", name, ": no Hessian given");
@@ -242,6 +267,15 @@ QuantizedLinear gptq_quantize(Backend& backend, const float* w, int64_t rows, in
   const int64_t groups = group_count(cols, gs);
   const int64_t kk = cols * cols;
   const std::string label = name.empty() ? std::string("linear") : name;
+  // fallback (3): a solve that does not fit the device budget runs on the host backend
+  std::vector<std::string> moved;
+  Backend& backend = solve_backend(primary, rows, cols, groups, label, moved);
+  if (&backend != &primary) {
+    QuantizedLinear out = gptq_quantize(backend, w, rows, cols, h, config, name);
+    out.log.insert(out.log.begin(), moved.begin(), moved.end());
+    if (out.fallback == "none") out.fallback = "cpu";  // a damping or RTN fallback on the host says more
+    return out;
+  }
 
   // A non-finite Hessian cannot be fixed by damping: round to nearest right away.
   bool finite = true;

@@ -782,5 +782,52 @@ TEST(Gptq, BitIdenticalAcrossRunsAndThreadCounts) {
   EXPECT_GT(std::count_if(histogram.begin(), histogram.end(), [](int n) { return n > 0; }), 10);
 }
 
+TEST(Gptq, SolveThatDoesNotFitTheBudgetRunsOnTheHostFallback) {
+  // a backend whose budget holds the weights but not R [cols, cols] with the working matrices: the solve
+  // moves to its host fallback, says so, and gives the same result as on an unbounded backend
+  const int64_t rows = 32, cols = 256;
+  const auto w = random_normal(rows * cols, 61, 0.05f);
+  const auto h = correlated_hessian(1000, cols, 62);
+  QuantConfig cfg;
+  cfg.group_size = 64;
+  auto unbounded = cpu();
+  const QuantizedLinear want = gptq_quantize(*unbounded, w.data(), rows, cols, h.data(), cfg, "layers.2.up");
+  ASSERT_EQ(want.fallback, "none");
+
+  const size_t budget = sizeof(float) * static_cast<size_t>(cols * cols);  // less than H and R together
+  auto bounded = kernels::make_cpu_backend(0, budget);
+  EXPECT_EQ(bounded->budget_bytes(), budget);
+  // without a fallback the solve tries the bounded backend and its allocator refuses
+  EXPECT_THROW(gptq_quantize(*bounded, w.data(), rows, cols, h.data(), cfg, "layers.2.up"), UserError);
+  EXPECT_EQ(bounded->live_bytes(), 0u);
+  bounded->set_host_fallback(kernels::make_cpu_backend(0));
+  bounded->reset_peak();
+  const QuantizedLinear got = gptq_quantize(*bounded, w.data(), rows, cols, h.data(), cfg, "layers.2.up");
+  EXPECT_EQ(got.fallback, "cpu");
+  ASSERT_FALSE(got.log.empty());
+  EXPECT_TRUE(log_mentions(got, "layers.2.up: the solve needs"));
+  EXPECT_TRUE(log_mentions(got, "solved on the cpu"));
+  EXPECT_EQ(bounded->peak_bytes(), 0u) << "nothing of the solve was allocated on the bounded backend";
+  EXPECT_GT(bounded->host_fallback()->peak_bytes(), budget);
+  EXPECT_EQ(got.q, want.q);
+  EXPECT_EQ(got.scales, want.scales);
+  EXPECT_EQ(got.zeros, want.zeros);
+  EXPECT_EQ(got.relative_error, want.relative_error);
+  // RTN (the baseline beside every GPTQ layer) moves the same way, silently
+  const QuantizedLinear rtn = rtn_quantize(*bounded, w.data(), rows, cols, h.data(), cfg);
+  EXPECT_EQ(rtn.fallback, "none");
+  EXPECT_EQ(rtn.q, rtn_quantize(*unbounded, w.data(), rows, cols, h.data(), cfg).q);
+
+  // a budget with room for the solve keeps it where it is
+  auto roomy = kernels::make_cpu_backend(0, size_t{64} << 20);
+  roomy->set_host_fallback(kernels::make_cpu_backend(0));
+  const QuantizedLinear stay = gptq_quantize(*roomy, w.data(), rows, cols, h.data(), cfg, "layers.2.up");
+  EXPECT_EQ(stay.fallback, "none");
+  EXPECT_TRUE(stay.log.empty());
+  EXPECT_GT(roomy->peak_bytes(), sizeof(float) * static_cast<size_t>(cols * cols));
+  EXPECT_EQ(roomy->host_fallback()->peak_bytes(), 0u);
+  EXPECT_EQ(stay.q, want.q);
+}
+
 }  // namespace
 }  // namespace pipequant

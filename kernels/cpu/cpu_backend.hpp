@@ -11,7 +11,7 @@ namespace pipequant::kernels {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads);
+  explicit CpuBackend(int threads, size_t budget_bytes = 0);
   std::string name() const override { return "cpu"; }
 
   void* allocate(size_t bytes) override;
@@ -21,6 +21,8 @@ class CpuBackend final : public Backend {
   void synchronize() override {}
   size_t peak_bytes() const override { return peak_.load(); }
   void reset_peak() override { peak_.store(live_.load()); }
+  size_t live_bytes() const override { return live_.load(); }
+  size_t budget_bytes() const override { return budget_; }
 
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override;
@@ -44,6 +46,7 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_;
+  size_t budget_;
   std::atomic<size_t> live_{0};
   std::atomic<size_t> peak_{0};
 };

@@ -1,12 +1,12 @@
 // CpuBackend: construction, memory and the generic GEMM.
 #include <cblas.h>
 #include <omp.h>
+#include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
-
-#include <sys/mman.h>
 
 #include "kernels/cpu/cpu_backend.hpp"
 #include "kernels/error.hpp"
@@ -26,12 +26,17 @@ struct AllocHeader {
 };
 }  // namespace
 
-CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {
+CpuBackend::CpuBackend(int threads, size_t budget_bytes)
+    : threads_(threads > 0 ? threads : omp_get_num_procs()), budget_(budget_bytes) {
   omp_set_num_threads(threads_);
   openblas_set_num_threads(threads_);
 }
 
 void* CpuBackend::allocate(size_t bytes) {
+  if (budget_ > 0 && bytes > budget_ - std::min(budget_, live_.load())) {
+    fail("cpu backend: allocating ", bytes, " bytes would exceed its memory budget of ", budget_, " bytes (",
+         live_.load(), " bytes live)");
+  }
   const size_t total = bytes + kAlignment;
   const size_t align = total >= kHugeThreshold ? kHugePage : kAlignment;
   const size_t rounded = (total + align - 1) / align * align;
@@ -59,11 +64,14 @@ void CpuBackend::download(void* host_dst, const void* src, size_t bytes) { std::
 void CpuBackend::gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                       const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, ta == Trans::kYes ? CblasTrans : CblasNoTrans, tb == Trans::kYes ? CblasTrans : CblasNoTrans,
-              static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
-              static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
+  cblas_sgemm(CblasRowMajor, ta == Trans::kYes ? CblasTrans : CblasNoTrans,
+              tb == Trans::kYes ? CblasTrans : CblasNoTrans, static_cast<blasint>(m), static_cast<blasint>(n),
+              static_cast<blasint>(k), alpha, a, static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
+              static_cast<blasint>(ldc));
 }
 
-std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+std::unique_ptr<Backend> make_cpu_backend(int threads, size_t budget_bytes) {
+  return std::make_unique<CpuBackend>(threads, budget_bytes);
+}
 
 }  // namespace pipequant::kernels

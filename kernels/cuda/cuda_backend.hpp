@@ -49,6 +49,8 @@ class CudaBackend final : public Backend {
   void synchronize() override;
   size_t peak_bytes() const override;
   void reset_peak() override;
+  size_t live_bytes() const override;
+  size_t budget_bytes() const override { return budget_; }
 
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override;
@@ -71,8 +73,6 @@ class CudaBackend final : public Backend {
   void gptq_block(const GptqBlockArgs& args) override;
 
   int device() const { return device_; }
-  size_t budget_bytes() const { return budget_; }
-  size_t live_bytes() const;
 
  private:
   // Reads the backend's device flag (set by checking kernels) after the stream has drained, and clears it.
