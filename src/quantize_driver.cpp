@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <future>
 #include <iostream>
 #include <map>
 #include <set>
@@ -333,7 +334,6 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   const auto [s_begin, s_end] = owned_samples(calib.count, layout.index, layout.ranks_per_stage);
   const int64_t my_samples = s_end - s_begin;
   const int64_t mb = std::min(opt.run.micro_batch, my_samples);
-  const int64_t mb_floats = mb * seq * hidden;
   const int64_t micro_batches = (my_samples + mb - 1) / mb;
   const bool fp_mode = opt.propagation == "fp";
 
@@ -383,20 +383,31 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
         transport->send_next(sent.data() + s0 * seq * hidden, n * seq * hidden, static_cast<int>(i));
       }
     }
-  } else if (!layout.first()) {
+  }
+  // quantized propagation reads each block's weights (and converts them to fp32) on a helper thread while the
+  // previous block computes; the first block's while this stage waits for its inputs. At most two blocks'
+  // weights are in host memory at once; `load` counts only the time spent waiting for them.
+  const int64_t end_block = sp.first_block + sp.blocks;
+  std::future<BlockWeights> next_weights;
+  const auto prefetch = [&](int64_t b) {
+    if (!fp_mode && b < end_block)
+      next_weights = std::async(std::launch::async, [&source, b] { return source->load_block(b); });
+  };
+  prefetch(sp.first_block);
+  if (!fp_mode && !layout.first()) {
     for (int64_t i = 0; i < micro_batches; ++i) {
       const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
       transport->recv_prev(x.data() + s0 * seq * hidden, n * seq * hidden, static_cast<int>(i));
     }
   }
-  (void)mb_floats;
 
   if (!fp_mode) m.busy_from_seconds = seconds_since(t_sync);  // quantized: busy once all inputs are here
   note_peak(*backend, m.peak_device_forward_bytes, m);        // embedding, fp-mode forward
-  for (int64_t b = sp.first_block; b < sp.first_block + sp.blocks; ++b) {
+  for (int64_t b = sp.first_block; b < end_block; ++b) {
     const auto t_block = Clock::now();
     t0 = Clock::now();
-    BlockWeights weights = fp_mode ? fp_blocks[static_cast<size_t>(b - sp.first_block)] : source->load_block(b);
+    BlockWeights weights = fp_mode ? fp_blocks[static_cast<size_t>(b - sp.first_block)] : next_weights.get();
+    prefetch(b + 1);
     runner.set_block(weights);
     m.load_seconds += seconds_since(t0);
     std::array<double, kLinearGroups> group_error{};
