@@ -106,6 +106,61 @@ std::vector<float> correlated_hessian(Backend& device, int64_t k, uint64_t seed)
 
 }  // namespace
 
+int run_bench_hessian(Backend& backend, const std::vector<int64_t>& widths, int64_t tokens, int reps,
+                      std::ostream& os) {
+  PQ_REQUIRE(reps > 0, "bench hessian: --reps must be positive, got ", reps);
+  PQ_REQUIRE(tokens > 0, "bench hessian: --tokens must be positive, got ", tokens);
+  PQ_REQUIRE(!widths.empty(), "bench hessian: no widths given");
+  for (int64_t k : widths) PQ_REQUIRE(k > 0, "bench hessian: width ", k, " must be positive");
+  char line[512];
+  const double sgemm = sgemm_rate(backend);
+  std::snprintf(line, sizeof(line), "# pipequant bench hessian: backend %s, %d threads, %lld tokens per call\n",
+                backend.name().c_str(), omp_get_max_threads(), static_cast<long long>(tokens));
+  os << line;
+  std::snprintf(line, sizeof(line),
+                "# sgemm 2048x2048x2048 through the backend: %.1f GFLOP/s (median of 3, 2*n^3 flops)\n", sgemm);
+  os << line;
+  os << "# H [K, K] += X^T X for X [tokens, K] (hessian_accumulate: fp32, fixed order, full matrix written); "
+     << "1 warm-up, then " << reps << " timed\n"
+     << "# eff_GFLOP/s = 2*tokens*K^2 / median time, the flops of the GEMM X^T X; a SYRK does about half of them, so "
+        "of_sgemm (eff_GFLOP/s / sgemm rate) can pass 100%\n";
+  std::snprintf(line, sizeof(line), "%8s %8s %12s %12s %12s %9s\n", "K", "tokens", "median(s)", "min(s)", "eff_GFLOP/s",
+                "of_sgemm");
+  os << line << std::flush;
+  for (int64_t k : widths) {
+    std::vector<float> x(static_cast<size_t>(tokens * k));
+    std::mt19937 rng(static_cast<uint32_t>(k));
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto& v : x) v = u(rng);
+    Buffer<float> xb(backend, tokens * k), hb(backend, k * k);
+    backend.upload(xb.data(), x.data(), x.size() * sizeof(float));
+    const std::vector<float> zero(static_cast<size_t>(k * k), 0.0f);
+    backend.upload(hb.data(), zero.data(), zero.size() * sizeof(float));
+    std::vector<double> times;
+    for (int rep = 0; rep <= reps; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      backend.hessian_accumulate(xb.data(), tokens, k, hb.data());
+      backend.synchronize();
+      if (rep > 0) times.push_back(seconds_since(t0));
+    }
+    // a check that the work was done: H[0, 0] = (reps + 1) * sum_t x[t, 0]^2
+    float h00 = 0.0f;
+    backend.download(&h00, hb.data(), sizeof(float));
+    double want = 0.0;
+    for (int64_t t = 0; t < tokens; ++t)
+      want += static_cast<double>(x[static_cast<size_t>(t * k)]) * x[static_cast<size_t>(t * k)];
+    want *= reps + 1;
+    PQ_REQUIRE(std::abs(h00 - want) <= 1e-3 * want, "bench hessian: H[0, 0] = ", h00, ", expected ", want);
+    const double rate =
+        2.0 * static_cast<double>(tokens) * static_cast<double>(k) * static_cast<double>(k) / median(times) / 1e9;
+    std::snprintf(line, sizeof(line), "%8lld %8lld %12.4f %12.4f %12.1f %8.0f%%\n", static_cast<long long>(k),
+                  static_cast<long long>(tokens), median(times), *std::min_element(times.begin(), times.end()), rate,
+                  100.0 * rate / sgemm);
+    os << line << std::flush;
+  }
+  return 0;
+}
+
 int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes, int reps, int bits, int64_t group_size,
                    std::ostream& os) {
   PQ_REQUIRE(reps > 0, "bench gptq: reps must be positive, got ", reps);

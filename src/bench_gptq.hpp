@@ -18,4 +18,9 @@ namespace pipequant {
 int run_bench_gptq(kernels::Backend& backend, const std::vector<std::string>& shapes, int reps, int bits,
                    int64_t group_size, std::ostream& os);
 
+// `pipequant bench hessian`: times hessian_accumulate (H += X^T X) for X [tokens, K] at each width and
+// prints the rate next to the backend's sgemm rate. Returns 0; throws UserError for a bad argument.
+int run_bench_hessian(kernels::Backend& backend, const std::vector<int64_t>& widths, int64_t tokens, int reps,
+                      std::ostream& os);
+
 }  // namespace pipequant

@@ -7,11 +7,10 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "comm/mpi_env.hpp"
 #include "comm/stage.hpp"
@@ -42,6 +41,7 @@ const char* kUsage =
     "  synth         write a synthetic Llama checkpoint with deterministic random weights\n"
     "  synth-tokens  write a synthetic token file (.npy int32)\n"
     "  bench gptq    benchmark the GPTQ solve\n"
+    "  bench hessian  Hessian accumulation rate next to the sgemm rate\n"
     "  bench transport  activation transport bandwidth between two ranks (nccl-tests style table)\n"
     "  version       print the version\n";
 
@@ -56,7 +56,7 @@ struct Command {
 // Parses argv (after the command word) and the optional --config file; true when --help was asked.
 bool parse(Command& cmd, int argc, char** argv) {
   cmd.desc.add_options()("help,h", "show this help")("config", po::value<std::string>(),
-                                                      "read options from FILE (`name = value` lines)");
+                                                     "read options from FILE (`name = value` lines)");
   try {
     po::store(po::command_line_parser(argc, argv).options(cmd.desc).positional(cmd.positional).run(), cmd.vm);
     if (cmd.vm.count("config")) {
@@ -133,11 +133,16 @@ nlohmann::json options_json(const po::variables_map& vm) {
   nlohmann::json j = nlohmann::json::object();
   for (const auto& [key, value] : vm) {
     const auto& v = value.value();
-    if (const auto* s = boost::any_cast<std::string>(&v)) j[key] = *s;
-    else if (const auto* i = boost::any_cast<int>(&v)) j[key] = *i;
-    else if (const auto* l = boost::any_cast<int64_t>(&v)) j[key] = *l;
-    else if (const auto* d = boost::any_cast<double>(&v)) j[key] = *d;
-    else if (const auto* b = boost::any_cast<bool>(&v)) j[key] = *b;
+    if (const auto* s = boost::any_cast<std::string>(&v))
+      j[key] = *s;
+    else if (const auto* i = boost::any_cast<int>(&v))
+      j[key] = *i;
+    else if (const auto* l = boost::any_cast<int64_t>(&v))
+      j[key] = *l;
+    else if (const auto* d = boost::any_cast<double>(&v))
+      j[key] = *d;
+    else if (const auto* b = boost::any_cast<bool>(&v))
+      j[key] = *b;
   }
   return j;
 }
@@ -158,8 +163,8 @@ int cmd_quantize(int argc, char** argv) {
       "out", po::value<std::string>(), "output directory")(
       "propagation", po::value<std::string>()->default_value("quantized"),
       "quantized: block i+1 sees quantized block i; fp: inputs from the unquantized model")(
-      "overwrite", po::bool_switch(), "replace an existing output")(
-      "metrics", po::value<std::string>(), "write JSON-lines metrics to FILE")(
+      "overwrite", po::bool_switch(), "replace an existing output")("metrics", po::value<std::string>(),
+                                                                    "write JSON-lines metrics to FILE")(
       "ranks-per-stage", po::value<int>()->default_value(1), "D: ranks per pipeline stage (world = P stages x D)")(
       "blocks-per-stage", po::value<std::string>()->default_value(""),
       "blocks of each stage: N, or a,b,c (default: balanced by weight bytes)")(
@@ -200,8 +205,8 @@ int cmd_eval(int argc, char** argv) {
   Command cmd("eval");
   cmd.desc.add_options()("model", po::value<std::string>(), "checkpoint directory (its config.json is used)")(
       "quantized", po::value<std::string>(), "a quantized output directory, dequantized on the fly")(
-      "tokens", po::value<std::string>(), "evaluation tokens (.npy int32/int64)")(
-      "seq-len", po::value<int64_t>(), "tokens per non-overlapping window")(
+      "tokens", po::value<std::string>(), "evaluation tokens (.npy int32/int64)")("seq-len", po::value<int64_t>(),
+                                                                                  "tokens per non-overlapping window")(
       "max-windows", po::value<int64_t>()->default_value(0), "evaluate at most this many windows (0 = all)");
   add_run_options(cmd.desc);
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
@@ -229,8 +234,8 @@ int cmd_inspect(int argc, char** argv) {
 int cmd_layer(int argc, char** argv) {
   Command cmd("layer");
   cmd.desc.add_options()("weight", po::value<std::string>(), "W.npy float32 [out, in]")(
-      "inputs", po::value<std::string>(), "X.npy float32 [tokens, in]")(
-      "out", po::value<std::string>(), "write the packed result to FILE (HDF5)")(
+      "inputs", po::value<std::string>(), "X.npy float32 [tokens, in]")("out", po::value<std::string>(),
+                                                                        "write the packed result to FILE (HDF5)")(
       "threads", po::value<int>()->default_value(0), "CPU threads (0 = all cores)");
   add_quant_options(cmd.desc);
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
@@ -239,8 +244,8 @@ int cmd_layer(int argc, char** argv) {
   const QuantConfig q = quant_config(cmd.vm);
   const io::Matrix w = io::read_matrix_f32(wpath, "--weight");
   const io::Matrix x = io::read_matrix_f32(xpath, "--inputs");
-  PQ_REQUIRE(x.cols == w.cols, xpath, ": shape [", x.rows, ", ", x.cols, "] does not match the weight ", wpath,
-             " [", w.rows, ", ", w.cols, "]: expected [tokens, ", w.cols, "]");
+  PQ_REQUIRE(x.cols == w.cols, xpath, ": shape [", x.rows, ", ", x.cols, "] does not match the weight ", wpath, " [",
+             w.rows, ", ", w.cols, "]: expected [tokens, ", w.cols, "]");
   PQ_REQUIRE(x.rows > 0, xpath, ": no input rows");
   auto backend = kernels::make_cpu_backend(cmd.vm["threads"].as<int>());
   // H = 2/n X^T X
@@ -252,12 +257,13 @@ int cmd_layer(int argc, char** argv) {
   backend->download(h.data(), h_dev.data(), h.size() * 4);
   for (auto& v : h) v *= static_cast<float>(2.0 / static_cast<double>(x.rows));
   const double hessian_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_h).count();
-  const QuantizedLinear ql = q.method == Method::kGptq ? gptq_quantize(*backend, w.data.data(), w.rows, w.cols, h.data(), q, "layer")
-                                                        : rtn_quantize(*backend, w.data.data(), w.rows, w.cols, h.data(), q);
+  const QuantizedLinear ql = q.method == Method::kGptq
+                                 ? gptq_quantize(*backend, w.data.data(), w.rows, w.cols, h.data(), q, "layer")
+                                 : rtn_quantize(*backend, w.data.data(), w.rows, w.cols, h.data(), q);
   for (const auto& line : ql.log) std::printf("warning: %s\n", line.c_str());
   std::printf("shape: %lld x %lld (out x in), %lld tokens, %s %d-bit group %lld\n", static_cast<long long>(w.rows),
-              static_cast<long long>(w.cols), static_cast<long long>(x.rows), q.method == Method::kGptq ? "gptq" : "rtn",
-              q.bits, static_cast<long long>(q.group_size));
+              static_cast<long long>(w.cols), static_cast<long long>(x.rows),
+              q.method == Method::kGptq ? "gptq" : "rtn", q.bits, static_cast<long long>(q.group_size));
   std::printf("hessian_seconds: %.6f\n", hessian_seconds);
   std::printf("fallback: %s\n", ql.fallback.c_str());
   std::printf("relative_error: %.9g\n", ql.relative_error);
@@ -282,8 +288,8 @@ int cmd_synth(int argc, char** argv) {
       "num-layers", po::value<int64_t>(), "")("num-heads", po::value<int64_t>(), "")(
       "num-kv-heads", po::value<int64_t>(), "")("vocab-size", po::value<int64_t>(), "")(
       "dtype", po::value<std::string>()->default_value("bf16"), "bf16 | fp16 | fp32")(
-      "seed", po::value<uint64_t>()->default_value(0), "random seed")(
-      "tie-word-embeddings", po::bool_switch(), "no lm_head tensor; the embedding is reused");
+      "seed", po::value<uint64_t>()->default_value(0), "random seed")("tie-word-embeddings", po::bool_switch(),
+                                                                      "no lm_head tensor; the embedding is reused");
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
   SynthOptions s;
   s.out_dir = required<std::string>(cmd.vm, "out", cmd.name);
@@ -328,7 +334,8 @@ int cmd_bench_transport(int argc, char** argv) {
       "iters", po::value<int>()->default_value(20), "timed iterations per size")(
       "warmup", po::value<int>()->default_value(5), "untimed iterations per size");
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
-  PQ_REQUIRE(comm::world_size() >= 2, "pipequant bench transport: needs 2 ranks (mpirun -np 2 pipequant bench transport)");
+  PQ_REQUIRE(comm::world_size() >= 2,
+             "pipequant bench transport: needs 2 ranks (mpirun -np 2 pipequant bench transport)");
   std::string table;
   const int rc = comm::run_transport_benchmark(cmd.vm["min-bytes"].as<int64_t>(), cmd.vm["max-bytes"].as<int64_t>(),
                                                cmd.vm["iters"].as<int>(), cmd.vm["warmup"].as<int>(), table);
@@ -336,14 +343,43 @@ int cmd_bench_transport(int argc, char** argv) {
   return rc;
 }
 
+int cmd_bench_hessian(int argc, char** argv) {
+  Command cmd("bench hessian");
+  cmd.desc.add_options()("widths", po::value<std::string>()->default_value("1024,4096"),
+                         "comma-separated Hessian widths K (in_features)")(
+      "tokens", po::value<int64_t>()->default_value(4096), "rows of X per call")(
+      "reps", po::value<int>()->default_value(3), "timed repetitions after one warm-up");
+  add_run_options(cmd.desc);
+  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+  std::vector<int64_t> widths;
+  std::stringstream ss(cmd.vm["widths"].as<std::string>());
+  for (std::string s; std::getline(ss, s, ',');) {
+    if (s.empty()) continue;
+    size_t used = 0;
+    int64_t k = 0;
+    try {
+      k = std::stoll(s, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    PQ_REQUIRE(used == s.size() && k > 0, "--widths: '", s, "' is not a positive number");
+    widths.push_back(k);
+  }
+  const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
+  if (comm::world_rank() != 0) return 0;
+  return run_bench_hessian(*backend, widths, cmd.vm["tokens"].as<int64_t>(), cmd.vm["reps"].as<int>(), std::cout);
+}
+
 int cmd_bench(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "transport") return cmd_bench_transport(argc - 1, argv + 1);
+  if (argc >= 2 && std::string(argv[1]) == "hessian") return cmd_bench_hessian(argc - 1, argv + 1);
   PQ_REQUIRE(argc >= 2 && std::string(argv[1]) == "gptq",
-             "pipequant bench: expected a benchmark name: gptq or transport (e.g. pipequant bench gptq --shapes 4096x4096)");
+             "pipequant bench: expected a benchmark name: gptq, hessian or transport (e.g. pipequant bench gptq "
+             "--shapes 4096x4096)");
   Command cmd("bench gptq");
   cmd.desc.add_options()("shapes", po::value<std::string>()->default_value("1024x1024,4096x4096,4096x11008,11008x4096"),
-                         "comma-separated OUTxIN shapes")(
-      "reps", po::value<int>()->default_value(3), "timed repetitions after one warm-up")(
+                         "comma-separated OUTxIN shapes")("reps", po::value<int>()->default_value(3),
+                                                          "timed repetitions after one warm-up")(
       "bits", po::value<int>()->default_value(4), "bits")("group-size", po::value<int64_t>()->default_value(128),
                                                           "group size (-1 = per row)");
   add_run_options(cmd.desc);
@@ -354,8 +390,8 @@ int cmd_bench(int argc, char** argv) {
     if (!s.empty()) shapes.push_back(s);
   const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
   if (comm::world_rank() != 0) return 0;
-  return run_bench_gptq(*backend, shapes, cmd.vm["reps"].as<int>(), cmd.vm["bits"].as<int>(), cmd.vm["group-size"].as<int64_t>(),
-                        std::cout);
+  return run_bench_gptq(*backend, shapes, cmd.vm["reps"].as<int>(), cmd.vm["bits"].as<int>(),
+                        cmd.vm["group-size"].as<int64_t>(), std::cout);
 }
 
 }  // namespace

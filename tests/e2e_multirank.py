@@ -63,6 +63,13 @@ rows = [l for l in p.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+float", l
 results.append((f"bench transport: {len(rows)} size rows, validation OK", len(rows) == 11 and "OK" in p.stdout))
 print(p.stdout)
 
+# the Hessian benchmark checks its own result (H[0, 0]) and prints a row per width next to the sgemm rate
+p = pq.run(["bench", "hessian", "--widths", "64,200", "--tokens", 300, "--reps", 1, "--threads", 1], np=1)
+rows = [l.split() for l in p.stdout.splitlines() if re.match(r"^\s+\d+\s+300\s", l)]
+results.append((f"bench hessian: rows for widths {[r[0] for r in rows]}, sgemm rate printed",
+                [r[0] for r in rows] == ["64", "200"] and "# sgemm 2048x2048x2048" in p.stdout
+                and all(float(r[4]) > 0 for r in rows)))
+
 shutil.rmtree(work, ignore_errors=True)
 failed = 0
 for name, ok in results:
