@@ -3,6 +3,7 @@
 prints a markdown table (FP, RTN, GPTQ; bits x group) with the per-linear relative output errors.
 
 usage: quality_table.py [--models stories260K,tiny-llama-6L] [--md OUT.md] [--json OUT.json] [--work DIR]
+       quality_table.py --from-json RESULTS.json [--md OUT.md]     (the table again from saved results)
 """
 import argparse
 import json
@@ -76,10 +77,11 @@ def markdown(results):
         for run in res["runs"]:
             errs = [l["relative_error"] for l in run["linears"]]
             better = sum(1 for l in run["linears"] if l["relative_error"] <= l["rtn_relative_error"])
+            better = f"{better}/{len(errs)}" if run["method"] == "gptq" else "-"
             g = "per-row" if run["group"] == -1 else f"g{run['group']}"
             lines.append(f"| {run['bits']}-bit {g} | {run['method']} | {run['judge']:.4f} |"
                          + "".join(f" {run[e]:.4f} |" for e in extra)
-                         + f" {sum(errs) / len(errs):.3e} | {max(errs):.3e} | {better}/{len(errs)} |")
+                         + f" {sum(errs) / len(errs):.3e} | {max(errs):.3e} | {better} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -90,15 +92,20 @@ def main():
     ap.add_argument("--md")
     ap.add_argument("--json")
     ap.add_argument("--work")
+    ap.add_argument("--from-json", help="print the table of results saved with --json instead of running")
     a = ap.parse_args()
-    work = a.work or tempfile.mkdtemp(prefix="pipequant-quality-")
-    results = [run_model(m, work) for m in a.models.split(",")]
+    if a.from_json:
+        with open(a.from_json) as f:
+            results = json.load(f)
+    else:
+        work = a.work or tempfile.mkdtemp(prefix="pipequant-quality-")
+        results = [run_model(m, work) for m in a.models.split(",")]
     md = markdown(results)
     print(md)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md + "\n")
-    if a.json:
+    if a.json and not a.from_json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
