@@ -15,6 +15,9 @@ namespace pipequant::kernels {
 
 enum class Trans { kNo, kYes };
 
+// The 16-bit float formats the block forward can run its GEMMs in (the dtype of bf16 and fp16 checkpoints).
+enum class HalfFormat { kBF16, kF16 };
+
 // Quantization grid: 2^bits levels, q in [0, 2^bits - 1], w = scale * (q - zero).
 struct QuantGrid {
   int bits = 4;
@@ -78,6 +81,12 @@ class Backend {
   void linear(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
     gemm(Trans::kNo, Trans::kYes, m, n, k, 1.0f, x, k, w, k, 0.0f, y, n);
   }
+
+  // y[m, n] = x[m, k] * w[n, k]^T with w in 16-bit storage (the bits of `format`) and x rounded to the same
+  // format (to nearest even), the products summed in fp32 and y written in fp32: the tensor-core GEMM of a
+  // bf16/fp16 model. Every product of two 16-bit values is exact in fp32; only the summation order is free.
+  virtual void linear_half(const float* x, const uint16_t* w, HalfFormat format, float* y, int64_t m, int64_t n,
+                           int64_t k) = 0;
 
   // --- the Llama block forward ---------------------------------------------------------------------------
   // y[rows, dim] = x / sqrt(mean(x^2) + eps) * weight[dim]; accumulation in fp32 or wider. y may alias x.

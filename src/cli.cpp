@@ -113,7 +113,9 @@ void add_run_options(po::options_description& d) {
       "threads", po::value<int>()->default_value(0), "CPU threads per rank (0 = all cores)")(
       "micro-batch", po::value<int64_t>()->default_value(4), "samples per forward call")(
       "gpu-mem", po::value<double>()->default_value(0.0),
-      "CUDA device memory budget per rank in GB (1e9 bytes); 0 = what is free, less a margin");
+      "CUDA device memory budget per rank in GB (1e9 bytes); 0 = what is free, less a margin")(
+      "compute-dtype", po::value<std::string>()->default_value("auto"),
+      "GEMMs of the block forward: auto (the checkpoint's bf16/fp16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16");
 }
 
 RunOptions run_options(const po::variables_map& vm) {
@@ -122,6 +124,10 @@ RunOptions run_options(const po::variables_map& vm) {
   r.threads = vm["threads"].as<int>();
   r.micro_batch = vm["micro-batch"].as<int64_t>();
   r.gpu_mem_gb = vm["gpu-mem"].as<double>();
+  r.compute_dtype = vm["compute-dtype"].as<std::string>();
+  PQ_REQUIRE(
+      r.compute_dtype == "auto" || r.compute_dtype == "fp32" || r.compute_dtype == "bf16" || r.compute_dtype == "fp16",
+      "--compute-dtype: expected auto, fp32, bf16 or fp16, got '", r.compute_dtype, "'");
   PQ_REQUIRE(r.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", r.gpu_mem_gb);
   PQ_REQUIRE(r.micro_batch > 0, "--micro-batch must be positive, got ", r.micro_batch);
   PQ_REQUIRE(r.threads >= 0, "--threads must be >= 0, got ", r.threads);

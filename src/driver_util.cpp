@@ -36,6 +36,25 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   return kernels::make_cpu_backend(threads);
 }
 
+std::optional<kernels::HalfFormat> forward_format(const RunOptions& run, const kernels::Backend& backend,
+                                                  const io::ModelConfig& config) {
+  const std::string& d = run.compute_dtype;
+  if (d == "fp32") return std::nullopt;
+  if (d == "bf16") return kernels::HalfFormat::kBF16;
+  if (d == "fp16") return kernels::HalfFormat::kF16;
+  PQ_REQUIRE(d == "auto", "--compute-dtype: expected auto, fp32, bf16 or fp16, got '", d, "'");
+  // the CPU backend is the fp32 reference; on a GPU the checkpoint's own 16-bit dtype runs on tensor cores
+  if (backend.name() != "cuda") return std::nullopt;
+  if (config.torch_dtype == "bfloat16") return kernels::HalfFormat::kBF16;
+  if (config.torch_dtype == "float16") return kernels::HalfFormat::kF16;
+  return std::nullopt;
+}
+
+std::string format_name(std::optional<kernels::HalfFormat> half) {
+  if (!half) return "fp32";
+  return *half == kernels::HalfFormat::kBF16 ? "bf16" : "fp16";
+}
+
 void Fingerprint::add(const void* data, size_t bytes) {
   const auto* p = static_cast<const unsigned char*>(data);
   for (size_t i = 0; i < bytes; ++i) {

@@ -4,9 +4,11 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "io/model_config.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
 #include "kernels/backend.hpp"
@@ -16,12 +18,18 @@
 namespace pipequant {
 
 using Clock = std::chrono::steady_clock;
-inline double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // The backend of --backend, with the CPU threads of --threads (0: the node's cores shared by its ranks).
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run);
+
+// The 16-bit format of the block forward's GEMMs for --compute-dtype on this backend and model (nullopt: fp32).
+// Throws UserError for an unknown value.
+std::optional<kernels::HalfFormat> forward_format(const RunOptions& run, const kernels::Backend& backend,
+                                                  const io::ModelConfig& config);
+
+// "fp32", "bf16" or "fp16".
+std::string format_name(std::optional<kernels::HalfFormat> half);
 
 // FNV-1a 64-bit over a sequence of byte ranges: the run's fingerprint.
 class Fingerprint {

@@ -34,8 +34,9 @@ std::vector<float> rope_inv_freq(const io::ModelConfig& config) {
       if (wavelen > low_wavelen) {
         f /= rs.factor;
       } else if (wavelen >= high_wavelen) {
-        const double smooth = (static_cast<double>(rs.original_max_position_embeddings) / wavelen - rs.low_freq_factor) /
-                              (rs.high_freq_factor - rs.low_freq_factor);
+        const double smooth =
+            (static_cast<double>(rs.original_max_position_embeddings) / wavelen - rs.low_freq_factor) /
+            (rs.high_freq_factor - rs.low_freq_factor);
         f = (1.0 - smooth) * f / rs.factor + smooth * f;
       }
     }
@@ -48,14 +49,20 @@ std::array<int64_t, 2> linear_shape(const io::ModelConfig& c, int module_index) 
   const int64_t q_out = c.num_heads * c.head_dim;
   const int64_t kv_out = c.num_kv_heads * c.head_dim;
   switch (module_index) {
-    case 0: return {q_out, c.hidden_size};
+    case 0:
+      return {q_out, c.hidden_size};
     case 1:
-    case 2: return {kv_out, c.hidden_size};
-    case 3: return {c.hidden_size, q_out};
+    case 2:
+      return {kv_out, c.hidden_size};
+    case 3:
+      return {c.hidden_size, q_out};
     case 4:
-    case 5: return {c.intermediate_size, c.hidden_size};
-    case 6: return {c.hidden_size, c.intermediate_size};
-    default: PQ_ASSERT(false, "module index ", module_index);
+    case 5:
+      return {c.intermediate_size, c.hidden_size};
+    case 6:
+      return {c.hidden_size, c.intermediate_size};
+    default:
+      PQ_ASSERT(false, "module index ", module_index);
   }
   return {0, 0};
 }
@@ -222,8 +229,9 @@ std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const
 
 // ---------------------------------------------------------------------------------------------------------
 
-BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch)
-    : backend_(backend), config_(config), seq_(seq), micro_batch_(micro_batch) {
+BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch,
+                         std::optional<kernels::HalfFormat> half)
+    : backend_(backend), config_(config), seq_(seq), micro_batch_(micro_batch), half_(half) {
   const auto inv = rope_inv_freq(config);
   inv_freq_ = kernels::Buffer<float>(backend, static_cast<int64_t>(inv.size()));
   backend.upload(inv_freq_.data(), inv.data(), inv.size() * sizeof(float));
@@ -244,8 +252,21 @@ BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& confi
 
 namespace {
 void upload_vector(kernels::Backend& backend, kernels::Buffer<float>& buf, const std::vector<float>& v) {
-  if (buf.size() != static_cast<int64_t>(v.size())) buf = kernels::Buffer<float>(backend, static_cast<int64_t>(v.size()));
+  if (buf.size() != static_cast<int64_t>(v.size()))
+    buf = kernels::Buffer<float>(backend, static_cast<int64_t>(v.size()));
   backend.upload(buf.data(), v.data(), v.size() * sizeof(float));
+}
+
+// v rounded to the 16-bit format (to nearest even) into buf, through a host copy.
+void upload_half(kernels::Backend& backend, kernels::Buffer<uint16_t>& buf, const std::vector<float>& v,
+                 kernels::HalfFormat format) {
+  std::vector<uint16_t> bits(v.size());
+  const bool bf16 = format == kernels::HalfFormat::kBF16;
+#pragma omp parallel for schedule(static) if (v.size() > (size_t{1} << 16))
+  for (size_t i = 0; i < v.size(); ++i) bits[i] = bf16 ? float_to_bf16(v[i]) : float_to_fp16(v[i]);
+  if (buf.size() != static_cast<int64_t>(v.size()))
+    buf = kernels::Buffer<uint16_t>(backend, static_cast<int64_t>(v.size()));
+  backend.upload(buf.data(), bits.data(), bits.size() * sizeof(uint16_t));
 }
 }  // namespace
 
@@ -253,23 +274,30 @@ void BlockRunner::set_block(const BlockWeights& block) {
   upload_vector(backend_, norm1_, block.input_norm);
   upload_vector(backend_, norm2_, block.post_norm);
   for (size_t i = 0; i < 7; ++i) {
-    upload_vector(backend_, w_[i], block.linears[i].w);
+    set_linear(static_cast<int>(i), block.linears[i].w);
     has_bias_[i] = !block.linears[i].bias.empty();
     if (has_bias_[i]) upload_vector(backend_, bias_[i], block.linears[i].bias);
   }
 }
 
 void BlockRunner::set_linear(int module_index, const std::vector<float>& w) {
-  upload_vector(backend_, w_[static_cast<size_t>(module_index)], w);
+  const auto i = static_cast<size_t>(module_index);
+  if (half_)
+    upload_half(backend_, wh_[i], w, *half_);
+  else
+    upload_vector(backend_, w_[i], w);
 }
 
 int64_t BlockRunner::width(Until until) const {
   switch (until) {
     case Until::kQkvInput:
     case Until::kGateUpInput:
-    case Until::kOutput: return config_.hidden_size;
-    case Until::kOInput: return config_.num_heads * config_.head_dim;
-    case Until::kDownInput: return config_.intermediate_size;
+    case Until::kOutput:
+      return config_.hidden_size;
+    case Until::kOInput:
+      return config_.num_heads * config_.head_dim;
+    case Until::kDownInput:
+      return config_.intermediate_size;
   }
   return 0;
 }
@@ -284,7 +312,10 @@ const float* BlockRunner::forward(const float* x, int64_t samples, Until until) 
   const int64_t kv_width = c.num_kv_heads * c.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
   auto lin = [&](int i, const float* in, float* out, int64_t n, int64_t k) {
-    be.linear(in, w_[static_cast<size_t>(i)].data(), out, rows, n, k);
+    if (half_)
+      be.linear_half(in, wh_[static_cast<size_t>(i)].data(), *half_, out, rows, n, k);
+    else
+      be.linear(in, w_[static_cast<size_t>(i)].data(), out, rows, n, k);
     if (has_bias_[static_cast<size_t>(i)]) be.add_bias(out, bias_[static_cast<size_t>(i)].data(), rows, n);
   };
 
@@ -325,7 +356,8 @@ void Head::logits(const float* x, int64_t rows, float* out) {
   for (int64_t r0 = 0; r0 < rows; r0 += max_rows_) {
     const int64_t n = std::min(max_rows_, rows - r0);
     backend_.upload(x_.data(), x + r0 * config_.hidden_size, static_cast<size_t>(n * config_.hidden_size) * 4);
-    backend_.rms_norm(x_.data(), norm_.data(), x_.data(), n, config_.hidden_size, static_cast<float>(config_.rms_norm_eps));
+    backend_.rms_norm(x_.data(), norm_.data(), x_.data(), n, config_.hidden_size,
+                      static_cast<float>(config_.rms_norm_eps));
     backend_.linear(x_.data(), lm_head_.data(), logits_.data(), n, config_.vocab_size, config_.hidden_size);
     backend_.download(out + r0 * config_.vocab_size, logits_.data(), static_cast<size_t>(n * config_.vocab_size) * 4);
   }
@@ -338,7 +370,8 @@ double Head::nll(const float* x, const int32_t* targets, int64_t rows) {
     const int64_t n = std::min(max_rows_, rows - r0);
     backend_.upload(x_.data(), x + r0 * config_.hidden_size, static_cast<size_t>(n * config_.hidden_size) * 4);
     backend_.upload(tgt.data(), targets + r0, static_cast<size_t>(n) * 4);
-    backend_.rms_norm(x_.data(), norm_.data(), x_.data(), n, config_.hidden_size, static_cast<float>(config_.rms_norm_eps));
+    backend_.rms_norm(x_.data(), norm_.data(), x_.data(), n, config_.hidden_size,
+                      static_cast<float>(config_.rms_norm_eps));
     backend_.linear(x_.data(), lm_head_.data(), logits_.data(), n, config_.vocab_size, config_.hidden_size);
     total += backend_.nll_sum(logits_.data(), tgt.data(), n, config_.vocab_size);
   }

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,7 +75,10 @@ enum class Until { kQkvInput = 0, kOInput = 1, kGateUpInput = 2, kDownInput = 3,
 // one micro-batch (bounded by micro_batch x seq rows).
 class BlockRunner {
  public:
-  BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch);
+  // half: run the seven linears as 16-bit GEMMs (weights stored in that format on the backend, inputs rounded
+  // to it, fp32 accumulation and outputs); nullopt: fp32 GEMMs.
+  BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch,
+              std::optional<kernels::HalfFormat> half = std::nullopt);
   // Uploads a block's weights (replacing the previous block's).
   void set_block(const BlockWeights& block);
   // Replaces one linear's weights (after it was quantized).
@@ -95,7 +99,9 @@ class BlockRunner {
   int64_t micro_batch_;
   kernels::Buffer<float> inv_freq_;
   kernels::Buffer<float> norm1_, norm2_;
-  std::array<kernels::Buffer<float>, 7> w_;
+  std::optional<kernels::HalfFormat> half_;
+  std::array<kernels::Buffer<float>, 7> w_;      // fp32 weights (half_ empty)
+  std::array<kernels::Buffer<uint16_t>, 7> wh_;  // 16-bit weights (half_ set)
   std::array<kernels::Buffer<float>, 7> bias_;
   std::array<bool, 7> has_bias_{};
   // scratch for one micro-batch

@@ -42,8 +42,10 @@ EvalResult run_eval(const EvalOptions& opt) {
   const int64_t hidden = config.hidden_size;
   const int64_t seq = windows.seq;
   // windows are evaluated in chunks so that activations stay bounded for long token files
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(windows.count, std::max<int64_t>(1, (1ll << 26) / (seq * hidden))));
-  BlockRunner runner(*backend, config, seq, std::min(opt.run.micro_batch, chunk));
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min<int64_t>(windows.count, std::max<int64_t>(1, (1ll << 26) / (seq * hidden))));
+  const auto half = forward_format(opt.run, *backend, config);
+  BlockRunner runner(*backend, config, seq, std::min(opt.run.micro_batch, chunk), half);
   Head head(*backend, config, *source, seq);
   const auto table = source->embed_tokens();
   EvalResult r;
@@ -77,9 +79,10 @@ EvalResult run_eval(const EvalOptions& opt) {
   r.perplexity = std::exp(r.nll_sum / static_cast<double>(r.predicted));
   r.seconds = seconds_since(t_start);
   if (root) {
-    std::printf("eval: %s on %s, %lld windows of %lld tokens, %lld predictions, %.2f s\n", source->describe().c_str(),
-                opt.tokens_path.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq),
-                static_cast<long long>(r.predicted), r.seconds);
+    std::printf("eval: %s on %s, %lld windows of %lld tokens, %lld predictions, backend %s, forward GEMMs %s, %.2f s\n",
+                source->describe().c_str(), opt.tokens_path.c_str(), static_cast<long long>(r.windows),
+                static_cast<long long>(seq), static_cast<long long>(r.predicted), backend->name().c_str(),
+                format_name(half).c_str(), r.seconds);
     std::printf("perplexity: %.6f\n", r.perplexity);
   }
   return r;
@@ -96,7 +99,7 @@ std::vector<float> sequence_logits(const std::string& model_dir, const std::vect
   const int64_t hidden = config.hidden_size;
   std::vector<float> x(static_cast<size_t>(seq * hidden));
   embed(source->embed_tokens(), hidden, tokens.data(), seq, x.data());
-  BlockRunner runner(*backend, config, seq, 1);
+  BlockRunner runner(*backend, config, seq, 1, forward_format(run, *backend, config));
   for (int64_t b = 0; b < config.num_layers; ++b) {
     runner.set_block(source->load_block(b));
     propagate(runner, x, 1, hidden);

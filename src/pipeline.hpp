@@ -16,6 +16,9 @@ struct RunOptions {
   int threads = 0;               // CPU threads, 0 = all cores
   int64_t micro_batch = 4;       // samples per forward call
   double gpu_mem_gb = 0.0;       // CUDA allocator budget per rank in GB (1e9 bytes); 0 = free memory less a margin
+  // GEMMs of the block forward: auto (the checkpoint's bf16/fp16 on the cuda backend, fp32 otherwise) | fp32 |
+  // bf16 | fp16; everything else runs in fp32
+  std::string compute_dtype = "auto";
 };
 
 struct QuantizeOptions {
@@ -28,10 +31,10 @@ struct QuantizeOptions {
   std::string propagation = "quantized";  // quantized | fp
   bool overwrite = false;
   std::string metrics_path;
-  std::string args_json;  // the command line as JSON, stored in model.h5
-  int ranks_per_stage = 1;        // D: ranks of one stage group (world = P stages x D)
-  std::string blocks_per_stage;   // "" = balance by bytes; "N" or "a,b,c"
-  bool dry_run = false;           // print the plan and stop
+  std::string args_json;         // the command line as JSON, stored in model.h5
+  int ranks_per_stage = 1;       // D: ranks of one stage group (world = P stages x D)
+  std::string blocks_per_stage;  // "" = balance by bytes; "N" or "a,b,c"
+  bool dry_run = false;          // print the plan and stop
   RunOptions run;
 };
 

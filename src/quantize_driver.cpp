@@ -343,7 +343,8 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   m.first_block = sp.first_block;
   m.blocks = sp.blocks;
 
-  BlockRunner runner(*backend, config, seq, mb);
+  const auto half = forward_format(opt.run, *backend, config);
+  BlockRunner runner(*backend, config, seq, mb, half);
   // the common origin of the busy spans: every rank leaves this barrier at (nearly) the same moment
   MPI_Barrier(MPI_COMM_WORLD);
   const auto t_sync = Clock::now();
@@ -556,7 +557,8 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     index.complete = true;
     io::write_model_index(opt.out_dir, index);
     std::ostringstream os;
-    print_report(os, stages_metrics, method_name(opt.quant.method), opt.propagation, backend->name());
+    print_report(os, stages_metrics, method_name(opt.quant.method), opt.propagation,
+                 backend->name() + ", forward GEMMs " + format_name(half));
     std::fputs(os.str().c_str(), stdout);
     std::printf("output: %s/model.h5 (complete)\n", opt.out_dir.c_str());
     std::fflush(stdout);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/error.hpp"
+#include "kernels/numeric.hpp"
 
 namespace pipequant::kernels {
 namespace {
@@ -74,8 +75,7 @@ void expect_identical(const std::vector<T>& got, const std::vector<T>& want, con
   size_t mismatches = 0;
   for (size_t i = 0; i < got.size(); ++i) {
     if (!bits_equal(got[i], want[i])) {
-      if (mismatches < 5)
-        ADD_FAILURE() << what << "[" << i << "]: got " << +got[i] << ", want " << +want[i];
+      if (mismatches < 5) ADD_FAILURE() << what << "[" << i << "]: got " << +got[i] << ", want " << +want[i];
       ++mismatches;
     }
   }
@@ -182,9 +182,41 @@ TEST(CudaBackend, GemmOfSmallIntegersIsExact) {
         return to_host(be, dc);
       });
       expect_nontrivial(want, "gemm");
-      expect_identical(got, want, std::string("gemm ta=") + (ta == Trans::kYes ? "T" : "N") +
-                                      " tb=" + (tb == Trans::kYes ? "T" : "N"));
+      expect_identical(
+          got, want,
+          std::string("gemm ta=") + (ta == Trans::kYes ? "T" : "N") + " tb=" + (tb == Trans::kYes ? "T" : "N"));
     }
+}
+
+// 16-bit tensor-core GEMM with fp32 accumulation: small integers are exact in bf16/fp16 and every partial sum is an
+// exact float, so cuBLAS's order cannot matter; then Gaussian data against the CPU within fp32 summation noise.
+TEST(CudaBackend, LinearHalfMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  for (const HalfFormat format : {HalfFormat::kBF16, HalfFormat::kF16}) {
+    const bool bf16 = format == HalfFormat::kBF16;
+    for (const bool integers : {true, false}) {
+      const int64_t m = integers ? 96 : 333, n = integers ? 80 : 256, k = integers ? 128 : 1000;
+      const auto x = integers ? small_integers(static_cast<size_t>(m * k), -8, 8, 61)
+                              : normal(static_cast<size_t>(m * k), 1.0f, 61);
+      const auto wf = integers ? small_integers(static_cast<size_t>(n * k), -8, 8, 62)
+                               : normal(static_cast<size_t>(n * k), 0.05f, 62);
+      std::vector<uint16_t> w(wf.size());
+      for (size_t i = 0; i < w.size(); ++i) w[i] = bf16 ? float_to_bf16(wf[i]) : float_to_fp16(wf[i]);
+      const auto [c, g] = on_both([&](Backend& be) {
+        auto xb = to_backend(be, x);
+        auto wb = to_backend(be, w);
+        Buffer<float> yb(be, m * n);
+        be.linear_half(xb.data(), wb.data(), format, yb.data(), m, n, k);
+        return to_host(be, yb);
+      });
+      const std::string what = std::string("linear_half ") + (bf16 ? "bf16" : "fp16") + (integers ? " integers" : "");
+      expect_nontrivial(c, what);
+      if (integers)
+        expect_identical(g, c, what);
+      else  // sums of 1000 products of size ~0.05 in fp32, in two different orders
+        expect_close(g, c, 1e-5, 1e-4, what);
+    }
+  }
 }
 
 TEST(CudaBackend, HessianOfSmallIntegersIsExact) {
@@ -207,7 +239,8 @@ TEST(CudaBackend, HessianOfSmallIntegersIsExact) {
   expect_identical(got, want, "hessian_accumulate");
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < i; ++j)
-      ASSERT_EQ(got[static_cast<size_t>(i * k + j)], got[static_cast<size_t>(j * k + i)]) << "symmetric at " << i << "," << j;
+      ASSERT_EQ(got[static_cast<size_t>(i * k + j)], got[static_cast<size_t>(j * k + i)])
+          << "symmetric at " << i << "," << j;
 }
 
 // SPD test matrix: (1/rows) X^T X + I, X [rows, n] normal.
@@ -218,7 +251,8 @@ std::vector<float> spd_matrix(int64_t n, uint32_t seed) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
       double s = 0.0;
-      for (int64_t r = 0; r < rows; ++r) s += double{x[static_cast<size_t>(r * n + i)]} * x[static_cast<size_t>(r * n + j)];
+      for (int64_t r = 0; r < rows; ++r)
+        s += double{x[static_cast<size_t>(r * n + i)]} * x[static_cast<size_t>(r * n + j)];
       h[static_cast<size_t>(i * n + j)] = static_cast<float>(s / static_cast<double>(rows) + (i == j ? 1.0 : 0.0));
     }
   return h;
@@ -244,13 +278,15 @@ TEST(CudaBackend, ReverseCholeskyMatchesCpu) {
   // about [1, 7]), so the factors agree to a few hundred fp32 ulps of their largest entry.
   expect_close(got, want, 2e-5, 2e-5, "reverse_cholesky R");
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < i; ++j) ASSERT_EQ(got[static_cast<size_t>(i * n + j)], 0.0f) << "lower at " << i << "," << j;
+    for (int64_t j = 0; j < i; ++j)
+      ASSERT_EQ(got[static_cast<size_t>(i * n + j)], 0.0f) << "lower at " << i << "," << j;
   // R R^T reproduces H
   double worst = 0.0;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
       double s = 0.0;
-      for (int64_t t = std::max(i, j); t < n; ++t) s += double{got[static_cast<size_t>(i * n + t)]} * got[static_cast<size_t>(j * n + t)];
+      for (int64_t t = std::max(i, j); t < n; ++t)
+        s += double{got[static_cast<size_t>(i * n + t)]} * got[static_cast<size_t>(j * n + t)];
       worst = std::max(worst, std::fabs(s - h[static_cast<size_t>(i * n + j)]));
     }
   EXPECT_LE(worst, 1e-4) << "R R^T vs H";
@@ -300,7 +336,8 @@ TEST(CudaBackend, RmsNormMatchesCpu) {
 std::vector<float> inv_freq(int64_t head_dim) {
   std::vector<float> f(static_cast<size_t>(head_dim / 2));
   for (int64_t i = 0; i < head_dim / 2; ++i)
-    f[static_cast<size_t>(i)] = static_cast<float>(std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim)));
+    f[static_cast<size_t>(i)] =
+        static_cast<float>(std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim)));
   return f;
 }
 
@@ -410,9 +447,9 @@ TEST(CudaBackend, QuantParamsAreExact) {
   const int64_t rows = 40, cols = 75, ld = 80, stride = 3;
   auto w = normal(static_cast<size_t>(rows * ld), 1.0f, 22);
   for (int64_t c = 0; c < ld; ++c) {
-    w[static_cast<size_t>(1 * ld + c)] = 0.0f;                    // all-zero row: [-1, 1]
+    w[static_cast<size_t>(1 * ld + c)] = 0.0f;                                           // all-zero row: [-1, 1]
     w[static_cast<size_t>(2 * ld + c)] = std::fabs(w[static_cast<size_t>(2 * ld + c)]);  // no negative value
-    w[static_cast<size_t>(3 * ld + c)] = 1e-9f;                   // a scale below fp16's range
+    w[static_cast<size_t>(3 * ld + c)] = 1e-9f;                                          // a scale below fp16's range
   }
   for (const int bits : {2, 3, 4, 8})
     for (const bool sym : {false, true}) {
@@ -478,9 +515,9 @@ TEST(CudaBackend, QuantizeIsExact) {
 
 struct GptqProblem {
   int64_t rows = 0, cols = 0, groups = 0;
-  std::vector<float> w;          // [rows, cols]
-  std::vector<float> r;          // R [cols, cols] from the CPU backend, shared by both runs
-  std::vector<float> scales0;    // initial tables [rows, groups]
+  std::vector<float> w;        // [rows, cols]
+  std::vector<float> r;        // R [cols, cols] from the CPU backend, shared by both runs
+  std::vector<float> scales0;  // initial tables [rows, groups]
   std::vector<float> zeros0;
   std::vector<int32_t> param_of;  // [cols]
   int64_t dynamic_group_size = 0;
@@ -511,7 +548,8 @@ GptqProblem make_gptq_problem(int64_t rows, int64_t cols, int64_t group_size, bo
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = 0; j < cols; ++j) {
       double s = 0.0;
-      for (int64_t t = 0; t < tokens; ++t) s += double{x[static_cast<size_t>(t * cols + i)]} * x[static_cast<size_t>(t * cols + j)];
+      for (int64_t t = 0; t < tokens; ++t)
+        s += double{x[static_cast<size_t>(t * cols + i)]} * x[static_cast<size_t>(t * cols + j)];
       h[static_cast<size_t>(i * cols + j)] = static_cast<float>(2.0 * s / static_cast<double>(tokens));
       if (i == j) diag_mean += 2.0 * s / static_cast<double>(tokens) / static_cast<double>(cols);
     }
@@ -523,7 +561,8 @@ GptqProblem make_gptq_problem(int64_t rows, int64_t cols, int64_t group_size, bo
 
   p.groups = group_size > 0 ? (cols + group_size - 1) / group_size : 1;
   p.param_of.resize(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j) p.param_of[static_cast<size_t>(j)] = static_cast<int32_t>(group_size > 0 ? j / group_size : 0);
+  for (int64_t j = 0; j < cols; ++j)
+    p.param_of[static_cast<size_t>(j)] = static_cast<int32_t>(group_size > 0 ? j / group_size : 0);
   p.scales0.assign(static_cast<size_t>(rows * p.groups), 0.0f);
   p.zeros0.assign(static_cast<size_t>(rows * p.groups), 0.0f);
   if (dynamic) {
@@ -620,7 +659,8 @@ TEST(CudaBackend, GptqBlockMatchesCpu) {
     // Codes: the same float operations in the same order; only the lazy-update GEMMs (cuBLAS vs OpenBLAS) and
     // FMA contraction choices differ, which can move a value across a rounding boundary now and then.
     const double codes = fraction_equal(got.q, want.q);
-    std::printf("%s: %.5f of codes identical, %.5f of scales\n", k.name, codes, fraction_equal(got.scales, want.scales));
+    std::printf("%s: %.5f of codes identical, %.5f of scales\n", k.name, codes,
+                fraction_equal(got.scales, want.scales));
     EXPECT_GE(codes, 0.999);
     // Tables: a few hundred entries in the small cases, so at least one differing entry is allowed (a dynamic
     // group's range can sit within an ulp of an fp16 rounding boundary).

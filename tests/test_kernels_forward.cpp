@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/backend.hpp"
+#include "kernels/numeric.hpp"
 
 namespace pipequant::kernels {
 namespace {
@@ -157,6 +158,63 @@ TEST(KernelsForward, GemmMatchesNaiveLoopOnRandomData) {
 }
 
 // --- rms_norm ----------------------------------------------------------------------------------------------------
+
+// --- linear_half ---------------------------------------------------------------------------------------------------
+
+// The 16-bit GEMM: x rounded to the format (to nearest even), w given in it, products exact, sums in fp32. Against
+// a double loop over the same rounded values: the only difference is the order and width of the sums.
+TEST(KernelsForward, LinearHalfMatchesDoubleReferenceOfRoundedInputs) {
+  auto be = cpu();
+  const int64_t m = 37, n = 29, k = 300;
+  const auto x = normal(static_cast<size_t>(m * k), 1.0f, 31);
+  const auto wf = normal(static_cast<size_t>(n * k), 0.05f, 32);
+  for (const HalfFormat format : {HalfFormat::kBF16, HalfFormat::kF16}) {
+    const bool bf16 = format == HalfFormat::kBF16;
+    SCOPED_TRACE(bf16 ? "bf16" : "fp16");
+    std::vector<uint16_t> w(wf.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = bf16 ? float_to_bf16(wf[i]) : float_to_fp16(wf[i]);
+    std::vector<float> y(static_cast<size_t>(m * n));
+    be->linear_half(x.data(), w.data(), format, y.data(), m, n, k);
+    double worst = 0.0, scale = 0.0, moved = 0.0;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0.0, full = 0.0;
+        for (int64_t p = 0; p < k; ++p) {
+          const float xv = x[static_cast<size_t>(i * k + p)];
+          const double xr = bf16 ? bf16_to_float(float_to_bf16(xv)) : fp16_to_float(float_to_fp16(xv));
+          const uint16_t wb = w[static_cast<size_t>(j * k + p)];
+          const double wr = bf16 ? bf16_to_float(wb) : fp16_to_float(wb);
+          s += xr * wr;
+          full += static_cast<double>(xv) * wr;
+        }
+        worst = std::max(worst, std::fabs(y[static_cast<size_t>(i * n + j)] - s));
+        scale = std::max(scale, std::fabs(s));
+        moved = std::max(moved, std::fabs(full - s));
+      }
+    // fp32 sums of 300 terms of size ~0.05: a few ulps of the largest partial sums
+    EXPECT_LE(worst, 1e-5 * scale) << "max |y - reference| " << worst << " for outputs up to " << scale;
+    // and the input rounding is real: without it the result moves by far more than the tolerance
+    EXPECT_GT(moved, 1e-4 * scale);
+  }
+}
+
+// Small integers are exact in both formats and every sum stays exact in fp32: the result is exact.
+TEST(KernelsForward, LinearHalfOfSmallIntegersIsExact) {
+  auto be = cpu();
+  const int64_t m = 9, n = 11, k = 64;
+  const auto x = small_integers(static_cast<size_t>(m * k), -8, 8, 33);
+  const auto wf = small_integers(static_cast<size_t>(n * k), -8, 8, 34);
+  for (const HalfFormat format : {HalfFormat::kBF16, HalfFormat::kF16}) {
+    std::vector<uint16_t> w(wf.size());
+    for (size_t i = 0; i < w.size(); ++i)
+      w[i] = format == HalfFormat::kBF16 ? float_to_bf16(wf[i]) : float_to_fp16(wf[i]);
+    std::vector<float> y(static_cast<size_t>(m * n)), want(static_cast<size_t>(m * n));
+    be->linear_half(x.data(), w.data(), format, y.data(), m, n, k);
+    be->linear(x.data(), wf.data(), want.data(), m, n, k);
+    expect_identical(y, want, format == HalfFormat::kBF16 ? "bf16" : "fp16");
+    expect_nontrivial(y, "linear_half");
+  }
+}
 
 TEST(KernelsForward, RmsNormMatchesDoubleReference) {
   auto be = cpu();

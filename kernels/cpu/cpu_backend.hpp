@@ -26,6 +26,8 @@ class CpuBackend final : public Backend {
 
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override;
+  void linear_half(const float* x, const uint16_t* w, HalfFormat format, float* y, int64_t m, int64_t n,
+                   int64_t k) override;
 
   void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) override;
   void rope(float* x, int64_t samples, int64_t seq, int64_t heads, int64_t head_dim, const float* inv_freq) override;

@@ -7,9 +7,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #include "kernels/cpu/cpu_backend.hpp"
 #include "kernels/error.hpp"
+#include "kernels/numeric.hpp"
 
 namespace pipequant::kernels {
 
@@ -68,6 +70,21 @@ void CpuBackend::gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float
               tb == Trans::kYes ? CblasTrans : CblasNoTrans, static_cast<blasint>(m), static_cast<blasint>(n),
               static_cast<blasint>(k), alpha, a, static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
               static_cast<blasint>(ldc));
+}
+
+// The specification of the 16-bit GEMM: x rounded to the format and w widened, both exactly representable in
+// fp32, then the fp32 GEMM.
+void CpuBackend::linear_half(const float* x, const uint16_t* w, HalfFormat format, float* y, int64_t m, int64_t n,
+                             int64_t k) {
+  if (m == 0 || n == 0) return;
+  const bool bf16 = format == HalfFormat::kBF16;
+  std::vector<float> xr(static_cast<size_t>(m * k)), wf(static_cast<size_t>(n * k));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < m * k; ++i)
+    xr[static_cast<size_t>(i)] = bf16 ? bf16_to_float(float_to_bf16(x[i])) : fp16_to_float(float_to_fp16(x[i]));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n * k; ++i) wf[static_cast<size_t>(i)] = bf16 ? bf16_to_float(w[i]) : fp16_to_float(w[i]);
+  gemm(Trans::kNo, Trans::kYes, m, n, k, 1.0f, xr.data(), k, wf.data(), k, 0.0f, y, n);
 }
 
 std::unique_ptr<Backend> make_cpu_backend(int threads, size_t budget_bytes) {

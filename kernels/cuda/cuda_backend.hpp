@@ -54,6 +54,8 @@ class CudaBackend final : public Backend {
 
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override;
+  void linear_half(const float* x, const uint16_t* w, HalfFormat format, float* y, int64_t m, int64_t n,
+                   int64_t k) override;
 
   void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) override;
   void rope(float* x, int64_t samples, int64_t seq, int64_t heads, int64_t head_dim, const float* inv_freq) override;
@@ -94,8 +96,10 @@ class CudaBackend final : public Backend {
   void* staging_[2] = {nullptr, nullptr};  // pinned host [kStagingBytes] each
   cudaEvent_t staging_done_[2] = {nullptr, nullptr};
   void* cublas_workspace_ = nullptr;  // device [kCublasWorkspaceBytes]
-  int* flag_ = nullptr;               // device [1]: status word of checking kernels (info of potrf, bad values)
-  int* host_flag_ = nullptr;          // pinned host [1]
+  void* half_scratch_ = nullptr;      // device: x rounded to 16 bits for linear_half, grown on demand
+  size_t half_scratch_bytes_ = 0;
+  int* flag_ = nullptr;       // device [1]: status word of checking kernels (info of potrf, bad values)
+  int* host_flag_ = nullptr;  // pinned host [1]
 };
 
 }  // namespace pipequant::kernels

@@ -3,8 +3,12 @@
 #include <cstring>
 #include <memory>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "kernels/cuda/cuda_backend.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/cuda_common.cuh"
 #include "kernels/error.hpp"
 
 namespace pipequant::kernels {
@@ -82,6 +86,7 @@ CudaBackend::~CudaBackend() {
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   deallocate(flag_);
   deallocate(cublas_workspace_);
+  deallocate(half_scratch_);
   {
     // Buffers outliving the backend would be a bug in the caller; release them rather than leak the device.
     std::lock_guard<std::mutex> lock(memory_mutex_);
@@ -237,6 +242,42 @@ void CudaBackend::gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, floa
   // cuBLAS wants leading dimensions >= 1 even when k = 0 makes them irrelevant
   CUBLAS_CHECK(cublasSgemm_64(cublas_, op_b, op_a, n, m, k, &alpha, b, std::max<int64_t>(ldb, 1), a,
                               std::max<int64_t>(lda, 1), &beta, c, ldc));
+}
+
+namespace {
+
+// x [n] fp32 -> the bits of the 16-bit format, round to nearest even (as kernels/numeric.hpp does on the host).
+__global__ void round_to_half_kernel(const float* x, uint16_t* out, int64_t n, bool bf16) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x[i])) : __half_as_ushort(__float2half_rn(x[i]));
+}
+
+}  // namespace
+
+// x is rounded into a scratch buffer, then one cublasGemmEx with 16-bit A and B, fp32 C and fp32 compute (tensor
+// cores; deterministic with atomics disallowed). The same row-major to column-major swap as gemm.
+void CudaBackend::linear_half(const float* x, const uint16_t* w, HalfFormat format, float* y, int64_t m, int64_t n,
+                              int64_t k) {
+  PQ_ASSERT(m >= 0 && n >= 0 && k > 0, "linear_half: m ", m, " n ", n, " k ", k);
+  if (m == 0 || n == 0) return;
+  PQ_ASSERT(x && w && y, "linear_half: null pointer");
+  const size_t bytes = sizeof(uint16_t) * static_cast<size_t>(m * k);
+  if (bytes > half_scratch_bytes_) {
+    deallocate(half_scratch_);
+    half_scratch_ = nullptr;
+    half_scratch_bytes_ = 0;
+    half_scratch_ = allocate(bytes);
+    half_scratch_bytes_ = bytes;
+  }
+  auto* xh = static_cast<uint16_t*>(half_scratch_);
+  const bool bf16 = format == HalfFormat::kBF16;
+  constexpr int kThreads = 256;
+  round_to_half_kernel<<<grid_for(m * k, kThreads), kThreads, 0, stream_>>>(x, xh, m * k, bf16);
+  CUDA_CHECK_LAUNCH();
+  const cudaDataType_t type = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+  const float alpha = 1.0f, beta = 0.0f;
+  CUBLAS_CHECK(cublasGemmEx_64(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w, type, k, xh, type, k, &beta, y,
+                               CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace pipequant::kernels
