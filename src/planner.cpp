@@ -22,11 +22,14 @@ namespace {
 std::vector<int64_t> balanced_split(const std::vector<uint64_t>& bytes, int parts) {
   const int64_t n = static_cast<int64_t>(bytes.size());
   std::vector<uint64_t> prefix(static_cast<size_t>(n + 1), 0);
-  for (int64_t i = 0; i < n; ++i) prefix[static_cast<size_t>(i + 1)] = prefix[static_cast<size_t>(i)] + bytes[static_cast<size_t>(i)];
+  for (int64_t i = 0; i < n; ++i)
+    prefix[static_cast<size_t>(i + 1)] = prefix[static_cast<size_t>(i)] + bytes[static_cast<size_t>(i)];
   const uint64_t inf = std::numeric_limits<uint64_t>::max();
   // cost[p][i]: best max-run for the first i blocks in p parts; cut[p][i]: where part p starts
-  std::vector<std::vector<uint64_t>> cost(static_cast<size_t>(parts + 1), std::vector<uint64_t>(static_cast<size_t>(n + 1), inf));
-  std::vector<std::vector<int64_t>> cut(static_cast<size_t>(parts + 1), std::vector<int64_t>(static_cast<size_t>(n + 1), 0));
+  std::vector<std::vector<uint64_t>> cost(static_cast<size_t>(parts + 1),
+                                          std::vector<uint64_t>(static_cast<size_t>(n + 1), inf));
+  std::vector<std::vector<int64_t>> cut(static_cast<size_t>(parts + 1),
+                                        std::vector<int64_t>(static_cast<size_t>(n + 1), 0));
   cost[0][0] = 0;
   for (int p = 1; p <= parts; ++p)
     for (int64_t i = p; i <= n; ++i)
@@ -94,17 +97,17 @@ std::string gb(uint64_t b) {
 Plan make_plan(const PlanInputs& in) {
   const int64_t blocks = static_cast<int64_t>(in.block_bytes.size());
   PQ_REQUIRE(in.ranks_per_stage > 0, "--ranks-per-stage must be positive, got ", in.ranks_per_stage);
-  PQ_REQUIRE(in.world % in.ranks_per_stage == 0, "the job has ", in.world, " ranks, which is not a multiple of --ranks-per-stage ",
-             in.ranks_per_stage);
+  PQ_REQUIRE(in.world % in.ranks_per_stage == 0, "the job has ", in.world,
+             " ranks, which is not a multiple of --ranks-per-stage ", in.ranks_per_stage);
   const int parts = in.world / in.ranks_per_stage;
   PQ_REQUIRE(parts <= blocks, "the job has ", parts, " pipeline stages (", in.world, " ranks / ", in.ranks_per_stage,
              " per stage) but the model has only ", blocks, " blocks: use fewer ranks or more --ranks-per-stage");
-  PQ_REQUIRE(in.samples >= in.ranks_per_stage, "each of the ", in.ranks_per_stage, " ranks of a stage needs at least one calibration sample; there are ",
-             in.samples);
-  // the embedding is charged to the first stage and the head to the last when balancing
-  std::vector<uint64_t> charged = in.block_bytes;
-  const std::vector<int64_t> counts =
-      in.blocks_per_stage.empty() ? balanced_split(charged, parts) : user_split(in.blocks_per_stage, parts, blocks);
+  PQ_REQUIRE(in.samples >= in.ranks_per_stage, "each of the ", in.ranks_per_stage,
+             " ranks of a stage needs at least one calibration sample; there are ", in.samples);
+  // balanced by the blocks' bytes alone: quantization time follows them, while the embedding (first stage) and
+  // the head (last stage) cost memory, not solve time
+  const std::vector<int64_t> counts = in.blocks_per_stage.empty() ? balanced_split(in.block_bytes, parts)
+                                                                  : user_split(in.blocks_per_stage, parts, blocks);
   Plan plan;
   plan.world = in.world;
   plan.ranks_per_stage = in.ranks_per_stage;
@@ -114,8 +117,8 @@ Plan make_plan(const PlanInputs& in) {
   const int64_t widest = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
   const uint64_t hessian_bytes = static_cast<uint64_t>(widest * widest) * 4u;
   const uint64_t mb_rows = static_cast<uint64_t>(in.micro_batch * in.seq_len);
-  const uint64_t scratch = mb_rows * static_cast<uint64_t>(4 * c.hidden_size + 2 * c.intermediate_size +
-                                                           2 * c.num_heads * c.head_dim) * 4u;
+  const uint64_t scratch =
+      mb_rows * static_cast<uint64_t>(4 * c.hidden_size + 2 * c.intermediate_size + 2 * c.num_heads * c.head_dim) * 4u;
   int64_t first = 0;
   for (int p = 0; p < parts; ++p) {
     StagePlan s;
@@ -135,8 +138,8 @@ Plan make_plan(const PlanInputs& in) {
     // factor, the GPTQ work matrices of the largest linear, the stage's activations twice (in and out)
     const uint64_t block_f32 = largest_block * 2u;
     s.device_bytes = block_f32 + 2 * hessian_bytes + scratch + block_f32;
-    s.host_bytes = 2 * act_bytes + block_f32 * 2 + 2 * hessian_bytes +
-                   (s.has_embedding ? in.embedding_bytes * 2 : 0);
+    s.host_bytes = 2 * act_bytes + block_f32 * 2 + 2 * hessian_bytes + (s.has_embedding ? in.embedding_bytes * 2 : 0) +
+                   (in.fp_propagation ? s.weight_bytes * 2 : 0);  // fp mode: every block of the stage, in fp32
     if (s.has_embedding) s.weight_bytes += in.embedding_bytes;
     if (s.has_head) s.weight_bytes += in.head_bytes;
     plan.stages.push_back(s);
@@ -158,8 +161,8 @@ void print_plan(std::ostream& os, const Plan& plan) {
     if (s.has_embedding) extra += " embedding";
     if (s.has_head) extra += " norm+lm_head";
     os << std::left << std::setw(7) << s.stage << std::setw(10) << ranks << std::setw(12) << blocks << std::right
-       << std::setw(12) << gb(s.weight_bytes) << std::setw(14) << gb(s.host_bytes) << std::setw(13) << gb(s.device_bytes)
-       << " " << extra << "\n";
+       << std::setw(12) << gb(s.weight_bytes) << std::setw(14) << gb(s.host_bytes) << std::setw(13)
+       << gb(s.device_bytes) << " " << extra << "\n";
   }
 }
 

@@ -44,6 +44,7 @@ struct PlanInputs {
   int64_t samples = 0;                // calibration samples of the whole job
   int64_t seq_len = 0;
   int64_t micro_batch = 1;
+  bool fp_propagation = false;        // fp mode holds all of a stage's blocks in host memory (fp32)
 };
 
 // Throws UserError when the world cannot be split (world % D != 0, more stages than blocks, a bad

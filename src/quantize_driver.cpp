@@ -196,6 +196,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   pin.samples = calib.count;
   pin.seq_len = calib.seq;
   pin.micro_batch = opt.run.micro_batch;
+  pin.fp_propagation = opt.propagation == "fp";
   const Plan plan = make_plan(pin);
   if (root) {
     std::ostringstream os;
