@@ -88,6 +88,16 @@ def compare_outputs(a, b):
     return problems
 
 
+def finish(results):
+    """Prints each (name, ok) check of an end-to-end test, a summary line, and exits 1 when any failed."""
+    failed = 0
+    for name, ok in results:
+        failed += not ok
+        print(("ok   " if ok else "FAIL ") + name)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
 if __name__ == "__main__":
     # pq.py compare OUT_A OUT_B: are the packed datasets of two outputs bit-identical?
     if len(sys.argv) != 4 or sys.argv[1] != "compare":

@@ -52,9 +52,4 @@ results.append(("--compute-dtype int8 is refused with one clear line",
                 p.returncode != 0 and bool(err) and "--compute-dtype" in err[0] and "int8" in err[0]))
 
 shutil.rmtree(work, ignore_errors=True)
-failed = 0
-for name, ok in results:
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name)
-print(f"{len(results) - failed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+pq.finish(results)

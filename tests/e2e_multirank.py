@@ -71,9 +71,4 @@ results.append((f"bench hessian: rows for widths {[r[0] for r in rows]}, sgemm r
                 and all(float(r[4]) > 0 for r in rows)))
 
 shutil.rmtree(work, ignore_errors=True)
-failed = 0
-for name, ok in results:
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name)
-print(f"{len(results) - failed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+pq.finish(results)

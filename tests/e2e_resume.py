@@ -99,9 +99,4 @@ p = pq.run(quantize_args(out, ["--overwrite"], bits=3), np=3)
 results.append(("--overwrite replaces it", "output:" in p.stdout and "resumed" not in p.stdout))
 
 shutil.rmtree(work, ignore_errors=True)
-failed = 0
-for name, ok in results:
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name)
-print(f"{len(results) - failed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+pq.finish(results)

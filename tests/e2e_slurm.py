@@ -94,9 +94,4 @@ if os.path.exists(marker):
         results.append(("bad calibration path: output not marked complete", int(f.attrs.get("complete", 0)) == 0))
 
 shutil.rmtree(work, ignore_errors=True)
-failed = 0
-for name, ok in results:
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name)
-print(f"{len(results) - failed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+pq.finish(results)
