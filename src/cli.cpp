@@ -175,7 +175,10 @@ int cmd_quantize(int argc, char** argv) {
       "blocks-per-stage", po::value<std::string>()->default_value(""),
       "blocks of each stage: N, or a,b,c (default: balanced by weight bytes)")(
       "transport", po::value<std::string>()->default_value("mpi"), "activation transport between stages: mpi")(
-      "dry-run", po::bool_switch(), "print the plan and stop");
+      "dry-run", po::bool_switch(), "print the plan and stop")(
+      "fp-resident-gb", po::value<double>()->default_value(16.0),
+      "--propagation fp: keep the stage's blocks in host memory when their fp32 copies fit this many GB per rank "
+      "(every micro-batch flows through them as it arrives); above it, stream the blocks one at a time");
   add_quant_options(cmd.desc);
   add_run_options(cmd.desc);
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
@@ -195,12 +198,15 @@ int cmd_quantize(int argc, char** argv) {
   o.ranks_per_stage = cmd.vm["ranks-per-stage"].as<int>();
   o.blocks_per_stage = cmd.vm["blocks-per-stage"].as<std::string>();
   o.dry_run = cmd.vm["dry-run"].as<bool>();
+  const double resident_gb = cmd.vm["fp-resident-gb"].as<double>();
+  PQ_REQUIRE(resident_gb >= 0.0, "--fp-resident-gb must be >= 0, got ", resident_gb);
+  o.fp_resident_bytes = static_cast<uint64_t>(resident_gb * 1e9);
   const std::string transport = cmd.vm["transport"].as<std::string>();
   PQ_REQUIRE(transport == "mpi", "--transport: expected mpi (nccl comes with the CUDA backend), got '", transport, "'");
   // the fingerprint covers what changes the result: not where it goes, nor how the work is laid out
   nlohmann::json args = options_json(cmd.vm);
   for (const char* k : {"out", "overwrite", "metrics", "threads", "micro-batch", "backend", "gpu-mem", "config", "help",
-                        "ranks-per-stage", "blocks-per-stage", "transport", "dry-run"})
+                        "ranks-per-stage", "blocks-per-stage", "transport", "dry-run", "fp-resident-gb"})
     args.erase(k);
   o.args_json = args.dump();
   run_quantize(o);

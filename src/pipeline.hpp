@@ -35,6 +35,9 @@ struct QuantizeOptions {
   int ranks_per_stage = 1;       // D: ranks of one stage group (world = P stages x D)
   std::string blocks_per_stage;  // "" = balance by bytes; "N" or "a,b,c"
   bool dry_run = false;          // print the plan and stop
+  // fp propagation keeps a stage's blocks in host memory when their fp32 copies (counted as twice the source
+  // bytes) fit this, and streams them one at a time otherwise
+  uint64_t fp_resident_bytes = uint64_t{16} * 1000 * 1000 * 1000;
   RunOptions run;
 };
 

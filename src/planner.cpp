@@ -138,8 +138,10 @@ Plan make_plan(const PlanInputs& in) {
     // factor, the GPTQ work matrices of the largest linear, the stage's activations twice (in and out)
     const uint64_t block_f32 = largest_block * 2u;
     s.device_bytes = block_f32 + 2 * hessian_bytes + scratch + block_f32;
+    if (in.fp_propagation)
+      s.fp_blocks = fp_blocks_resident(s.weight_bytes, in.fp_resident_bytes) ? "resident" : "streamed";
     s.host_bytes = 2 * act_bytes + block_f32 * 2 + 2 * hessian_bytes + (s.has_embedding ? in.embedding_bytes * 2 : 0) +
-                   (in.fp_propagation ? s.weight_bytes * 2 : 0);  // fp mode: every block of the stage, in fp32
+                   (s.fp_blocks == "resident" ? s.weight_bytes * 2 : 0);  // fp mode: every block of the stage, fp32
     if (s.has_embedding) s.weight_bytes += in.embedding_bytes;
     if (s.has_head) s.weight_bytes += in.head_bytes;
     plan.stages.push_back(s);
@@ -160,6 +162,7 @@ void print_plan(std::ostream& os, const Plan& plan) {
     std::string extra;
     if (s.has_embedding) extra += " embedding";
     if (s.has_head) extra += " norm+lm_head";
+    if (!s.fp_blocks.empty()) extra += " fp-blocks-" + s.fp_blocks;
     os << std::left << std::setw(7) << s.stage << std::setw(10) << ranks << std::setw(12) << blocks << std::right
        << std::setw(12) << gb(s.weight_bytes) << std::setw(14) << gb(s.host_bytes) << std::setw(13)
        << gb(s.device_bytes) << " " << extra << "\n";

@@ -13,15 +13,16 @@ namespace pipequant {
 
 struct StagePlan {
   int stage = 0;
-  int first_rank = 0;        // ranks [first_rank, first_rank + ranks) form the stage group
+  int first_rank = 0;  // ranks [first_rank, first_rank + ranks) form the stage group
   int ranks = 1;
-  int64_t first_block = 0;   // blocks [first_block, first_block + blocks)
+  int64_t first_block = 0;  // blocks [first_block, first_block + blocks)
   int64_t blocks = 0;
-  uint64_t weight_bytes = 0; // source bytes of the stage's blocks (plus embedding / head where owned)
+  uint64_t weight_bytes = 0;  // source bytes of the stage's blocks (plus embedding / head where owned)
   bool has_embedding = false;
   bool has_head = false;
-  uint64_t host_bytes = 0;   // estimated peak host memory per rank
-  uint64_t device_bytes = 0; // estimated peak backend memory per rank
+  std::string fp_blocks;      // fp propagation: "resident" or "streamed" (see fp_blocks_resident); else empty
+  uint64_t host_bytes = 0;    // estimated peak host memory per rank
+  uint64_t device_bytes = 0;  // estimated peak backend memory per rank
 };
 
 struct Plan {
@@ -37,15 +38,21 @@ struct PlanInputs {
   io::ModelConfig config;
   std::vector<uint64_t> block_bytes;  // source bytes of each block
   uint64_t embedding_bytes = 0;
-  uint64_t head_bytes = 0;            // final norm + lm_head (0 extra when tied)
+  uint64_t head_bytes = 0;  // final norm + lm_head (0 extra when tied)
   int world = 1;
-  int ranks_per_stage = 1;            // D
-  std::string blocks_per_stage;       // "" = balance by bytes; "N" = N each (last takes the rest); "a,b,c" = explicit
-  int64_t samples = 0;                // calibration samples of the whole job
+  int ranks_per_stage = 1;       // D
+  std::string blocks_per_stage;  // "" = balance by bytes; "N" = N each (last takes the rest); "a,b,c" = explicit
+  int64_t samples = 0;           // calibration samples of the whole job
   int64_t seq_len = 0;
   int64_t micro_batch = 1;
-  bool fp_propagation = false;        // fp mode holds all of a stage's blocks in host memory (fp32)
+  bool fp_propagation = false;     // fp mode holds a stage's blocks in host memory (fp32) ...
+  uint64_t fp_resident_bytes = 0;  // ... when twice their source bytes fit this
 };
+
+// Whether fp propagation keeps a stage whose blocks have `block_bytes` source bytes in host memory.
+inline bool fp_blocks_resident(uint64_t block_bytes, uint64_t fp_resident_bytes) {
+  return 2 * block_bytes <= fp_resident_bytes;
+}
 
 // Throws UserError when the world cannot be split (world % D != 0, more stages than blocks, a bad
 // --blocks-per-stage).

@@ -197,6 +197,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   pin.seq_len = calib.seq;
   pin.micro_batch = opt.run.micro_batch;
   pin.fp_propagation = opt.propagation == "fp";
+  pin.fp_resident_bytes = opt.fp_resident_bytes;
   const Plan plan = make_plan(pin);
   if (root) {
     std::ostringstream os;
@@ -357,45 +358,83 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     m.load_seconds += seconds_since(t0);
   }
 
-  // fp propagation: every stage forwards its micro-batches through its unquantized blocks as they arrive and
-  // passes them on at once, so all stages work together; quantized propagation: a stage waits for the
-  // previous stage's quantized outputs.
+  // fp propagation: every stage forwards its micro-batches through its unquantized blocks and passes them on, so
+  // all stages work together. When the stage's blocks fit --fp-resident-gb they stay in host memory and each
+  // micro-batch goes through all of them as soon as it arrives; otherwise they stream through one at a time
+  // (and are read again for the quantization below), each over all micro-batches, and the last block's outputs
+  // leave micro-batch by micro-batch. Quantized propagation: a stage waits for the previous stage's quantized
+  // outputs.
+  const int64_t end_block = sp.first_block + sp.blocks;
+  uint64_t stage_block_bytes = 0;
+  for (int64_t b = sp.first_block; b < end_block; ++b) stage_block_bytes += block_source_bytes(ckpt, b);
+  const bool fp_resident = fp_mode && fp_blocks_resident(stage_block_bytes, opt.fp_resident_bytes);
+  // Streamed weights are read (and converted to fp32) on a helper thread while the previous block computes; the
+  // first block's while this stage waits for its inputs. At most two blocks' weights are in host memory at once;
+  // `load` counts only the time spent waiting for them.
+  std::future<BlockWeights> next_weights;
+  const auto prefetch = [&](int64_t b) {
+    if (!fp_resident && b < end_block)
+      next_weights = std::async(std::launch::async, [&source, b] { return source->load_block(b); });
+  };
+  const auto receive = [&](float* xi, int64_t n, int64_t i) {
+    if (!layout.first()) transport->recv_prev(xi, n * seq * hidden, static_cast<int>(i));
+    if (i == 0) m.busy_from_seconds = seconds_since(t_sync);  // fp: busy from the first micro-batch on
+  };
   std::vector<float> sent;  // outputs in flight (must live until wait_sends)
   std::vector<BlockWeights> fp_blocks;
-  if (fp_mode) {
+  if (fp_resident) {
     t0 = Clock::now();
-    for (int64_t b = sp.first_block; b < sp.first_block + sp.blocks; ++b) fp_blocks.push_back(source->load_block(b));
+    for (int64_t b = sp.first_block; b < end_block; ++b) fp_blocks.push_back(source->load_block(b));
     m.load_seconds += seconds_since(t0);
     sent.resize(x.size());
     for (int64_t i = 0; i < micro_batches; ++i) {
       const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
       float* xi = x.data() + s0 * seq * hidden;
-      if (!layout.first()) transport->recv_prev(xi, n * seq * hidden, static_cast<int>(i));
-      if (i == 0) m.busy_from_seconds = seconds_since(t_sync);  // fp: busy from the first micro-batch on
+      receive(xi, n, i);
       if (!layout.last()) {
         t0 = Clock::now();
-        std::copy_n(xi, n * seq * hidden, sent.data() + s0 * seq * hidden);
+        float* si = sent.data() + s0 * seq * hidden;
+        std::copy_n(xi, n * seq * hidden, si);
         for (const auto& blk : fp_blocks) {
           runner.set_block(blk);
-          const float* out = runner.forward(sent.data() + s0 * seq * hidden, n, Until::kOutput);
-          backend->download(sent.data() + s0 * seq * hidden, out,
-                            static_cast<size_t>(n * seq * hidden) * sizeof(float));
+          const float* out = runner.forward(si, n, Until::kOutput);
+          backend->download(si, out, static_cast<size_t>(n * seq * hidden) * sizeof(float));
         }
         m.forward_seconds += seconds_since(t0);
-        transport->send_next(sent.data() + s0 * seq * hidden, n * seq * hidden, static_cast<int>(i));
+        transport->send_next(si, n * seq * hidden, static_cast<int>(i));
+      }
+    }
+  } else if (fp_mode && layout.last()) {
+    for (int64_t i = 0; i < micro_batches; ++i) {
+      const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+      receive(x.data() + s0 * seq * hidden, n, i);
+    }
+  } else if (fp_mode) {
+    sent.resize(x.size());
+    prefetch(sp.first_block);
+    for (int64_t b = sp.first_block; b < end_block; ++b) {
+      t0 = Clock::now();
+      const BlockWeights weights = next_weights.get();
+      prefetch(b + 1);
+      runner.set_block(weights);
+      m.load_seconds += seconds_since(t0);
+      for (int64_t i = 0; i < micro_batches; ++i) {
+        const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+        float* si = sent.data() + s0 * seq * hidden;
+        if (b == sp.first_block) {
+          float* xi = x.data() + s0 * seq * hidden;
+          receive(xi, n, i);
+          std::copy_n(xi, n * seq * hidden, si);
+        }
+        t0 = Clock::now();
+        const float* out = runner.forward(si, n, Until::kOutput);
+        backend->download(si, out, static_cast<size_t>(n * seq * hidden) * sizeof(float));
+        m.forward_seconds += seconds_since(t0);
+        if (b + 1 == end_block) transport->send_next(si, n * seq * hidden, static_cast<int>(i));
       }
     }
   }
-  // quantized propagation reads each block's weights (and converts them to fp32) on a helper thread while the
-  // previous block computes; the first block's while this stage waits for its inputs. At most two blocks'
-  // weights are in host memory at once; `load` counts only the time spent waiting for them.
-  const int64_t end_block = sp.first_block + sp.blocks;
-  std::future<BlockWeights> next_weights;
-  const auto prefetch = [&](int64_t b) {
-    if (!fp_mode && b < end_block)
-      next_weights = std::async(std::launch::async, [&source, b] { return source->load_block(b); });
-  };
-  prefetch(sp.first_block);
+  prefetch(sp.first_block);  // the quantization's first block
   if (!fp_mode && !layout.first()) {
     for (int64_t i = 0; i < micro_batches; ++i) {
       const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
@@ -408,7 +447,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   for (int64_t b = sp.first_block; b < end_block; ++b) {
     const auto t_block = Clock::now();
     t0 = Clock::now();
-    BlockWeights weights = fp_mode ? fp_blocks[static_cast<size_t>(b - sp.first_block)] : next_weights.get();
+    BlockWeights weights = fp_resident ? fp_blocks[static_cast<size_t>(b - sp.first_block)] : next_weights.get();
     prefetch(b + 1);
     runner.set_block(weights);
     m.load_seconds += seconds_since(t0);

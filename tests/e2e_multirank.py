@@ -14,23 +14,31 @@ import pq  # noqa: E402
 work = tempfile.mkdtemp(prefix="pipequant-e2e-multirank-")
 model = pq.testdata("stories260K")
 calib = pq.testdata("text/tinystories_calib.tok512.npy")
-layouts = [(1, 1), (2, 1), (3, 1), (5, 1), (4, 2)]  # (ranks, ranks per stage)
+# (ranks, ranks per stage, fp blocks kept in host memory); fp mode streams the blocks of a stage one at a time
+# when they do not fit --fp-resident-gb
+layouts = [(1, 1, True), (2, 1, True), (3, 1, True), (5, 1, True), (4, 2, True), (3, 1, False)]
 results = []
 for mode in ("quantized", "fp"):
     outs = {}
-    for ranks, per_stage in layouts:
-        out = os.path.join(work, f"{mode}-np{ranks}-d{per_stage}")
+    for ranks, per_stage, resident in layouts:
+        if mode == "quantized" and not resident:
+            continue
+        out = os.path.join(work, f"{mode}-np{ranks}-d{per_stage}" + ("" if resident else "-streamed"))
         metrics = out + ".jsonl"
         p = pq.run(["quantize", "--metrics", metrics, "--model", model, "--calib", calib, "--seq-len", 128,
                     "--method", "gptq", "--bits", 4,
                     "--group-size", 32, "--act-order", "--propagation", mode, "--ranks-per-stage", per_stage,
-                    "--micro-batch", 3 if ranks == 1 else 2, "--out", out], np=ranks)
+                    "--micro-batch", 3 if ranks == 1 else 2, "--fp-resident-gb", 16 if resident else 0,
+                    "--out", out], np=ranks)
         if "HDF5-DIAG" in p.stderr + p.stdout:
             results.append((f"{mode} np {ranks}: HDF5 diagnostics printed", False))
         stages = ranks // per_stage
         plan_ok = f"{stages} stages x {per_stage} ranks per stage" in p.stdout
+        if mode == "fp":
+            kept = "fp-blocks-" + ("resident" if resident else "streamed")
+            plan_ok = plan_ok and p.stdout.count(kept) == stages
         results.append((f"{mode} np {ranks} (D={per_stage}): plan printed with {stages} stages", plan_ok))
-        outs[(ranks, per_stage)] = out
+        outs[(ranks, per_stage, resident)] = out
         # per-phase device peaks: the solve phase holds at least the widest Hessian (fp32), the overall peak is
         # the larger of the two phases
         recs = pq.read_metrics(metrics)
@@ -40,20 +48,20 @@ for mode in ("quantized", "fp"):
             results.append((f"{mode} np {ranks} stage {st['stage']}: device peaks forward {fwd}, solve {solve} "
                             f"(>= {4 * widest ** 2}), overall {peak}",
                             fwd > 0 and solve >= 4 * widest ** 2 and peak == max(fwd, solve)))
-    ref = outs[(1, 1)]
+    ref = outs[(1, 1, True)]
     for key, out in outs.items():
-        if key == (1, 1):
+        if key == (1, 1, True):
             continue
         diff = pq.compare_outputs(ref, out)
-        results.append((f"{mode}: np {key[0]} (D={key[1]}) bit-identical to np 1" + (f": {diff[:3]}" if diff else ""),
-                        not diff))
+        results.append((f"{mode}: np {key[0]} (D={key[1]}{'' if key[2] else ', blocks streamed'}) bit-identical to "
+                        f"np 1" + (f": {diff[:3]}" if diff else ""), not diff))
     # the multi-stage output reads back whatever P and D were
     ppl = [pq.perplexity(pq.run(["eval", "--model", model, "--quantized", outs[k], "--tokens",
                                  pq.testdata("text/tinystories_eval.tok512.npy"), "--seq-len", 256, "--max-windows", 8],
-                                np=1).stdout) for k in ((1, 1), (5, 1))]
+                                np=1).stdout) for k in ((1, 1, True), (5, 1, True))]
     results.append((f"{mode}: eval of the 5-stage output equals the 1-stage one ({ppl[0]:.6f} vs {ppl[1]:.6f})",
                     ppl[0] == ppl[1]))
-    insp = pq.run(["inspect", outs[(4, 2)]], check=False)
+    insp = pq.run(["inspect", outs[(4, 2, True)]], check=False)
     results.append((f"{mode}: inspect of the 2x2 output verifies (rc {insp.returncode})",
                     insp.returncode == 0 and "self_attn.q_proj" in insp.stdout))
 

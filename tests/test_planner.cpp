@@ -102,6 +102,7 @@ TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
   auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
   const Plan quantized = make_plan(in);
   in.fp_propagation = true;
+  in.fp_resident_bytes = uint64_t{1} << 40;
   const Plan fp = make_plan(in);
   for (size_t s = 0; s < 2; ++s) {
     EXPECT_EQ(fp.stages[s].host_bytes - quantized.stages[s].host_bytes, 2u * 3u * 1000000u)
@@ -112,6 +113,23 @@ TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
   std::ostringstream os;
   print_plan(os, fp);
   EXPECT_NE(os.str().find("2 stages x 1 ranks per stage"), std::string::npos) << os.str();
+  EXPECT_NE(os.str().find("fp-blocks-resident"), std::string::npos) << os.str();
+  EXPECT_EQ(quantized.stages[0].fp_blocks, "");
+  EXPECT_EQ(fp.stages[0].fp_blocks, "resident");
+}
+
+TEST(Planner, FpPropagationStreamsBlocksThatDoNotFit) {
+  auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  const Plan quantized = make_plan(in);
+  in.fp_propagation = true;
+  in.fp_resident_bytes = 2u * 3u * 1000000u - 1;  // one byte short of the stage's three blocks in fp32
+  const Plan fp = make_plan(in);
+  for (size_t s = 0; s < 2; ++s) {
+    EXPECT_EQ(fp.stages[s].fp_blocks, "streamed");
+    EXPECT_EQ(fp.stages[s].host_bytes, quantized.stages[s].host_bytes) << "one block at a time, as quantized mode";
+  }
+  in.fp_resident_bytes += 1;
+  EXPECT_EQ(make_plan(in).stages[0].fp_blocks, "resident");
 }
 
 TEST(Planner, ImpossibleLayoutsAreOneClearError) {
