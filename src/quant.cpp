@@ -116,12 +116,12 @@ void check_inputs(const float* w, int64_t rows, int64_t cols, const QuantConfig&
              ", column ", bad % std::max<int64_t>(cols, 1), "); check the checkpoint");
 }
 
-// Backend memory that gptq_quantize (and rtn_quantize with an error check) holds at its peak: R [cols, cols],
-// four [rows, cols] float matrices (w, wc, res and relative_output_error's chunk) with the codes, the tables,
-// plus relative_output_error's own copy of H.
+// Backend memory that gptq_quantize (and rtn_quantize with an error check) holds at its peak, bounding both of
+// its phases: the solve (R [cols, cols], w, wc and res [rows, cols], the codes, the tables) and the error check
+// (H and the stacked [W; D] chunk with its product, at most four [rows, cols] floats).
 size_t solve_bytes(int64_t rows, int64_t cols, int64_t groups) {
   const auto r = static_cast<size_t>(rows), c = static_cast<size_t>(cols), g = static_cast<size_t>(groups);
-  return sizeof(float) * (2 * c * c + 4 * r * c + 2 * r * g + r + c) + r * c;
+  return sizeof(float) * (c * c + 4 * r * c + 2 * r * g + r + c) + r * c;
 }
 
 // The backend that runs a solve of this size: `backend` when it fits its budget (or there is no budget or no
