@@ -63,8 +63,10 @@ void abort_job(const std::string& message, int code) {
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
   if (initialized && !finalized && world_size() > 1) MPI_Abort(MPI_COMM_WORLD, code);
-  if (initialized && !finalized) MPI_Finalize();
-  std::exit(code);
+  // One rank: end without MPI_Finalize. Finalize runs the callbacks of libraries that hold files open (parallel
+  // HDF5 closes and flushes its files there), and a file whose write failed (a full disk) crashes that flush;
+  // the error is said, and nothing of the output is marked complete, so there is nothing left to finish.
+  std::_Exit(code);
 }
 
 }  // namespace pipequant::comm
