@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <iostream>
 #include <map>
@@ -47,6 +48,73 @@ uint64_t block_source_bytes(const io::Checkpoint& ckpt, int64_t block) {
   for (const auto& name : ckpt.names())
     if (name.rfind(prefix, 0) == 0) bytes += ckpt.info(name).nbytes;
   return bytes;
+}
+
+// A cheap digest of the weights themselves: 8 evenly spaced runs of 512 bytes of every tensor, read from the
+// files (not mapped), so that a checkpoint replaced by another of the same shapes is a different model.
+void add_weight_samples(Fingerprint& fp, const io::Checkpoint& ckpt) {
+  constexpr uint64_t kRuns = 8, kRun = 512;
+  std::map<std::string, std::ifstream> files;
+  std::vector<char> buf(kRun);
+  for (const auto& name : ckpt.names()) {
+    const auto& info = ckpt.info(name);
+    auto [it, fresh] = files.try_emplace(info.file);
+    if (fresh) it->second.open(info.file, std::ios::binary);
+    std::ifstream& f = it->second;
+    PQ_REQUIRE(f.good(), info.file, ": cannot be read (tensor ", name, ")");
+    const uint64_t run = std::min(kRun, info.nbytes);
+    for (uint64_t r = 0; r < kRuns && run > 0; ++r) {
+      const uint64_t at = info.offset + (info.nbytes - run) * r / (kRuns - 1);
+      f.seekg(static_cast<std::streamoff>(at));
+      f.read(buf.data(), static_cast<std::streamsize>(run));
+      PQ_REQUIRE(f.good(), info.file, ": tensor ", name, ": cannot read bytes at offset ", at);
+      fp.add(buf.data(), run);
+    }
+  }
+}
+
+// The arguments that change the result, as fingerprinted: the command line without the input paths (their
+// contents are fingerprinted instead).
+std::string result_args(const std::string& args_json) {
+  nlohmann::json a = nlohmann::json::parse(args_json);
+  a.erase("model");
+  a.erase("calib");
+  return a.dump();
+}
+
+// Which parts of two fingerprints "model-<hex>-calib-<hex>-args-<hex>" differ, and the arguments that changed.
+std::string fingerprint_difference(const std::string& previous, const std::string& now,
+                                   const std::string& previous_args, const std::string& now_args) {
+  const auto part = [](const std::string& f, const std::string& key) {
+    const size_t at = f.find(key + "-");
+    if (at == std::string::npos) return std::string();
+    const size_t end = f.find('-', at + key.size() + 1);
+    return f.substr(at + key.size() + 1, end == std::string::npos ? std::string::npos : end - at - key.size() - 1);
+  };
+  std::string what;
+  for (const char* key : {"model", "calib", "args"}) {
+    const std::string a = part(previous, key), b = part(now, key);
+    if (!a.empty() && a == b) continue;
+    if (!what.empty()) what += ", ";
+    if (std::string(key) == "model") what += "the model differs (config, tensors or weights)";
+    if (std::string(key) == "calib") what += "the calibration tokens differ";
+    if (std::string(key) == "args") {
+      what += "the arguments differ";
+      try {
+        const auto pa = nlohmann::json::parse(result_args(previous_args));
+        const auto na = nlohmann::json::parse(result_args(now_args));
+        std::string keys;
+        for (const auto& [k, v] : na.items())
+          if (!pa.contains(k) || pa[k] != v) keys += (keys.empty() ? "" : " ") + ("--" + k);
+        for (const auto& [k, v] : pa.items())
+          if (!na.contains(k)) keys += (keys.empty() ? "" : " ") + ("--" + k);
+        if (!keys.empty()) what += " (" + keys + ")";
+      } catch (const std::exception&) {
+      }
+    }
+  }
+  if (what.empty()) what = "fingerprint " + previous + ", this run " + now;
+  return what;
 }
 
 // Gathers the row slices [r0, r1) of each stage-group member into the full quantized linear on every member.
@@ -213,21 +281,26 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   const bool stage_root = layout.index == 0;
 
   // fingerprint of model, calibration data and arguments
-  Fingerprint fp;
-  fp.add(config.raw.dump());
+  // three parts, so that a refusal can say which input changed: the model (config, tensor names, dtypes and
+  // shapes, and samples of the weights themselves, read by rank 0, which alone decides), the calibration
+  // tokens, and the arguments that change the result (not the paths: the same files under another spelling,
+  // or from another working directory, are the same run)
+  Fingerprint fp_model, fp_calib, fp_args;
+  fp_model.add(config.raw.dump());
   for (const auto& name : ckpt.names()) {
     const auto& info = ckpt.info(name);
-    fp.add(name + io::dtype_name(info.dtype));
-    fp.add(info.shape.data(), info.shape.size() * sizeof(int64_t));
-    fp.add(&info.nbytes, sizeof(info.nbytes));
+    fp_model.add(name + io::dtype_name(info.dtype));
+    fp_model.add(info.shape.data(), info.shape.size() * sizeof(int64_t));
+    fp_model.add(&info.nbytes, sizeof(info.nbytes));
   }
-  fp.add(calib.tokens.data(), calib.tokens.size() * sizeof(int32_t));
-  fp.add(opt.args_json);
+  if (root) add_weight_samples(fp_model, ckpt);
+  fp_calib.add(calib.tokens.data(), calib.tokens.size() * sizeof(int32_t));
+  fp_args.add(result_args(opt.args_json));
 
   io::ModelIndex index;
   index.config_json = config.raw.dump();
   index.args_json = opt.args_json;
-  index.fingerprint = fp.hex();
+  index.fingerprint = "model-" + fp_model.hex() + "-calib-" + fp_calib.hex() + "-args-" + fp_args.hex();
   for (int s = 0; s < stages; ++s) index.shard_files.push_back(shard_file(s, stages));
   for (const auto& st : plan.stages)
     for (int64_t b = st.first_block; b < st.first_block + st.blocks; ++b) index.block_shard[b] = st.stage;
@@ -240,9 +313,11 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   if (root) {
     prepare_out_dir(opt.out_dir);
     if (io::model_index_exists(opt.out_dir)) {
-      std::string previous;
+      std::string previous, previous_args;
       try {
-        previous = io::read_model_index(opt.out_dir).fingerprint;
+        const io::ModelIndex old = io::read_model_index(opt.out_dir);
+        previous = old.fingerprint;
+        previous_args = old.args_json;
       } catch (const UserError&) {
         previous = "(unreadable)";
       }
@@ -251,9 +326,9 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
         std::printf("resume: %s/model.h5 has this run's fingerprint %s; verified blocks are skipped\n",
                     opt.out_dir.c_str(), index.fingerprint.c_str());
       } else {
-        PQ_REQUIRE(opt.overwrite, "--out ", opt.out_dir, ": holds the output of a different run (fingerprint ",
-                   previous, ", this run ", index.fingerprint,
-                   "): model, calibration data or arguments differ; use --overwrite to replace it");
+        PQ_REQUIRE(opt.overwrite, "--out ", opt.out_dir, ": holds the output of a different run (",
+                   fingerprint_difference(previous, index.fingerprint, previous_args, opt.args_json),
+                   "); use --overwrite to replace it");
       }
     } else {
       PQ_REQUIRE(opt.overwrite || !std::filesystem::exists(opt.out_dir + "/" + index.shard_files[0]) ||

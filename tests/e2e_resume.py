@@ -95,6 +95,21 @@ p = pq.run(quantize_args(out, bits=3), np=3, check=False, timeout=30)
 err = [l for l in (p.stderr + p.stdout).splitlines() if "error:" in l]
 results.append(("a different fingerprint is refused with a clear message",
                 p.returncode != 0 and bool(err) and "--overwrite" in err[0]))
+results.append(("the refusal names what changed", bool(err) and "the arguments differ (--bits)" in err[0]))
+# the same files under another spelling of their paths are the same run; a same-shaped model with other weights
+# is not
+respelled = ["quantize", "--model", model + "/", "--calib", os.path.relpath(calib), "--seq-len", 128, "--nsamples", 40,
+             "--method", "gptq", "--bits", 4, "--group-size", 128, "--out", out]
+p = pq.run(respelled, np=3)
+results.append(("respelled --model and --calib paths resume the run", "resumed" in p.stdout))
+other = os.path.join(work, "other-model")
+pq.run(["synth", "--out", other, "--hidden-size", 384, "--intermediate-size", 1024, "--num-layers", 6,
+        "--num-heads", 6, "--num-kv-heads", 2, "--vocab-size", 512, "--dtype", "bf16", "--seed", 55])
+shutil.copy(os.path.join(other, "model.safetensors"), os.path.join(model, "model.safetensors"))
+p = pq.run(quantize_args(out), np=3, check=False, timeout=30)
+err = [l for l in (p.stderr + p.stdout).splitlines() if "error:" in l]
+results.append(("a checkpoint replaced by other weights of the same shapes is refused",
+                p.returncode != 0 and bool(err) and "the model differs" in err[0]))
 p = pq.run(quantize_args(out, ["--overwrite"], bits=3), np=3)
 results.append(("--overwrite replaces it", "output:" in p.stdout and "resumed" not in p.stdout))
 
