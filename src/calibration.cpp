@@ -10,12 +10,12 @@ Samples calibration_samples(const io::TokenFile& file, int64_t seq, int64_t nsam
   PQ_REQUIRE(seq > 0, "--seq-len must be positive, got ", seq);
   Samples s;
   s.seq = seq;
-  int64_t available = 0;
-  if (file.two_d && file.row_length >= seq) {
-    available = file.samples;
-  } else {
-    available = static_cast<int64_t>(file.ids.size()) / seq;
-  }
+  // a [samples, seq] file is one sample per row: a row shorter than --seq-len would have to borrow from the next
+  // sample, which is not what the file says
+  PQ_REQUIRE(!file.two_d || file.row_length >= seq, file.path, ": shape [", file.samples, ", ", file.row_length,
+             "]: rows of ", file.row_length, " tokens are shorter than --seq-len ", seq,
+             " (each row is one sample; use --seq-len <= ", file.row_length, ", or a flat token stream)");
+  const int64_t available = file.two_d ? file.samples : static_cast<int64_t>(file.ids.size()) / seq;
   PQ_REQUIRE(available > 0, file.path, ": ", file.ids.size(), " tokens hold no window of --seq-len ", seq);
   if (nsamples > 0) {
     PQ_REQUIRE(nsamples <= available, file.path, ": --nsamples ", nsamples, " windows of --seq-len ", seq,
@@ -26,7 +26,7 @@ Samples calibration_samples(const io::TokenFile& file, int64_t seq, int64_t nsam
   }
   s.tokens.resize(static_cast<size_t>(s.count * seq));
   for (int64_t i = 0; i < s.count; ++i) {
-    const int64_t src = (file.two_d && file.row_length >= seq) ? i * file.row_length : i * seq;
+    const int64_t src = file.two_d ? i * file.row_length : i * seq;
     std::copy_n(file.ids.begin() + src, seq, s.tokens.begin() + i * seq);
   }
   return s;
@@ -44,9 +44,15 @@ Samples eval_windows(const io::TokenFile& file, int64_t seq, int64_t max_windows
 }
 
 void check_vocab(const io::TokenFile& file, int64_t vocab_size, const std::string& config_path) {
-  for (size_t i = 0; i < file.ids.size(); ++i)
-    PQ_REQUIRE(file.ids[i] < vocab_size, file.path, ": token id ", file.ids[i], " at index ", i, " is >= vocab_size ",
-               vocab_size, " of ", config_path);
+  for (size_t i = 0; i < file.ids.size(); ++i) {
+    if (file.ids[i] < vocab_size) continue;
+    const auto at = static_cast<int64_t>(i);
+    if (file.two_d)
+      fail(file.path, ": token id ", file.ids[i], " at [", at / file.row_length, ", ", at % file.row_length,
+           "] is >= vocab_size ", vocab_size, " of ", config_path);
+    fail(file.path, ": token id ", file.ids[i], " at index ", at, " is >= vocab_size ", vocab_size, " of ",
+         config_path);
+  }
 }
 
 }  // namespace pipequant

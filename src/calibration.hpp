@@ -15,7 +15,8 @@ struct Samples {
   std::vector<int32_t> tokens;  // [count, seq]
 };
 
-// Calibration: a 2-D file gives its first `nsamples` rows cut to seq; a 1-D stream is cut into non-overlapping
+// Calibration: a 2-D file gives its first `nsamples` rows cut to seq (rows shorter than seq are an error); a 1-D
+// stream is cut into non-overlapping
 // windows from the start. nsamples <= 0 means up to `default_max` (all that fit, at most that many).
 // Throws UserError when there are fewer than requested, or no window at all.
 Samples calibration_samples(const io::TokenFile& file, int64_t seq, int64_t nsamples, int64_t default_max);

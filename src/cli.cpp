@@ -63,7 +63,12 @@ bool parse(Command& cmd, int argc, char** argv) {
       const std::string path = cmd.vm["config"].as<std::string>();
       std::ifstream f(path);
       PQ_REQUIRE(f.good(), "--config ", path, ": cannot open the file");
-      po::store(po::parse_config_file(f, cmd.desc), cmd.vm);
+      try {
+        po::store(po::parse_config_file(f, cmd.desc), cmd.vm);
+      } catch (const po::error& e) {
+        fail("pipequant ", cmd.name, ": --config ", path, ": ", e.what(), " (names as in pipequant ", cmd.name,
+             " --help, without the dashes)");
+      }
     }
     if (cmd.vm.count("help")) return true;
     po::notify(cmd.vm);

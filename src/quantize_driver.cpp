@@ -248,8 +248,9 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   const Samples calib = calibration_samples(calib_file, opt.seq_len, opt.nsamples, 128);
   const int64_t chunks = (calib.count + kHessianChunk - 1) / kHessianChunk;
   PQ_REQUIRE(chunks >= opt.ranks_per_stage, "--ranks-per-stage ", opt.ranks_per_stage, ": the ", calib.count,
-             " calibration samples form ", chunks, " chunks of ", kHessianChunk,
-             " samples, and each rank of a stage needs at least one; use more samples or fewer ranks per stage");
+             " calibration samples form ", chunks, " Hessian chunk(s) of up to ", kHessianChunk,
+             " samples and each rank of a stage needs one; use at least ",
+             kHessianChunk * (opt.ranks_per_stage - 1) + 1, " samples (--nsamples) or fewer ranks per stage");
 
   // the plan
   PlanInputs pin;
@@ -267,6 +268,15 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   pin.fp_propagation = opt.propagation == "fp";
   pin.fp_resident_bytes = opt.fp_resident_bytes;
   const Plan plan = make_plan(pin);
+  // where the results go, checked before any work (and before the plan is printed, so that an error is the only
+  // thing said about it)
+  if (root && !opt.dry_run) {
+    prepare_out_dir(opt.out_dir);
+    if (!opt.metrics_path.empty()) {
+      std::ofstream f(opt.metrics_path, std::ios::app);
+      PQ_REQUIRE(f.good(), "--metrics ", opt.metrics_path, ": cannot open for writing");
+    }
+  }
   if (root) {
     std::ostringstream os;
     print_plan(os, plan);

@@ -122,6 +122,14 @@ blocker = os.path.join(work, "a-file")
 open(blocker, "w").write("x")
 cases.append(("unwritable output dir", quantize_args(out=os.path.join(blocker, "out")), ["--out", "a-file"]))
 cases.append(("unknown flag", quantize_args(extra=["--frobnicate", "1"]), ["frobnicate"]))
+cases.append(("unwritable --metrics", quantize_args(extra=["--metrics", os.path.join(blocker, "m.jsonl")]),
+              ["--metrics", "a-file"]))
+cfg = os.path.join(work, "run.cfg")
+open(cfg, "w").write("bits = 4\nbogus = 3\n")
+cases.append(("--config with an unknown name", quantize_args(extra=["--config", cfg]), ["run.cfg", "bogus"]))
+cases.append(("2-D token rows shorter than --seq-len",
+              quantize_args(calib=tokens("short-rows.npy", calib_ids[:64 * 40].reshape(40, 64))),
+              ["short-rows.npy", "[40, 64]", "--seq-len 128"]))
 cases.append(("bad bits", quantize_args(bits=5), ["--bits", "5"]))
 cases.append(("missing model dir", quantize_args(model=os.path.join(work, "no-such-model")), ["no-such-model"]))
 w = tokens("w.npy", np.ones((8, 16), np.float32))
