@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <deque>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -49,6 +51,71 @@ uint64_t block_source_bytes(const io::Checkpoint& ckpt, int64_t block) {
     if (name.rfind(prefix, 0) == 0) bytes += ckpt.info(name).nbytes;
   return bytes;
 }
+
+// One progress line per block on rank 0: rank 0 prints its own stage's lines and the other stage roots send theirs,
+// which rank 0 prints as they come (checked after each of its blocks, then waited for at the end of its work).
+class ProgressRelay {
+ public:
+  ProgressRelay() { MPI_Comm_rank(MPI_COMM_WORLD, &rank_); }
+  // while an error unwinds the stack, rank 0 may never receive: do not wait (the job is about to be aborted)
+  ~ProgressRelay() {
+    if (std::uncaught_exceptions() == 0) finish_sends();
+  }
+  ProgressRelay(const ProgressRelay&) = delete;
+  ProgressRelay& operator=(const ProgressRelay&) = delete;
+
+  // A block's line, from a stage root.
+  void post(const std::string& line) {
+    if (rank_ == 0) {
+      print(line);
+      poll();
+      return;
+    }
+    pending_.push_back(line);
+    requests_.emplace_back();
+    MPI_Isend(pending_.back().data(), static_cast<int>(pending_.back().size()), MPI_CHAR, 0, kTag, MPI_COMM_WORLD,
+              &requests_.back());
+  }
+  // Rank 0: prints lines until `total` (every block's) have been printed; other ranks: completes their sends.
+  void drain(int64_t total) {
+    while (rank_ == 0 && printed_ < total) receive_one();
+    finish_sends();
+  }
+
+ private:
+  static constexpr int kTag = 7201;
+  void print(const std::string& line) {
+    std::fputs(line.c_str(), stdout);
+    std::fflush(stdout);
+    ++printed_;
+  }
+  void poll() {
+    int arrived = 1;
+    while (arrived) {
+      MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &arrived, MPI_STATUS_IGNORE);
+      if (arrived) receive_one();
+    }
+  }
+  void receive_one() {
+    MPI_Status status;
+    MPI_Probe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &status);
+    int count = 0;
+    MPI_Get_count(&status, MPI_CHAR, &count);
+    std::string line(static_cast<size_t>(count), '\0');
+    MPI_Recv(line.data(), count, MPI_CHAR, status.MPI_SOURCE, kTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    print(line);
+  }
+  void finish_sends() {
+    if (!requests_.empty()) MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
+    requests_.clear();
+    pending_.clear();
+  }
+
+  int rank_ = 0;
+  int64_t printed_ = 0;
+  std::deque<std::string> pending_;  // buffers of the sends in flight (a deque keeps them in place)
+  std::vector<MPI_Request> requests_;
+};
 
 // A cheap digest of the weights themselves: 8 evenly spaced runs of 512 bytes of every tensor, read from the
 // files (not mapped), so that a checkpoint replaced by another of the same shapes is a different model.
@@ -432,6 +499,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
 
   const auto half = forward_format(opt.run, *backend, config);
   BlockRunner runner(*backend, config, seq, mb, half);
+  ProgressRelay progress;
   // the common origin of the busy spans: every rank leaves this barrier at (nearly) the same moment
   MPI_Barrier(MPI_COMM_WORLD);
   const auto t_sync = Clock::now();
@@ -623,12 +691,12 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     propagate(runner, x, my_samples, hidden);
     m.forward_seconds += seconds_since(t0);
     note_peak(*backend, m.peak_device_forward_bytes, m);
-    if (root)
-      std::printf("block %3lld/%lld  %7.2f s  %s max rel. error  qkv %.3e  o %.3e  gate_up %.3e  down %.3e\n",
-                  static_cast<long long>(b + 1), static_cast<long long>(config.num_layers), seconds_since(t_block),
-                  skip.count(b) ? "resumed" : "       ", group_error[0], group_error[1], group_error[2],
-                  group_error[3]);
-    std::fflush(stdout);
+    char line[256];
+    std::snprintf(
+        line, sizeof(line), "block %3lld/%lld  %7.2f s  %s max rel. error  qkv %.3e  o %.3e  gate_up %.3e  down %.3e\n",
+        static_cast<long long>(b + 1), static_cast<long long>(config.num_layers), seconds_since(t_block),
+        skip.count(b) ? "resumed" : "       ", group_error[0], group_error[1], group_error[2], group_error[3]);
+    if (stage_root) progress.post(line);
   }
 
   m.busy_until_seconds = seconds_since(t_sync);
@@ -659,6 +727,8 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   m.peak_device_bytes = std::max<uint64_t>(m.peak_device_bytes, backend->peak_bytes());
   m.peak_host_bytes = peak_host_bytes();
   m.total_seconds = seconds_since(t_start);
+
+  progress.drain(config.num_layers);  // the other stages' block lines that rank 0 has not printed yet
 
   // every stage's metrics to rank 0 (from the stage roots), then model.h5 marked complete
   std::string mine = stage_root ? metrics_to_string(m) : std::string();

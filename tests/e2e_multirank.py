@@ -38,6 +38,9 @@ for mode in ("quantized", "fp"):
             kept = "fp-blocks-" + ("resident" if resident else "streamed")
             plan_ok = plan_ok and p.stdout.count(kept) == stages
         results.append((f"{mode} np {ranks} (D={per_stage}): plan printed with {stages} stages", plan_ok))
+        lines = sorted(int(l.split()[1].split("/")[0]) for l in p.stdout.splitlines() if l.startswith("block "))
+        results.append((f"{mode} np {ranks} (D={per_stage}): rank 0 printed one line per block: {lines}",
+                        lines == [1, 2, 3, 4, 5]))
         outs[(ranks, per_stage, resident)] = out
         # per-phase device peaks: the solve phase holds at least the widest Hessian (fp32), the overall peak is
         # the larger of the two phases
