@@ -203,6 +203,19 @@ class QuantizedSource final : public WeightSource {
 }  // namespace
 
 void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
+  // blocks the config does not know of mean the config is not this checkpoint's
+  for (const auto& name : ckpt.names()) {
+    if (name.rfind("model.layers.", 0) != 0) continue;
+    const size_t dot = name.find('.', 13);
+    int64_t block = -1;
+    try {
+      block = std::stoll(name.substr(13, dot - 13));
+    } catch (const std::exception&) {
+      continue;
+    }
+    PQ_REQUIRE(block < c.num_layers, ckpt.path(), ": tensor ", name, " belongs to block ", block, ", but ", c.path,
+               " field num_hidden_layers says ", c.num_layers, " blocks");
+  }
   expect_tensor(ckpt, c, "model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   expect_tensor(ckpt, c, "model.norm.weight", {c.hidden_size});
   if (!c.tie_word_embeddings) expect_tensor(ckpt, c, "lm_head.weight", {c.vocab_size, c.hidden_size});
