@@ -67,6 +67,11 @@ class Backend {
   virtual void reset_peak() = 0;
   virtual size_t live_bytes() const = 0;    // allocated now
   virtual size_t budget_bytes() const = 0;  // what allocate() may hold at once; 0: no budget
+  // What the budget leaves for more allocations now (SIZE_MAX without a budget).
+  size_t free_budget_bytes() const {
+    const size_t budget = budget_bytes(), live = live_bytes();
+    return budget == 0 ? SIZE_MAX : budget - (live < budget ? live : budget);
+  }
 
   // Where work that does not fit this backend's budget goes (DESIGN.md section 4, fallback 3: a Hessian too
   // large for the device is factored and solved on the CPU); null when there is no such backend.

@@ -81,8 +81,7 @@ std::vector<float> correlated_hessian(Backend& device, int64_t k, uint64_t seed)
   const int64_t rank = std::min<int64_t>(k, 256);
   // H [k, k] is built where it fits: at k = 53248 it is 11.3 GB
   const size_t need = sizeof(float) * static_cast<size_t>(k * k + k * rank);
-  const size_t budget = device.budget_bytes();
-  const bool fits = budget == 0 || need <= budget - std::min(budget, device.live_bytes());
+  const bool fits = need <= device.free_budget_bytes();
   Backend& backend = fits || device.host_fallback() == nullptr ? device : *device.host_fallback();
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);

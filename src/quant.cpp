@@ -129,12 +129,11 @@ size_t solve_bytes(int64_t rows, int64_t cols, int64_t groups) {
 Backend& solve_backend(Backend& backend, int64_t rows, int64_t cols, int64_t groups, const std::string& label,
                        std::vector<std::string>& log) {
   Backend* host = backend.host_fallback();
-  const size_t need = solve_bytes(rows, cols, groups);
-  const size_t budget = backend.budget_bytes(), live = backend.live_bytes();
-  if (host == nullptr || budget == 0 || need <= budget - std::min(budget, live)) return backend;
+  const size_t need = solve_bytes(rows, cols, groups), room = backend.free_budget_bytes();
+  if (host == nullptr || need <= room) return backend;
   std::ostringstream os;
-  os << label << ": the solve needs " << need / 1e9 << " GB of " << backend.name() << " memory, "
-     << (budget - std::min(budget, live)) / 1e9 << " GB of the budget are free: solved on the " << host->name();
+  os << label << ": the solve needs " << need / 1e9 << " GB of " << backend.name() << " memory, " << room / 1e9
+     << " GB of the budget are free: solved on the " << host->name();
   log.push_back(os.str());
   return *host;
 }
