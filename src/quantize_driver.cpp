@@ -489,6 +489,10 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   const int64_t my_samples = s_end - s_begin;
   const int64_t mb = std::min(opt.run.micro_batch, my_samples);
   const int64_t micro_batches = (my_samples + mb - 1) / mb;
+  // micro-batch i: samples [first, first + count) of this rank's
+  const auto micro_batch = [&](int64_t i) {
+    return std::pair<int64_t, int64_t>{i * mb, std::min(mb, my_samples - i * mb)};
+  };
   const bool fp_mode = opt.propagation == "fp";
 
   StageMetrics m;
@@ -541,7 +545,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     m.load_seconds += seconds_since(t0);
     sent.resize(x.size());
     for (int64_t i = 0; i < micro_batches; ++i) {
-      const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+      const auto [s0, n] = micro_batch(i);
       float* xi = x.data() + s0 * seq * hidden;
       receive(xi, n, i);
       if (!layout.last()) {
@@ -559,7 +563,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     }
   } else if (fp_mode && layout.last()) {
     for (int64_t i = 0; i < micro_batches; ++i) {
-      const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+      const auto [s0, n] = micro_batch(i);
       receive(x.data() + s0 * seq * hidden, n, i);
     }
   } else if (fp_mode) {
@@ -572,7 +576,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
       runner.set_block(weights);
       m.load_seconds += seconds_since(t0);
       for (int64_t i = 0; i < micro_batches; ++i) {
-        const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+        const auto [s0, n] = micro_batch(i);
         float* si = sent.data() + s0 * seq * hidden;
         if (b == sp.first_block) {
           float* xi = x.data() + s0 * seq * hidden;
@@ -590,7 +594,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   prefetch(sp.first_block);  // the quantization's first block
   if (!fp_mode && !layout.first()) {
     for (int64_t i = 0; i < micro_batches; ++i) {
-      const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+      const auto [s0, n] = micro_batch(i);
       transport->recv_prev(x.data() + s0 * seq * hidden, n * seq * hidden, static_cast<int>(i));
     }
   }
@@ -702,7 +706,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   m.busy_until_seconds = seconds_since(t_sync);
   if (!fp_mode && !layout.last()) {
     for (int64_t i = 0; i < micro_batches; ++i) {
-      const int64_t s0 = i * mb, n = std::min(mb, my_samples - s0);
+      const auto [s0, n] = micro_batch(i);
       transport->send_next(x.data() + s0 * seq * hidden, n * seq * hidden, static_cast<int>(i));
     }
   }
