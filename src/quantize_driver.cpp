@@ -522,9 +522,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   // leave micro-batch by micro-batch. Quantized propagation: a stage waits for the previous stage's quantized
   // outputs.
   const int64_t end_block = sp.first_block + sp.blocks;
-  uint64_t stage_block_bytes = 0;
-  for (int64_t b = sp.first_block; b < end_block; ++b) stage_block_bytes += block_source_bytes(ckpt, b);
-  const bool fp_resident = fp_mode && fp_blocks_resident(stage_block_bytes, opt.fp_resident_bytes);
+  const bool fp_resident = sp.fp_blocks == "resident";  // decided by the planner, which printed it
   // Streamed weights are read (and converted to fp32) on a helper thread while the previous block computes; the
   // first block's while this stage waits for its inputs. At most two blocks' weights are in host memory at once;
   // `load` counts only the time spent waiting for them.
