@@ -1,40 +1,27 @@
 #pragma once
-// MPI bootstrap and the job topology: world rank/size, host name, local rank on the node
-// (MPI_Comm_split_type SHARED), and ending the whole job on an error.
+// MPI bootstrap and the job topology: the ranks sharing a node (MPI_Comm_split_type SHARED). Ending the job on
+// an error is base/abort.hpp's.
 
 #include <mpi.h>
-
-#include <string>
 
 namespace pipequant::comm {
 
 class MpiEnv {
  public:
-  // Initializes MPI (thread level FUNNELED) and errors-return on MPI_COMM_WORLD.
+  // Initializes MPI (thread level FUNNELED); finalizes it in the destructor.
   MpiEnv(int* argc, char*** argv);
   ~MpiEnv();
   MpiEnv(const MpiEnv&) = delete;
   MpiEnv& operator=(const MpiEnv&) = delete;
-
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  int local_rank() const { return local_rank_; }
-  int local_size() const { return local_size_; }
-  const std::string& host() const { return host_; }
-
- private:
-  int rank_ = 0;
-  int size_ = 1;
-  int local_rank_ = 0;
-  int local_size_ = 1;
-  std::string host_;
 };
 
-// Prints "[host rN] error: message" (rank 0 prints "error: message") and ends every rank of the job with
-// `code`. Never returns.
-[[noreturn]] void abort_job(const std::string& message, int code);
+// This rank's place among the ranks of its node: they share its cores and take its GPUs round-robin.
+struct NodeRanks {
+  int local_rank = 0;
+  int local_size = 1;
+};
 
-int world_rank();
-int world_size();
+// Collective on MPI_COMM_WORLD.
+NodeRanks node_ranks();
 
 }  // namespace pipequant::comm

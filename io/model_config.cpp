@@ -8,7 +8,7 @@
 #include <fstream>
 #include <string_view>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant::io {
 

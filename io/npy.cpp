@@ -13,8 +13,8 @@
 #include <map>
 #include <variant>
 
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant::io {
 

@@ -20,8 +20,9 @@
 #include <set>
 #include <sstream>
 
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/shape.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant::io {
 
@@ -65,12 +66,6 @@ bool parse_dtype(const std::string& s, DType* out) {
     }
   }
   return false;
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
 }
 
 // A JSON value as it would appear in the file, shortened so that an error stays one line.

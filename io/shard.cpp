@@ -21,7 +21,8 @@
 #include <optional>
 #include <utility>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
+#include "base/shape.hpp"
 
 namespace pipequant::io {
 
@@ -375,12 +376,6 @@ std::vector<int64_t> dataset_shape(hid_t dset, const Where& at) {
   std::vector<int64_t> shape;
   for (hsize_t d : dims) shape.push_back(static_cast<int64_t>(d));
   return shape;
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
 }
 
 // Reads a whole dataset of the expected shape into `out` (elements of mem_type).

@@ -1,6 +1,6 @@
 // Backend selection: the CUDA entry points resolve to the CUDA backend when it is built, and say so when not.
 #include "kernels/backend.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 #ifndef PIPEQUANT_HAVE_CUDA
 namespace pipequant::kernels {

@@ -11,8 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "base/error.hpp"
+#include "base/timing.hpp"
 #include "kernels/backend.hpp"
-#include "kernels/error.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {
@@ -48,10 +49,6 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t m = v.size() / 2;
   return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 // GFLOP/s of a 2048^3 sgemm through the backend (cblas_sgemm on the cpu backend), median of 3 after a warm-up.

@@ -16,7 +16,8 @@
 #include "comm/stage.hpp"
 #include "io/npy.hpp"
 #include "io/shard.hpp"
-#include "kernels/error.hpp"
+#include "base/abort.hpp"
+#include "base/error.hpp"
 #include "src/bench_gptq.hpp"
 #include "src/driver_util.hpp"
 #include "src/inspect.hpp"
@@ -79,7 +80,7 @@ bool parse(Command& cmd, int argc, char** argv) {
 }
 
 bool print_help(const Command& cmd) {
-  if (comm::world_rank() == 0) std::cout << cmd.desc << std::endl;
+  if (world_rank() == 0) std::cout << cmd.desc << std::endl;
   return true;
 }
 
@@ -125,14 +126,20 @@ void add_run_options(po::options_description& d) {
 
 RunOptions run_options(const po::variables_map& vm) {
   RunOptions r;
-  r.backend = vm["backend"].as<std::string>();
+  const std::string backend = vm["backend"].as<std::string>();
+  PQ_REQUIRE(backend == "auto" || backend == "cpu" || backend == "cuda", "--backend: expected auto, cpu or cuda, got '",
+             backend, "'");
+  r.backend = backend == "cpu" ? BackendKind::kCpu : backend == "cuda" ? BackendKind::kCuda : BackendKind::kAuto;
   r.threads = vm["threads"].as<int>();
   r.micro_batch = vm["micro-batch"].as<int64_t>();
   r.gpu_mem_gb = vm["gpu-mem"].as<double>();
-  r.compute_dtype = vm["compute-dtype"].as<std::string>();
-  PQ_REQUIRE(
-      r.compute_dtype == "auto" || r.compute_dtype == "fp32" || r.compute_dtype == "bf16" || r.compute_dtype == "fp16",
-      "--compute-dtype: expected auto, fp32, bf16 or fp16, got '", r.compute_dtype, "'");
+  const std::string dtype = vm["compute-dtype"].as<std::string>();
+  PQ_REQUIRE(dtype == "auto" || dtype == "fp32" || dtype == "bf16" || dtype == "fp16",
+             "--compute-dtype: expected auto, fp32, bf16 or fp16, got '", dtype, "'");
+  r.compute_dtype = dtype == "fp32"   ? ComputeDtype::kFp32
+                    : dtype == "bf16" ? ComputeDtype::kBf16
+                    : dtype == "fp16" ? ComputeDtype::kFp16
+                                      : ComputeDtype::kAuto;
   PQ_REQUIRE(r.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", r.gpu_mem_gb);
   PQ_REQUIRE(r.micro_batch > 0, "--micro-batch must be positive, got ", r.micro_batch);
   PQ_REQUIRE(r.threads >= 0, "--threads must be >= 0, got ", r.threads);
@@ -196,7 +203,10 @@ int cmd_quantize(int argc, char** argv) {
   PQ_REQUIRE(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
   PQ_REQUIRE(o.nsamples >= 0, "--nsamples must be >= 0, got ", o.nsamples);
   o.quant = quant_config(cmd.vm);
-  o.propagation = cmd.vm["propagation"].as<std::string>();
+  const std::string propagation = cmd.vm["propagation"].as<std::string>();
+  PQ_REQUIRE(propagation == "quantized" || propagation == "fp", "--propagation: expected quantized or fp, got '",
+             propagation, "'");
+  o.propagation = propagation == "fp" ? Propagation::kFp : Propagation::kQuantized;
   o.overwrite = cmd.vm["overwrite"].as<bool>();
   if (cmd.vm.count("metrics")) o.metrics_path = cmd.vm["metrics"].as<std::string>();
   o.run = run_options(cmd.vm);
@@ -214,6 +224,9 @@ int cmd_quantize(int argc, char** argv) {
                         "ranks-per-stage", "blocks-per-stage", "transport", "dry-run", "fp-resident-gb"})
     args.erase(k);
   o.args_json = args.dump();
+  args.erase("model");
+  args.erase("calib");
+  o.fingerprint_args_json = args.dump();
   run_quantize(o);
   return 0;
 }
@@ -244,7 +257,7 @@ int cmd_inspect(int argc, char** argv) {
   cmd.positional.add("out", 1);
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
   const std::string out = required<std::string>(cmd.vm, "out", cmd.name);
-  if (comm::world_rank() != 0) return 0;
+  if (world_rank() != 0) return 0;
   return run_inspect(out, std::cout);
 }
 
@@ -319,7 +332,7 @@ int cmd_synth(int argc, char** argv) {
   s.dtype = cmd.vm["dtype"].as<std::string>();
   s.seed = cmd.vm["seed"].as<uint64_t>();
   s.tie_word_embeddings = cmd.vm["tie-word-embeddings"].as<bool>();
-  if (comm::world_rank() == 0) {
+  if (world_rank() == 0) {
     write_synthetic_checkpoint(s);
     std::printf("synth: wrote %s (config.json, model.safetensors)\n", s.out_dir.c_str());
   }
@@ -337,7 +350,7 @@ int cmd_synth_tokens(int argc, char** argv) {
   const auto vocab = required<int64_t>(cmd.vm, "vocab-size", cmd.name);
   PQ_REQUIRE(count > 0, "--count must be positive, got ", count);
   PQ_REQUIRE(vocab > 1, "--vocab-size must be > 1, got ", vocab);
-  if (comm::world_rank() == 0) {
+  if (world_rank() == 0) {
     write_synthetic_tokens(out, count, vocab, cmd.vm["seed"].as<uint64_t>());
     std::printf("synth-tokens: wrote %s (%lld tokens)\n", out.c_str(), static_cast<long long>(count));
   }
@@ -351,12 +364,12 @@ int cmd_bench_transport(int argc, char** argv) {
       "iters", po::value<int>()->default_value(20), "timed iterations per size")(
       "warmup", po::value<int>()->default_value(5), "untimed iterations per size");
   if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
-  PQ_REQUIRE(comm::world_size() >= 2,
+  PQ_REQUIRE(world_size() >= 2,
              "pipequant bench transport: needs 2 ranks (mpirun -np 2 pipequant bench transport)");
   std::string table;
   const int rc = comm::run_transport_benchmark(cmd.vm["min-bytes"].as<int64_t>(), cmd.vm["max-bytes"].as<int64_t>(),
                                                cmd.vm["iters"].as<int>(), cmd.vm["warmup"].as<int>(), table);
-  if (comm::world_rank() == 0) std::fputs(table.c_str(), stdout);
+  if (world_rank() == 0) std::fputs(table.c_str(), stdout);
   return rc;
 }
 
@@ -383,7 +396,7 @@ int cmd_bench_hessian(int argc, char** argv) {
     widths.push_back(k);
   }
   const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
-  if (comm::world_rank() != 0) return 0;
+  if (world_rank() != 0) return 0;
   return run_bench_hessian(*backend, widths, cmd.vm["tokens"].as<int64_t>(), cmd.vm["reps"].as<int>(), std::cout);
 }
 
@@ -406,7 +419,7 @@ int cmd_bench(int argc, char** argv) {
   for (std::string s; std::getline(ss, s, ',');)
     if (!s.empty()) shapes.push_back(s);
   const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
-  if (comm::world_rank() != 0) return 0;
+  if (world_rank() != 0) return 0;
   return run_bench_gptq(*backend, shapes, cmd.vm["reps"].as<int>(), cmd.vm["bits"].as<int>(),
                         cmd.vm["group-size"].as<int64_t>(), std::cout);
 }
@@ -415,7 +428,7 @@ int cmd_bench(int argc, char** argv) {
 
 int run_cli(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" || std::string(argv[1]) == "help") {
-    if (comm::world_rank() == 0) std::fputs(kUsage, stdout);
+    if (world_rank() == 0) std::fputs(kUsage, stdout);
     return argc < 2 ? 2 : 0;
   }
   const std::string command = argv[1];
@@ -428,7 +441,7 @@ int run_cli(int argc, char** argv) {
   if (command == "synth-tokens") return cmd_synth_tokens(argc - 1, argv + 1);
   if (command == "bench") return cmd_bench(argc - 1, argv + 1);
   if (command == "version" || command == "--version") {
-    if (comm::world_rank() == 0) std::printf("pipequant %s\n", version());
+    if (world_rank() == 0) std::printf("pipequant %s\n", version());
     return 0;
   }
   fail("unknown command '", command, "'\n", kUsage);

@@ -1,6 +1,5 @@
 #include "src/driver_util.hpp"
 
-#include <mpi.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -8,41 +7,40 @@
 #include <filesystem>
 #include <fstream>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
+#include "comm/mpi_env.hpp"
 
 namespace pipequant {
 
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   // the ranks on this node share its cores, and take its GPUs round-robin by local rank
-  MPI_Comm local;
-  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local);
-  int local_size = 1, local_rank = 0;
-  MPI_Comm_size(local, &local_size);
-  MPI_Comm_rank(local, &local_rank);
-  MPI_Comm_free(&local);
-  const int threads = run.threads > 0 ? run.threads : std::max(1, omp_get_num_procs() / local_size);
+  const comm::NodeRanks node = comm::node_ranks();
+  const int threads = run.threads > 0 ? run.threads : std::max(1, omp_get_num_procs() / node.local_size);
   const auto budget = static_cast<size_t>(run.gpu_mem_gb * 1e9);
   const auto cuda = [&] {
     const int devices = kernels::cuda_device_count();
-    auto backend = kernels::make_cuda_backend(devices > 0 ? local_rank % devices : 0, budget);
+    auto backend = kernels::make_cuda_backend(devices > 0 ? node.local_rank % devices : 0, budget);
     // solves whose Hessian does not fit the budget run on the host (DESIGN.md section 4, fallback 3)
     backend->set_host_fallback(kernels::make_cpu_backend(threads));
     return backend;
   };
-  if (run.backend == "cpu") return kernels::make_cpu_backend(threads);
-  if (run.backend == "cuda") return cuda();
-  PQ_REQUIRE(run.backend == "auto", "--backend: expected auto, cpu or cuda, got '", run.backend, "'");
+  switch (run.backend) {
+    case BackendKind::kCpu: return kernels::make_cpu_backend(threads);
+    case BackendKind::kCuda: return cuda();
+    case BackendKind::kAuto: break;
+  }
   if (kernels::cuda_device_count() > 0) return cuda();
   return kernels::make_cpu_backend(threads);
 }
 
 std::optional<kernels::HalfFormat> forward_format(const RunOptions& run, const kernels::Backend& backend,
                                                   const io::ModelConfig& config) {
-  const std::string& d = run.compute_dtype;
-  if (d == "fp32") return std::nullopt;
-  if (d == "bf16") return kernels::HalfFormat::kBF16;
-  if (d == "fp16") return kernels::HalfFormat::kF16;
-  PQ_REQUIRE(d == "auto", "--compute-dtype: expected auto, fp32, bf16 or fp16, got '", d, "'");
+  switch (run.compute_dtype) {
+    case ComputeDtype::kFp32: return std::nullopt;
+    case ComputeDtype::kBf16: return kernels::HalfFormat::kBF16;
+    case ComputeDtype::kFp16: return kernels::HalfFormat::kF16;
+    case ComputeDtype::kAuto: break;
+  }
   // the CPU backend is the fp32 reference; on a GPU the checkpoint's own 16-bit dtype runs on tensor cores
   if (backend.name() != "cuda") return std::nullopt;
   if (config.torch_dtype == "bfloat16") return kernels::HalfFormat::kBF16;

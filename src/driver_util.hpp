@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "base/timing.hpp"
 #include "io/model_config.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
@@ -17,8 +18,6 @@
 
 namespace pipequant {
 
-using Clock = std::chrono::steady_clock;
-inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // The backend of --backend, with the CPU threads of --threads (0: the node's cores shared by its ranks).
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run);

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "io/shard.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant {
 

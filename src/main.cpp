@@ -3,9 +3,10 @@
 #include <exception>
 #include <new>
 
+#include "base/abort.hpp"
 #include "comm/mpi_env.hpp"
 #include "io/shard.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "src/cli.hpp"
 
 int main(int argc, char** argv) {
@@ -14,10 +15,10 @@ int main(int argc, char** argv) {
   try {
     return pipequant::run_cli(argc, argv);
   } catch (const pipequant::UserError& e) {
-    pipequant::comm::abort_job(e.what(), 2);
+    pipequant::abort_job(e.what(), 2);
   } catch (const std::bad_alloc&) {
-    pipequant::comm::abort_job("out of host memory (try a smaller --micro-batch or --nsamples)", 3);
+    pipequant::abort_job("out of host memory (try a smaller --micro-batch or --nsamples)", 3);
   } catch (const std::exception& e) {
-    pipequant::comm::abort_job(std::string("unexpected failure: ") + e.what(), 4);
+    pipequant::abort_job(std::string("unexpected failure: ") + e.what(), 4);
   }
 }

@@ -4,8 +4,9 @@
 #include <cstring>
 #include <numbers>
 
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/shape.hpp"
+#include "base/numeric.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {
@@ -73,11 +74,6 @@ bool has_bias(const io::ModelConfig& c, int module_index) {
   return module_index < 4 ? (c.attention_bias && module_index != 3) : c.mlp_bias;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 void expect_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& config, const std::string& name,
                    const std::vector<int64_t>& shape) {

@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {

@@ -15,7 +15,8 @@
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
-#include "kernels/error.hpp"
+#include "base/abort.hpp"
+#include "base/error.hpp"
 #include "src/calibration.hpp"
 #include "src/driver_util.hpp"
 #include "src/model.hpp"
@@ -24,7 +25,7 @@ namespace pipequant {
 
 EvalResult run_eval(const EvalOptions& opt) {
   const auto t_start = Clock::now();
-  const bool root = comm::world_rank() == 0;
+  const bool root = world_rank() == 0;
   const io::ModelConfig config = io::ModelConfig::load(opt.model_dir);
   std::unique_ptr<io::Checkpoint> ckpt;
   std::unique_ptr<WeightSource> source;

@@ -5,7 +5,7 @@
 #include <limits>
 #include <sstream>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant {
 

@@ -7,7 +7,8 @@
 #include <numeric>
 #include <sstream>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
+#include "base/timing.hpp"
 
 namespace pipequant {
 
@@ -27,10 +28,6 @@ inline constexpr int64_t kPanelColumns = 1024;
 inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
 // Host staging for uploads built row by row (16 MB).
 inline constexpr int64_t kStagingFloats = int64_t{1} << 22;
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 template <typename T>
 void upload(Backend& backend, Buffer<T>& dst, const T* src, int64_t count) {

@@ -24,7 +24,7 @@
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "src/calibration.hpp"
 #include "src/driver_util.hpp"
 #include "src/hessian.hpp"
@@ -35,8 +35,6 @@
 namespace pipequant {
 
 namespace {
-
-const char* method_name(Method m) { return m == Method::kGptq ? "gptq" : "rtn"; }
 
 std::string shard_file(int stage, int stages) {
   char buf[64];
@@ -302,8 +300,6 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   MPI_Comm_size(MPI_COMM_WORLD, &world_size);
   const bool root = world_rank == 0;
   validate(opt.quant);
-  PQ_REQUIRE(opt.propagation == "quantized" || opt.propagation == "fp",
-             "--propagation: expected quantized or fp, got '", opt.propagation, "'");
   PQ_REQUIRE(opt.run.micro_batch > 0, "--micro-batch must be positive");
 
   // inputs, validated the same way on every rank (headers only: data is mapped when first read)
@@ -332,7 +328,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   pin.samples = calib.count;
   pin.seq_len = calib.seq;
   pin.micro_batch = opt.run.micro_batch;
-  pin.fp_propagation = opt.propagation == "fp";
+  pin.fp_propagation = opt.propagation == Propagation::kFp;
   pin.fp_resident_bytes = opt.fp_resident_bytes;
   const Plan plan = make_plan(pin);
   // where the results go, checked before any work (and before the plan is printed, so that an error is the only
@@ -372,7 +368,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   }
   if (root) add_weight_samples(fp_model, ckpt);
   fp_calib.add(calib.tokens.data(), calib.tokens.size() * sizeof(int32_t));
-  fp_args.add(result_args(opt.args_json));
+  fp_args.add(opt.fingerprint_args_json);
 
   io::ModelIndex index;
   index.config_json = config.raw.dump();
@@ -425,10 +421,10 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     std::printf(
         "pipequant quantize: %s, %lld blocks, %s %d-bit group %lld%s%s, %lld samples x %lld tokens, "
         "propagation %s, transport mpi\n",
-        opt.model_dir.c_str(), static_cast<long long>(config.num_layers), method_name(opt.quant.method), opt.quant.bits,
+        opt.model_dir.c_str(), static_cast<long long>(config.num_layers), name(opt.quant.method), opt.quant.bits,
         static_cast<long long>(opt.quant.group_size), opt.quant.sym ? " sym" : "",
         opt.quant.act_order ? " act-order" : "", static_cast<long long>(calib.count), static_cast<long long>(calib.seq),
-        opt.propagation.c_str());
+        name(opt.propagation));
     std::fflush(stdout);
   }
   MPI_Bcast(&resume, 1, MPI_INT, 0, MPI_COMM_WORLD);
@@ -493,7 +489,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
   const auto micro_batch = [&](int64_t i) {
     return std::pair<int64_t, int64_t>{i * mb, std::min(mb, my_samples - i * mb)};
   };
-  const bool fp_mode = opt.propagation == "fp";
+  const bool fp_mode = opt.propagation == Propagation::kFp;
 
   StageMetrics m;
   m.stage = layout.stage;
@@ -754,7 +750,7 @@ std::vector<StageMetrics> run_quantize(const QuantizeOptions& opt) {
     index.complete = true;
     io::write_model_index(opt.out_dir, index);
     std::ostringstream os;
-    print_report(os, stages_metrics, method_name(opt.quant.method), opt.propagation,
+    print_report(os, stages_metrics, name(opt.quant.method), name(opt.propagation),
                  backend->name() + ", forward GEMMs " + format_name(half));
     std::fputs(os.str().c_str(), stdout);
     std::printf("output: %s/model.h5 (complete)\n", opt.out_dir.c_str());

@@ -8,7 +8,7 @@
 #include <iomanip>
 #include <map>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant {
 

@@ -14,8 +14,8 @@
 #include "io/model_config.hpp"
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant {
 

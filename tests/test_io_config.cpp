@@ -5,7 +5,7 @@
 #include <functional>
 
 #include "io/model_config.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "tests/testdata.hpp"
 
 namespace pipequant::io {

@@ -7,8 +7,8 @@
 #include <functional>
 
 #include "io/npy.hpp"
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "tests/testdata.hpp"
 
 namespace pipequant::io {

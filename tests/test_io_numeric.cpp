@@ -1,11 +1,11 @@
-// fp16 / bf16 conversions (kernels/numeric.hpp) against known bit patterns, rounding, and exhaustive round trips.
+// fp16 / bf16 conversions (base/numeric.hpp) against known bit patterns, rounding, and exhaustive round trips.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#include "kernels/numeric.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant {
 namespace {

@@ -11,8 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include "io/safetensors.hpp"
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "tests/testdata.hpp"
 
 namespace pipequant::io {

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "io/shard.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "tests/testdata.hpp"
 
 namespace pipequant::io {

@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant::kernels {
 namespace {

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "kernels/backend.hpp"
-#include "kernels/numeric.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant::kernels {
 namespace {

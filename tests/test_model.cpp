@@ -7,7 +7,7 @@
 
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "src/model.hpp"
 #include "src/pipeline.hpp"
 #include "tests/testdata.hpp"

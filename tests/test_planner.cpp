@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "src/planner.hpp"
 
 namespace pipequant {

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "kernels/backend.hpp"
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {

@@ -12,7 +12,7 @@
 #include "io/model_config.hpp"
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "src/model.hpp"
 #include "src/pipeline.hpp"
 #include "src/synth.hpp"

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 #include <unistd.h>
 

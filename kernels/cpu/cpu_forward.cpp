@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant::kernels {
 

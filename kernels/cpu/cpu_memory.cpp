@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.hpp"
-#include "kernels/error.hpp"
-#include "kernels/numeric.hpp"
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 
 namespace pipequant::kernels {
 

@@ -1,29 +1,17 @@
 // The failure path of CUDA_CHECK / CUBLAS_CHECK / CUSOLVER_CHECK.
-#include <mpi.h>
-#include <unistd.h>
-
-#include <cstdio>
-#include <cstdlib>
-
+#include "base/abort.hpp"
+#include "base/error.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 
 namespace pipequant::kernels::detail {
 
 void cuda_library_failed(const char* library, int code, const char* text, const char* statement, const char* file,
                          int line) {
-  int initialized = 0, finalized = 0, rank = 0;
-  MPI_Initialized(&initialized);
-  MPI_Finalized(&finalized);
-  if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  char host[256] = "?";
-  gethostname(host, sizeof(host) - 1);
   int device = -1;
   cudaGetDevice(&device);  // best effort: the context may be the thing that failed
-  std::fprintf(stderr, "[%s r%d] %s error %d (%s): %s failed at %s:%d on device %d\n", host, rank, library, code,
-               text ? text : "?", statement, file, line, device);
-  std::fflush(stderr);
-  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, 4);
-  std::abort();
+  abort_job(::pipequant::detail::concat(library, " error ", code, " (", text ? text : "?", "): ", statement, " failed at ", file, ":",
+                           line, " on device ", device),
+            4, Failure::kInternal);
 }
 
 const char* cusolver_status_string(cusolverStatus_t status) {

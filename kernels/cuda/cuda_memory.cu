@@ -9,7 +9,7 @@
 #include "kernels/cuda/cuda_backend.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/cuda_common.cuh"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant::kernels {
 
@@ -246,7 +246,7 @@ void CudaBackend::gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, floa
 
 namespace {
 
-// x [n] fp32 -> the bits of the 16-bit format, round to nearest even (as kernels/numeric.hpp does on the host).
+// x [n] fp32 -> the bits of the 16-bit format, round to nearest even (as base/numeric.hpp does on the host).
 __global__ void round_to_half_kernel(const float* x, uint16_t* out, int64_t n, bool bf16) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
     out[i] = bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x[i])) : __half_as_ushort(__float2half_rn(x[i]));

@@ -9,7 +9,7 @@
 #include "kernels/cuda/cuda_backend.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/cuda_common.cuh"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace pipequant::kernels {
 

@@ -1,0 +1,28 @@
+#include "src/options.hpp"
+
+namespace pipequant {
+
+const char* name(Propagation p) { return p == Propagation::kFp ? "fp" : "quantized"; }
+
+const char* name(BackendKind b) {
+  switch (b) {
+    case BackendKind::kCpu: return "cpu";
+    case BackendKind::kCuda: return "cuda";
+    case BackendKind::kAuto: break;
+  }
+  return "auto";
+}
+
+const char* name(ComputeDtype d) {
+  switch (d) {
+    case ComputeDtype::kFp32: return "fp32";
+    case ComputeDtype::kBf16: return "bf16";
+    case ComputeDtype::kFp16: return "fp16";
+    case ComputeDtype::kAuto: break;
+  }
+  return "auto";
+}
+
+const char* name(Method m) { return m == Method::kGptq ? "gptq" : "rtn"; }
+
+}  // namespace pipequant

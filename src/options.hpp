@@ -1,0 +1,72 @@
+#pragma once
+// The options of the quantize and eval commands as typed values. The CLI (src/cli.cpp) parses and checks them
+// once; everything past it reads these types and never a string to compare.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/quant.hpp"
+
+namespace pipequant {
+
+// How each block's calibration inputs are obtained (docs/design.md section 2).
+enum class Propagation {
+  kQuantized,  // block i+1 sees the outputs of the already-quantized block i (the GPTQ paper's)
+  kFp,         // block inputs come from the unquantized model: every stage works at once
+};
+
+enum class BackendKind { kAuto, kCpu, kCuda };
+
+// The GEMMs of the block forward: the checkpoint's 16-bit dtype on the cuda backend (auto), or as named.
+enum class ComputeDtype { kAuto, kFp32, kBf16, kFp16 };
+
+// The spellings of the command line ("quantized", "cuda", "bf16", ...), also used in reports.
+const char* name(Propagation p);
+const char* name(BackendKind b);
+const char* name(ComputeDtype d);
+const char* name(Method m);
+
+struct RunOptions {
+  BackendKind backend = BackendKind::kAuto;
+  int threads = 0;          // CPU threads, 0 = the node's cores shared by its ranks
+  int64_t micro_batch = 4;  // samples per forward call
+  double gpu_mem_gb = 0.0;  // CUDA allocator budget per rank in GB (1e9 bytes); 0 = free memory less a margin
+  ComputeDtype compute_dtype = ComputeDtype::kAuto;
+};
+
+struct QuantizeOptions {
+  std::string model_dir;
+  std::string calib_path;
+  std::string out_dir;
+  int64_t seq_len = 2048;
+  int64_t nsamples = 0;  // 0: all windows of the file, at most 128
+  QuantConfig quant;
+  Propagation propagation = Propagation::kQuantized;
+  bool overwrite = false;
+  std::string metrics_path;
+  int ranks_per_stage = 1;       // D: ranks of one stage group (world = P stages x D)
+  std::string blocks_per_stage;  // "" = balance by bytes; "N" or "a,b,c"
+  bool dry_run = false;          // print the plan and stop
+  // fp propagation keeps a stage's blocks in host memory when their fp32 copies (counted as twice the source
+  // bytes) fit this, and streams them one at a time otherwise
+  uint64_t fp_resident_bytes = uint64_t{16} * 1000 * 1000 * 1000;
+  RunOptions run;
+
+  // The command line as JSON, stored in model.h5 (inputs and every option that changes the result).
+  std::string args_json;
+  // The options that change the result (declared so beside each option in the CLI), as JSON: the arguments
+  // part of the resume fingerprint. Input paths are not among them (their contents are fingerprinted).
+  std::string fingerprint_args_json;
+};
+
+struct EvalOptions {
+  std::string model_dir;
+  std::string quantized_dir;  // empty: the original checkpoint
+  std::string tokens_path;
+  int64_t seq_len = 2048;
+  int64_t max_windows = 0;  // 0: all
+  RunOptions run;
+};
+
+}  // namespace pipequant
