@@ -34,7 +34,12 @@ int world_size() {
 std::string rank_label() {
   char host[256] = "?";
   gethostname(host, sizeof(host) - 1);
-  return "[" + std::string(host) + " r" + std::to_string(world_rank()) + "]";
+  std::string label = "[";
+  label += host;
+  label += " r";
+  label += std::to_string(world_rank());
+  label += ']';
+  return label;
 }
 
 void abort_job(const std::string& message, int code, Failure kind) {

@@ -1,5 +1,5 @@
 #pragma once
-// Stage communicators and the activation transport between pipeline stages (DESIGN.md section 7).
+// Stage communicators and the activation transport between pipeline stages (docs/design.md section 7).
 // World = P stages x D ranks; rank r is member r % D of stage r / D and exchanges activations with the
 // member of the same index in the neighbouring stages only.
 
@@ -18,9 +18,9 @@ struct StageLayout {
   int stages = 1;           // P
   int ranks_per_stage = 1;  // D
   int stage = 0;
-  int index = 0;            // member index inside the stage group
-  int prev = -1;            // world rank of the peer in the previous stage, -1 for the first stage
-  int next = -1;            // world rank of the peer in the next stage, -1 for the last stage
+  int index = 0;                        // member index inside the stage group
+  int prev = -1;                        // world rank of the peer in the previous stage, -1 for the first stage
+  int next = -1;                        // world rank of the peer in the next stage, -1 for the last stage
   MPI_Comm stage_comm = MPI_COMM_NULL;  // the D ranks of this stage
   bool first() const { return stage == 0; }
   bool last() const { return stage == stages - 1; }
@@ -52,8 +52,9 @@ class ActivationTransport {
 
 std::unique_ptr<ActivationTransport> make_mpi_transport(const StageLayout& layout);
 
-// Point-to-point bandwidth between world ranks 0 and 1 over a transport-like pattern, printed as an
-// nccl-tests style table (size, count, type, time, algbw, busbw) by rank 0. Collective on the world.
+// Point-to-point bandwidth between world ranks 0 and 1 through the transport the driver uses (make_mpi_transport,
+// rank 0 as stage 0 and rank 1 as stage 1), as an nccl-tests style table (size, count, type, time, algbw, busbw)
+// that the caller prints on rank 0. Collective on the world; ranks beyond 1 only meet the barriers.
 int run_transport_benchmark(int64_t min_bytes, int64_t max_bytes, int iters, int warmup, std::string& table);
 
 }  // namespace pipequant::comm

@@ -9,6 +9,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <deque>
 #include <string>
 #include <utility>
@@ -18,8 +19,9 @@
 
 namespace pipequant::comm {
 
-// The largest element count one MPI call carries (MPI counts are int).
-inline constexpr int64_t kDefaultMaxCount = int64_t{1} << 30;
+// The largest element count one MPI call carries (MPI counts are int); it also bounds the scratch of a sum (128 MB
+// of doubles), and the pieces stay large enough for full bandwidth.
+inline constexpr int64_t kDefaultMaxCount = int64_t{1} << 24;
 
 class StageGroup {
  public:
@@ -31,8 +33,8 @@ class StageGroup {
 
   const StageLayout& layout() const { return layout_; }
   MPI_Comm comm() const { return layout_.stage_comm; }  // the D ranks of this stage (for parallel HDF5)
-  int index() const { return layout_.index; }            // this rank's member index in the group
-  int size() const { return layout_.ranks_per_stage; }   // D
+  int index() const { return layout_.index; }           // this rank's member index in the group
+  int size() const { return layout_.ranks_per_stage; }  // D
   bool root() const { return layout_.index == 0; }
   int64_t max_count() const { return max_count_; }
 
@@ -40,8 +42,9 @@ class StageGroup {
   // member `index()` owns [begin, end). Chunks are split as evenly as possible, in member order.
   std::pair<int64_t, int64_t> owned_range(int64_t count, int64_t chunk = 1) const;
 
-  // In place: every member ends with the element-wise sum of all members' `data` (reduced to the group root in
-  // a fixed order, then broadcast, so that every member holds the same bits). `count` may exceed 2^31.
+  // In place: every member ends with the element-wise sum of all members' `data`, added on the group root in member
+  // order (member 0 + member 1 + ..., left to right) and then broadcast, so that every member holds the same bits
+  // whatever the MPI library and max_count. `count` (the same on every member) may exceed 2^31.
   void sum(double* data, int64_t count) const;
   void sum(int64_t* data, int64_t count) const;
 
@@ -54,6 +57,9 @@ class StageGroup {
   void broadcast(std::vector<int64_t>& values) const;
   void broadcast(int& value) const;
 
+  // No member leaves before every member has arrived (e.g. the root's checks of a shard precede its reopening).
+  void barrier() const;
+
  private:
   StageLayout layout_;
   int64_t max_count_;
@@ -65,9 +71,10 @@ std::vector<std::string> gather_to_world_root(const std::string& mine);
 
 // One progress line per block on world rank 0: rank 0 prints its own stage's lines and the other stage roots send
 // theirs, which rank 0 prints as they come (checked after each of its own lines, then waited for in drain()).
+// `out` is where rank 0 prints (stdout in the program, a file in the tests).
 class ProgressRelay {
  public:
-  ProgressRelay();
+  explicit ProgressRelay(std::FILE* out = stdout);
   // While an error unwinds the stack, rank 0 may never receive: the destructor does not wait then (the job is
   // about to be aborted).
   ~ProgressRelay();
@@ -85,6 +92,7 @@ class ProgressRelay {
   void receive_one();
   void finish_sends();
 
+  std::FILE* out_;
   int rank_ = 0;
   int64_t printed_ = 0;
   std::deque<std::string> pending_;  // buffers of the sends in flight (a deque keeps them in place)

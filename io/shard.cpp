@@ -1,4 +1,4 @@
-// HDF5 shards and model.h5 (DESIGN.md section 5, docs/output_format.md).
+// HDF5 shards and model.h5 (docs/design.md section 5, docs/output_format.md).
 //
 // Every HDF5 call is checked; a failure becomes a UserError that names the file, the object and what failed,
 // with the most specific message of HDF5's error stack appended (its own printing is switched off). Handles
@@ -337,10 +337,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------------------
 // Raw data
 
-// The rows of a dataset's first dimension that `rank` writes: [begin, end). One writer for now, since every
-// rank holds the whole tensor; giving each rank its own slice is a change of this function (and of the
-// checksums, which then need crc32_combine over the ranks in order).
-std::pair<int64_t, int64_t> owned_rows(int64_t rows, int rank, int /*size*/) {
+// The rows of a dataset's first dimension that `rank` writes: [begin, end). Rank 0 writes all of them, since every
+// rank holds the whole tensor. Per-rank slices are future work of the parallel-write issue: a change of this
+// function (which then needs the communicator size) and of the checksums (crc32_combine over the ranks in order).
+std::pair<int64_t, int64_t> owned_rows(int64_t rows, int rank) {
   return rank == 0 ? std::pair<int64_t, int64_t>{0, rows} : std::pair<int64_t, int64_t>{0, 0};
 }
 
@@ -516,7 +516,6 @@ uint64_t packed_bytes(const PackedLinear& l) {
 
 ShardWriter::ShardWriter(const std::string& path, MPI_Comm comm, bool resume) : path_(path), comm_(comm) {
   MPI_Comm_rank(comm_, &rank_);
-  MPI_Comm_size(comm_, &size_);
   const Where at{path_, ""};
   PlistHandle fapl = checked<PlistHandle>(H5Pcreate(H5P_FILE_ACCESS), path_, "", "cannot create a property list");
   check(H5Pset_fapl_mpio(fapl.get(), comm_, MPI_INFO_NULL), path_, "", "cannot select the MPI-IO driver");
@@ -589,7 +588,7 @@ void ShardWriter::write_dataset(long long parent, const std::string& object, con
   // this rank's part: rows [r0, r1) of the first dimension (a scalar counts as one row)
   const int64_t count = element_count(shape);
   const int64_t rows = shape.empty() ? 1 : shape[0];
-  const auto [r0, r1] = count == 0 ? std::pair<int64_t, int64_t>{0, 0} : owned_rows(rows, rank_, size_);
+  const auto [r0, r1] = count == 0 ? std::pair<int64_t, int64_t>{0, 0} : owned_rows(rows, rank_);
   const int64_t row_elems = rows > 0 ? count / rows : 0;
   SpaceHandle mspace;
   const char* ptr = static_cast<const char*>(data);
@@ -614,8 +613,7 @@ void ShardWriter::write_dataset(long long parent, const std::string& object, con
   if (ptr == nullptr) ptr = &kNoData;
 
   PlistHandle dxpl = checked<PlistHandle>(H5Pcreate(H5P_DATASET_XFER), path_, full, "cannot create a property list");
-  check(H5Pset_dxpl_mpio(dxpl.get(), mode_ == TransferMode::kCollective ? H5FD_MPIO_COLLECTIVE : H5FD_MPIO_INDEPENDENT),
-        path_, full, "cannot set the transfer mode");
+  check(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_COLLECTIVE), path_, full, "cannot set the transfer mode");
   check(H5Dwrite(dset.get(), mem_type, mspace.get(), fspace.get(), dxpl.get(), ptr), path_, full,
         "cannot write dataset (is the disk full?)");
   uint32_t local_cause = 0, global_cause = 0;

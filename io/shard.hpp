@@ -1,5 +1,5 @@
 #pragma once
-// The HDF5 output (DESIGN.md section 5). One shard per stage, written through parallel HDF5 (MPI-IO) on the
+// The HDF5 output (docs/design.md section 5). One shard per stage, written through parallel HDF5 (MPI-IO) on the
 // stage communicator, and model.h5, written by rank 0, which holds the config, the arguments, the
 // fingerprint and external links to every block and tensor, so that one file shows the whole model.
 //
@@ -57,9 +57,6 @@ struct DenseTensor {
 
 uint32_t crc32_of(const void* data, size_t bytes);
 
-// How raw data reaches the file: collective MPI-IO (the default) or independent (for comparison in benchmarks).
-enum class TransferMode { kCollective, kIndependent };
-
 class ShardWriter {
  public:
   // Creates `path` (truncating) or, with `resume`, opens it for appending; collective on `comm`.
@@ -80,7 +77,6 @@ class ShardWriter {
   bool last_write_was_collective() const { return last_collective_; }
   // The global H5D_mpio_no_collective_cause_t bits of the last raw-data write (0 = collective).
   uint32_t last_no_collective_cause() const { return last_cause_; }
-  void set_transfer_mode(TransferMode mode) { mode_ = mode; }
   // Bytes of raw data written to the file by the whole communicator (the same value on every rank).
   uint64_t bytes_written() const { return bytes_written_; }
   const std::string& path() const { return path_; }
@@ -97,8 +93,6 @@ class ShardWriter {
   long long file_ = -1;  // hid_t
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
-  int size_ = 1;
-  TransferMode mode_ = TransferMode::kCollective;
   bool last_collective_ = false;
   uint32_t last_cause_ = 0;
   uint64_t bytes_written_ = 0;

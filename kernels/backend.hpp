@@ -1,15 +1,20 @@
 #pragma once
 // The backend interface: every piece of arithmetic the program does on weights and activations.
-// Two implementations: kernels/cpu (OpenBLAS + LAPACKE + OpenMP, the readable reference) and kernels/cuda.
+// Two implementations: kernels/cpu (OpenBLAS + LAPACKE + OpenMP, with the readable GPTQ and Cholesky beside it in
+// kernels/cpu/gptq_reference.hpp) and kernels/cuda; tests/backend_ops.cpp checks both against the readable versions.
 // All matrices are row-major fp32 unless said otherwise; pointers are backend memory (host memory for cpu).
 // Launch-style entry points check their preconditions with PQ_ASSERT; shapes are validated at the boundary
 // (src/), not here.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <utility>
+
+#include "base/error.hpp"
 
 namespace pipequant::kernels {
 
@@ -73,7 +78,7 @@ class Backend {
     return budget == 0 ? SIZE_MAX : budget - (live < budget ? live : budget);
   }
 
-  // Where work that does not fit this backend's budget goes (DESIGN.md section 4, fallback 3: a Hessian too
+  // Where work that does not fit this backend's budget goes (docs/design.md section 4, fallback 3: a Hessian too
   // large for the device is factored and solved on the CPU); null when there is no such backend.
   Backend* host_fallback() const { return host_fallback_.get(); }
   void set_host_fallback(std::unique_ptr<Backend> host) { host_fallback_ = std::move(host); }
@@ -130,10 +135,51 @@ class Backend {
                         int64_t groups, const int32_t* param_of, QuantGrid grid, uint8_t* q, float* deq) = 0;
   // The GPTQ column loop of one block (see GptqBlockArgs).
   virtual void gptq_block(const GptqBlockArgs& args) = 0;
+  // The GPTQ column loop over all columns: gptq_block on blocks of `block` columns, each followed by the lazy
+  // update of the later columns (gemm) that GptqBlockArgs::wc assumes. args.begin and args.end are set per block.
+  void gptq_columns(GptqBlockArgs args, int64_t block);
 
  private:
   std::unique_ptr<Backend> host_fallback_;
 };
+
+// Columns per panel of the two-level lazy update of gptq_columns: after each block only the rest of its panel is
+// updated (a GEMM with inner dimension block); after a whole panel the columns beyond it get one update with inner
+// dimension the panel width, which runs near the machine's GEMM peak. Same flop count as one update per block.
+inline constexpr int64_t kGptqPanelColumns = 1024;
+
+// The panel width: a multiple of the block size and, with dynamic groups, of the group size, so that a group
+// starting inside a panel ends inside it (its parameters read columns that must be up to date). The whole matrix
+// (one update per block) when no such width near kGptqPanelColumns exists.
+inline int64_t gptq_panel_width(int64_t block, int64_t dynamic_group, int64_t cols) {
+  int64_t unit = block;
+  if (dynamic_group > 0) unit = std::lcm(block, dynamic_group);
+  if (unit >= cols) return cols;
+  return std::max<int64_t>(1, kGptqPanelColumns / unit) * unit;
+}
+
+// Columns beyond the current panel lag behind the GptqBlockArgs::wc invariant until the panel is done;
+// gptq_block reads wc only in its block and in groups starting there, which gptq_panel_width keeps in the panel.
+inline void Backend::gptq_columns(GptqBlockArgs args, int64_t block) {
+  PQ_ASSERT(block > 0 && args.cols > 0, "gptq_columns: block ", block, " cols ", args.cols);
+  const int64_t cols = args.cols;
+  // wc[:, c0:c1] += res[:, i0:i1] R[i0:i1, c0:c1]: the residuals of columns [i0, i1) reach columns [c0, c1)
+  const auto lazy_update = [&](int64_t i0, int64_t i1, int64_t c0, int64_t c1) {
+    gemm(Trans::kNo, Trans::kNo, args.rows, c1 - c0, i1 - i0, 1.0f, args.res + i0, cols, args.r + i0 * cols + c0, cols,
+         1.0f, args.wc + c0, cols);
+  };
+  const int64_t panel = gptq_panel_width(block, args.dynamic_group_size, cols);
+  for (int64_t p0 = 0; p0 < cols; p0 += panel) {
+    const int64_t p1 = std::min(p0 + panel, cols);
+    for (int64_t b0 = p0; b0 < p1; b0 += block) {
+      args.begin = b0;
+      args.end = std::min(b0 + block, p1);
+      gptq_block(args);
+      if (args.end < p1) lazy_update(b0, args.end, args.end, p1);  // the rest of this panel
+    }
+    if (p1 < cols) lazy_update(p0, p1, p1, cols);  // everything after the panel
+  }
+}
 
 // Typed RAII buffer in backend memory.
 template <typename T>

@@ -1,4 +1,4 @@
-// GPTQ solve benchmark on the CPU backend (DESIGN.md section 9).
+// GPTQ solve benchmark on the CPU backend (docs/design.md section 9).
 #include "src/bench_gptq.hpp"
 
 #include <omp.h>
@@ -212,8 +212,9 @@ int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes,
       call.push_back(t);
     }
     const double rtn = rtn_quantize(*backend, w.data(), n, k, h.data(), config).relative_error;
-    const bool moved = ql.fallback == "cpu";
-    const bool valid = std::isfinite(ql.relative_error) && (ql.fallback == "none" || moved) && ql.relative_error < rtn;
+    const bool moved = ql.fallback == Fallback::kCpu;
+    const bool valid =
+        std::isfinite(ql.relative_error) && (ql.fallback == Fallback::kNone || moved) && ql.relative_error < rtn;
     const std::string solved_on = moved ? backend->host_fallback()->name() : backend->name();
     all_valid = all_valid && valid;
     const double kd = static_cast<double>(k), nd = static_cast<double>(n);

@@ -1,23 +1,23 @@
 #include "src/cli.hpp"
 
-#include <omp.h>
-
+#include <algorithm>
 #include <boost/program_options.hpp>
-#include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <initializer_list>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "comm/mpi_env.hpp"
+#include "base/abort.hpp"
+#include "base/error.hpp"
+#include "base/timing.hpp"
 #include "comm/stage.hpp"
 #include "io/npy.hpp"
 #include "io/shard.hpp"
-#include "base/abort.hpp"
-#include "base/error.hpp"
 #include "src/bench_gptq.hpp"
 #include "src/driver_util.hpp"
 #include "src/inspect.hpp"
@@ -31,6 +31,8 @@ namespace po = boost::program_options;
 namespace pipequant {
 
 namespace {
+
+using Args = std::vector<std::string>;  // the words after the command
 
 const char* kUsage =
     "usage: pipequant <command> [options]   (pipequant <command> --help for its options)\n"
@@ -46,20 +48,44 @@ const char* kUsage =
     "  bench transport  activation transport bandwidth between two ranks (nccl-tests style table)\n"
     "  version       print the version\n";
 
+// What an option is to the output of a run. Every option declares it where it is added, so that a new option
+// cannot change the resume fingerprint unnoticed, nor change the output without being fingerprinted. Only
+// quantize records and fingerprints options; the other commands declare roles too, as they share options with it.
+enum class Role {
+  kResult,  // changes the packed output: fingerprinted, and recorded in model.h5
+  kInput,   // an input path: recorded in model.h5, not fingerprinted (its content is)
+  kRun,     // layout, performance, where the output goes: neither
+};
+
 struct Command {
   std::string name;
   po::options_description desc;
   po::positional_options_description positional;
   po::variables_map vm;
+  std::map<std::string, Role> roles;  // the role of each option of desc, by its long name
+
   explicit Command(const std::string& n) : name(n), desc("pipequant " + n + " options") {}
+
+  // Adds an option with a value and its role; returns *this, to chain as po's add_options() does.
+  Command& add(const char* option, Role role, const po::value_semantic* value, const std::string& help) {
+    desc.add_options()(option, value, help.c_str());
+    roles[desc.options().back()->long_name()] = role;
+    return *this;
+  }
+  // Adds an option without a value (--help).
+  Command& add(const char* option, Role role, const std::string& help) {
+    desc.add_options()(option, help.c_str());
+    roles[desc.options().back()->long_name()] = role;
+    return *this;
+  }
 };
 
-// Parses argv (after the command word) and the optional --config file; true when --help was asked.
-bool parse(Command& cmd, int argc, char** argv) {
-  cmd.desc.add_options()("help,h", "show this help")("config", po::value<std::string>(),
-                                                     "read options from FILE (`name = value` lines)");
+// Parses args and the optional --config file; true when --help was asked.
+bool parse(Command& cmd, const Args& args) {
+  cmd.add("help,h", Role::kRun, "show this help")
+      .add("config", Role::kRun, po::value<std::string>(), "read options from FILE (`name = value` lines)");
   try {
-    po::store(po::command_line_parser(argc, argv).options(cmd.desc).positional(cmd.positional).run(), cmd.vm);
+    po::store(po::command_line_parser(args).options(cmd.desc).positional(cmd.positional).run(), cmd.vm);
     if (cmd.vm.count("config")) {
       const std::string path = cmd.vm["config"].as<std::string>();
       std::ifstream f(path);
@@ -79,29 +105,67 @@ bool parse(Command& cmd, int argc, char** argv) {
   return false;
 }
 
-bool print_help(const Command& cmd) {
+void print_help(const Command& cmd) {
   if (world_rank() == 0) std::cout << cmd.desc << std::endl;
-  return true;
 }
 
-void add_quant_options(po::options_description& d) {
-  d.add_options()("method", po::value<std::string>()->default_value("gptq"), "gptq | rtn")(
-      "bits", po::value<int>()->default_value(4), "bits per weight: 2, 3, 4 or 8")(
-      "group-size", po::value<int64_t>()->default_value(128), "input channels per group; -1 = one group per row")(
-      "sym", po::bool_switch(), "symmetric grid (default asymmetric)")(
-      "act-order", po::bool_switch(), "process columns by decreasing Hessian diagonal")(
-      "static-groups", po::bool_switch(), "with --act-order: groups fixed in natural order before the solve")(
-      "damp", po::value<double>()->default_value(0.01), "damping, relative to mean(diag(H))")(
-      "damp-retries", po::value<int>()->default_value(QuantConfig{}.damp_retries),
-      "times the damping is multiplied by 10 when the Cholesky fails, before falling back to RTN")(
-      "block-size", po::value<int64_t>()->default_value(128), "GPTQ lazy-update block width");
+template <typename T>
+T required(const po::variables_map& vm, const std::string& name, const std::string& command) {
+  PQ_REQUIRE(vm.count(name), "pipequant ", command, ": the option '--", name, "' is required (see pipequant ", command,
+             " --help)");
+  return vm[name].as<T>();
+}
+
+// "gptq | rtn": the values of an enum option, for its help.
+template <typename E, size_t N>
+std::string choices(const std::array<E, N>& values) {
+  return spellings(values, " | ", " | ");
+}
+
+// The value of an enum option (a string to Boost), checked against the spellings of `values`.
+template <typename E, size_t N>
+E enum_option(const po::variables_map& vm, const std::string& option, const std::array<E, N>& values) {
+  return parse_enum("--" + option, vm[option].as<std::string>(), values);
+}
+
+// A parsed option's value as JSON.
+nlohmann::json json_value(const std::string& option, const boost::any& v) {
+  if (const auto* s = boost::any_cast<std::string>(&v)) return *s;
+  if (const auto* i = boost::any_cast<int>(&v)) return *i;
+  if (const auto* l = boost::any_cast<int64_t>(&v)) return *l;
+  if (const auto* d = boost::any_cast<double>(&v)) return *d;
+  if (const auto* b = boost::any_cast<bool>(&v)) return *b;
+  PQ_ASSERT(false, "option --", option, ": a value type json_value does not write");
+  return nullptr;
+}
+
+// The options of the given roles that have a value (given, or by default), as JSON by option name.
+nlohmann::json options_json(const Command& cmd, std::initializer_list<Role> roles) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [option, value] : cmd.vm)
+    if (std::find(roles.begin(), roles.end(), cmd.roles.at(option)) != roles.end())
+      j[option] = json_value(option, value.value());
+  return j;
+}
+
+void add_quant_options(Command& cmd) {
+  cmd.add("method", Role::kResult, po::value<std::string>()->default_value("gptq"), choices(kMethods))
+      .add("bits", Role::kResult, po::value<int>()->default_value(4), "bits per weight: 2, 3, 4 or 8")
+      .add("group-size", Role::kResult, po::value<int64_t>()->default_value(128),
+           "input channels per group; -1 = one group per row")
+      .add("sym", Role::kResult, po::bool_switch(), "symmetric grid (default asymmetric)")
+      .add("act-order", Role::kResult, po::bool_switch(), "process columns by decreasing Hessian diagonal")
+      .add("static-groups", Role::kResult, po::bool_switch(),
+           "with --act-order: groups fixed in natural order before the solve")
+      .add("damp", Role::kResult, po::value<double>()->default_value(0.01), "damping, relative to mean(diag(H))")
+      .add("damp-retries", Role::kResult, po::value<int>()->default_value(QuantConfig{}.damp_retries),
+           "times the damping is multiplied by 10 when the Cholesky fails, before falling back to RTN")
+      .add("block-size", Role::kResult, po::value<int64_t>()->default_value(128), "GPTQ lazy-update block width");
 }
 
 QuantConfig quant_config(const po::variables_map& vm) {
   QuantConfig q;
-  const std::string method = vm["method"].as<std::string>();
-  PQ_REQUIRE(method == "gptq" || method == "rtn", "--method: expected gptq or rtn, got '", method, "'");
-  q.method = method == "gptq" ? Method::kGptq : Method::kRtn;
+  q.method = enum_option(vm, "method", kMethods);
   q.bits = vm["bits"].as<int>();
   q.group_size = vm["group-size"].as<int64_t>();
   q.sym = vm["sym"].as<bool>();
@@ -114,132 +178,100 @@ QuantConfig quant_config(const po::variables_map& vm) {
   return q;
 }
 
-void add_run_options(po::options_description& d) {
-  d.add_options()("backend", po::value<std::string>()->default_value("auto"), "auto | cpu | cuda")(
-      "threads", po::value<int>()->default_value(0), "CPU threads per rank (0 = all cores)")(
-      "micro-batch", po::value<int64_t>()->default_value(4), "samples per forward call")(
-      "gpu-mem", po::value<double>()->default_value(0.0),
-      "CUDA device memory budget per rank in GB (1e9 bytes); 0 = what is free, less a margin")(
-      "compute-dtype", po::value<std::string>()->default_value("auto"),
-      "GEMMs of the block forward: auto (the checkpoint's bf16/fp16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16");
+void add_run_options(Command& cmd) {
+  cmd.add("backend", Role::kRun, po::value<std::string>()->default_value("auto"), choices(kBackendKinds))
+      .add("threads", Role::kRun, po::value<int>()->default_value(0),
+           "CPU threads per rank (0 = the node's cores shared by its ranks)")
+      .add("micro-batch", Role::kRun, po::value<int64_t>()->default_value(4), "samples per forward call")
+      .add("gpu-mem", Role::kRun, po::value<double>()->default_value(0.0),
+           "CUDA device memory budget per rank in GB (1e9 bytes); 0 = what is free, less a margin")
+      // 16-bit GEMMs round differently from fp32 ones: the dtype changes the output
+      .add("compute-dtype", Role::kResult, po::value<std::string>()->default_value("auto"),
+           "GEMMs of the block forward: " + choices(kComputeDtypes) +
+               " (auto: the checkpoint's bf16/fp16 on cuda, fp32 on cpu)");
 }
 
 RunOptions run_options(const po::variables_map& vm) {
   RunOptions r;
-  const std::string backend = vm["backend"].as<std::string>();
-  PQ_REQUIRE(backend == "auto" || backend == "cpu" || backend == "cuda", "--backend: expected auto, cpu or cuda, got '",
-             backend, "'");
-  r.backend = backend == "cpu" ? BackendKind::kCpu : backend == "cuda" ? BackendKind::kCuda : BackendKind::kAuto;
+  r.backend = enum_option(vm, "backend", kBackendKinds);
   r.threads = vm["threads"].as<int>();
   r.micro_batch = vm["micro-batch"].as<int64_t>();
   r.gpu_mem_gb = vm["gpu-mem"].as<double>();
-  const std::string dtype = vm["compute-dtype"].as<std::string>();
-  PQ_REQUIRE(dtype == "auto" || dtype == "fp32" || dtype == "bf16" || dtype == "fp16",
-             "--compute-dtype: expected auto, fp32, bf16 or fp16, got '", dtype, "'");
-  r.compute_dtype = dtype == "fp32"   ? ComputeDtype::kFp32
-                    : dtype == "bf16" ? ComputeDtype::kBf16
-                    : dtype == "fp16" ? ComputeDtype::kFp16
-                                      : ComputeDtype::kAuto;
+  r.compute_dtype = enum_option(vm, "compute-dtype", kComputeDtypes);
   PQ_REQUIRE(r.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", r.gpu_mem_gb);
   PQ_REQUIRE(r.micro_batch > 0, "--micro-batch must be positive, got ", r.micro_batch);
   PQ_REQUIRE(r.threads >= 0, "--threads must be >= 0, got ", r.threads);
   return r;
 }
 
-// The parsed options as JSON (stored in model.h5 and part of the fingerprint).
-nlohmann::json options_json(const po::variables_map& vm) {
-  nlohmann::json j = nlohmann::json::object();
-  for (const auto& [key, value] : vm) {
-    const auto& v = value.value();
-    if (const auto* s = boost::any_cast<std::string>(&v))
-      j[key] = *s;
-    else if (const auto* i = boost::any_cast<int>(&v))
-      j[key] = *i;
-    else if (const auto* l = boost::any_cast<int64_t>(&v))
-      j[key] = *l;
-    else if (const auto* d = boost::any_cast<double>(&v))
-      j[key] = *d;
-    else if (const auto* b = boost::any_cast<bool>(&v))
-      j[key] = *b;
-  }
-  return j;
+void add_quantize_options(Command& cmd) {
+  cmd.add("model", Role::kInput, po::value<std::string>(), "checkpoint directory (config.json, *.safetensors)")
+      .add("calib", Role::kInput, po::value<std::string>(), "calibration tokens (.npy int32/int64, [N, L] or flat)")
+      .add("seq-len", Role::kResult, po::value<int64_t>(), "tokens per calibration sample")
+      .add("nsamples", Role::kResult, po::value<int64_t>()->default_value(0),
+           "calibration samples (0 = all windows, at most 128)")
+      .add("out", Role::kRun, po::value<std::string>(), "output directory")
+      .add("propagation", Role::kResult, po::value<std::string>()->default_value("quantized"),
+           choices(kPropagations) +
+               " (quantized: block i+1 sees quantized block i; fp: inputs from the unquantized model)")
+      .add("overwrite", Role::kRun, po::bool_switch(), "replace an existing output")
+      .add("metrics", Role::kRun, po::value<std::string>(), "write JSON-lines metrics to FILE")
+      .add("ranks-per-stage", Role::kRun, po::value<int>()->default_value(1),
+           "D: ranks per pipeline stage (world = P stages x D)")
+      .add("blocks-per-stage", Role::kRun, po::value<std::string>()->default_value(""),
+           "blocks of each stage: N, or a,b,c (default: balanced by weight bytes)")
+      .add("dry-run", Role::kRun, po::bool_switch(), "print the plan and stop")
+      .add("fp-resident-gb", Role::kRun, po::value<double>()->default_value(16.0),
+           "--propagation fp: keep the stage's blocks in host memory when their fp32 copies fit this many GB per "
+           "rank (every micro-batch flows through them as it arrives); above it, stream the blocks one at a time");
+  add_quant_options(cmd);
+  add_run_options(cmd);
 }
 
-template <typename T>
-T required(const po::variables_map& vm, const std::string& name, const std::string& command) {
-  PQ_REQUIRE(vm.count(name), "pipequant ", command, ": the option '--", name, "' is required (see pipequant ", command,
-             " --help)");
-  return vm[name].as<T>();
-}
-
-int cmd_quantize(int argc, char** argv) {
-  Command cmd("quantize");
-  cmd.desc.add_options()("model", po::value<std::string>(), "checkpoint directory (config.json, *.safetensors)")(
-      "calib", po::value<std::string>(), "calibration tokens (.npy int32/int64, [N, L] or flat)")(
-      "seq-len", po::value<int64_t>(), "tokens per calibration sample")(
-      "nsamples", po::value<int64_t>()->default_value(0), "calibration samples (0 = all windows, at most 128)")(
-      "out", po::value<std::string>(), "output directory")(
-      "propagation", po::value<std::string>()->default_value("quantized"),
-      "quantized: block i+1 sees quantized block i; fp: inputs from the unquantized model")(
-      "overwrite", po::bool_switch(), "replace an existing output")("metrics", po::value<std::string>(),
-                                                                    "write JSON-lines metrics to FILE")(
-      "ranks-per-stage", po::value<int>()->default_value(1), "D: ranks per pipeline stage (world = P stages x D)")(
-      "blocks-per-stage", po::value<std::string>()->default_value(""),
-      "blocks of each stage: N, or a,b,c (default: balanced by weight bytes)")(
-      "transport", po::value<std::string>()->default_value("mpi"), "activation transport between stages: mpi")(
-      "dry-run", po::bool_switch(), "print the plan and stop")(
-      "fp-resident-gb", po::value<double>()->default_value(16.0),
-      "--propagation fp: keep the stage's blocks in host memory when their fp32 copies fit this many GB per rank "
-      "(every micro-batch flows through them as it arrives); above it, stream the blocks one at a time");
-  add_quant_options(cmd.desc);
-  add_run_options(cmd.desc);
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+QuantizeOptions quantize_options(const Command& cmd) {
+  const po::variables_map& vm = cmd.vm;
   QuantizeOptions o;
-  o.model_dir = required<std::string>(cmd.vm, "model", cmd.name);
-  o.calib_path = required<std::string>(cmd.vm, "calib", cmd.name);
-  o.seq_len = required<int64_t>(cmd.vm, "seq-len", cmd.name);
-  o.out_dir = required<std::string>(cmd.vm, "out", cmd.name);
-  o.nsamples = cmd.vm["nsamples"].as<int64_t>();
+  o.model_dir = required<std::string>(vm, "model", cmd.name);
+  o.calib_path = required<std::string>(vm, "calib", cmd.name);
+  o.seq_len = required<int64_t>(vm, "seq-len", cmd.name);
+  o.out_dir = required<std::string>(vm, "out", cmd.name);
+  o.nsamples = vm["nsamples"].as<int64_t>();
   PQ_REQUIRE(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
   PQ_REQUIRE(o.nsamples >= 0, "--nsamples must be >= 0, got ", o.nsamples);
-  o.quant = quant_config(cmd.vm);
-  const std::string propagation = cmd.vm["propagation"].as<std::string>();
-  PQ_REQUIRE(propagation == "quantized" || propagation == "fp", "--propagation: expected quantized or fp, got '",
-             propagation, "'");
-  o.propagation = propagation == "fp" ? Propagation::kFp : Propagation::kQuantized;
-  o.overwrite = cmd.vm["overwrite"].as<bool>();
-  if (cmd.vm.count("metrics")) o.metrics_path = cmd.vm["metrics"].as<std::string>();
-  o.run = run_options(cmd.vm);
-  o.ranks_per_stage = cmd.vm["ranks-per-stage"].as<int>();
-  o.blocks_per_stage = cmd.vm["blocks-per-stage"].as<std::string>();
-  o.dry_run = cmd.vm["dry-run"].as<bool>();
-  const double resident_gb = cmd.vm["fp-resident-gb"].as<double>();
+  o.quant = quant_config(vm);
+  o.propagation = enum_option(vm, "propagation", kPropagations);
+  o.overwrite = vm["overwrite"].as<bool>();
+  if (vm.count("metrics")) o.metrics_path = vm["metrics"].as<std::string>();
+  o.run = run_options(vm);
+  o.ranks_per_stage = vm["ranks-per-stage"].as<int>();
+  o.blocks_per_stage = vm["blocks-per-stage"].as<std::string>();
+  o.dry_run = vm["dry-run"].as<bool>();
+  const double resident_gb = vm["fp-resident-gb"].as<double>();
   PQ_REQUIRE(resident_gb >= 0.0, "--fp-resident-gb must be >= 0, got ", resident_gb);
   o.fp_resident_bytes = static_cast<uint64_t>(resident_gb * 1e9);
-  const std::string transport = cmd.vm["transport"].as<std::string>();
-  PQ_REQUIRE(transport == "mpi", "--transport: expected mpi (nccl comes with the CUDA backend), got '", transport, "'");
-  // the fingerprint covers what changes the result: not where it goes, nor how the work is laid out
-  nlohmann::json args = options_json(cmd.vm);
-  for (const char* k : {"out", "overwrite", "metrics", "threads", "micro-batch", "backend", "gpu-mem", "config", "help",
-                        "ranks-per-stage", "blocks-per-stage", "transport", "dry-run", "fp-resident-gb"})
-    args.erase(k);
-  o.args_json = args.dump();
-  args.erase("model");
-  args.erase("calib");
-  o.fingerprint_args_json = args.dump();
-  run_quantize(o);
+  o.args_json = options_json(cmd, {Role::kResult, Role::kInput}).dump();
+  o.fingerprint_args_json = options_json(cmd, {Role::kResult}).dump();
+  return o;
+}
+
+int cmd_quantize(const Args& args) {
+  if (const auto options = parse_quantize_options(args)) run_quantize(*options);
   return 0;
 }
 
-int cmd_eval(int argc, char** argv) {
+int cmd_eval(const Args& args) {
   Command cmd("eval");
-  cmd.desc.add_options()("model", po::value<std::string>(), "checkpoint directory (its config.json is used)")(
-      "quantized", po::value<std::string>(), "a quantized output directory, dequantized on the fly")(
-      "tokens", po::value<std::string>(), "evaluation tokens (.npy int32/int64)")("seq-len", po::value<int64_t>(),
-                                                                                  "tokens per non-overlapping window")(
-      "max-windows", po::value<int64_t>()->default_value(0), "evaluate at most this many windows (0 = all)");
-  add_run_options(cmd.desc);
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+  cmd.add("model", Role::kInput, po::value<std::string>(), "checkpoint directory (its config.json is used)")
+      .add("quantized", Role::kInput, po::value<std::string>(), "a quantized output directory, dequantized on the fly")
+      .add("tokens", Role::kInput, po::value<std::string>(), "evaluation tokens (.npy int32/int64)")
+      .add("seq-len", Role::kResult, po::value<int64_t>(), "tokens per non-overlapping window")
+      .add("max-windows", Role::kResult, po::value<int64_t>()->default_value(0),
+           "evaluate at most this many windows (0 = all)");
+  add_run_options(cmd);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
   EvalOptions o;
   o.model_dir = required<std::string>(cmd.vm, "model", cmd.name);
   o.tokens_path = required<std::string>(cmd.vm, "tokens", cmd.name);
@@ -251,24 +283,52 @@ int cmd_eval(int argc, char** argv) {
   return 0;
 }
 
-int cmd_inspect(int argc, char** argv) {
+int cmd_inspect(const Args& args) {
   Command cmd("inspect");
-  cmd.desc.add_options()("out", po::value<std::string>(), "quantized output directory");
+  cmd.add("out", Role::kInput, po::value<std::string>(), "quantized output directory");
   cmd.positional.add("out", 1);
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
   const std::string out = required<std::string>(cmd.vm, "out", cmd.name);
   if (world_rank() != 0) return 0;
   return run_inspect(out, std::cout);
 }
 
-int cmd_layer(int argc, char** argv) {
+// H = 2/n X^T X of the inputs X [tokens, in], accumulated on the backend.
+std::vector<float> layer_hessian(kernels::Backend& backend, const io::Matrix& x) {
+  kernels::Buffer<float> h_dev(backend, x.cols * x.cols);
+  std::vector<float> h(static_cast<size_t>(x.cols * x.cols), 0.0f);
+  backend.upload(h_dev.data(), h.data(), h.size() * 4);
+  backend.hessian_accumulate(x.data.data(), x.rows, x.cols, h_dev.data());
+  backend.download(h.data(), h_dev.data(), h.size() * 4);
+  for (auto& v : h) v *= static_cast<float>(2.0 / static_cast<double>(x.rows));
+  return h;
+}
+
+// Writes the packed layer to the HDF5 file `out` as linear "layer" of block 0.
+void write_layer(const std::string& out, const QuantizedLinear& ql, const QuantConfig& q) {
+  io::PackedLinear p = pack(ql, "layer", q);
+  io::ShardWriter writer(out, MPI_COMM_SELF, false);
+  writer.begin_block(0);
+  writer.write_linear(0, p);
+  writer.mark_complete(0);
+  writer.close();
+  std::printf("packed: %s:/blocks/0/layer\n", out.c_str());
+}
+
+int cmd_layer(const Args& args) {
   Command cmd("layer");
-  cmd.desc.add_options()("weight", po::value<std::string>(), "W.npy float32 [out, in]")(
-      "inputs", po::value<std::string>(), "X.npy float32 [tokens, in]")("out", po::value<std::string>(),
-                                                                        "write the packed result to FILE (HDF5)")(
-      "threads", po::value<int>()->default_value(0), "CPU threads (0 = all cores)");
-  add_quant_options(cmd.desc);
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+  cmd.add("weight", Role::kInput, po::value<std::string>(), "W.npy float32 [out, in]")
+      .add("inputs", Role::kInput, po::value<std::string>(), "X.npy float32 [tokens, in]")
+      .add("out", Role::kRun, po::value<std::string>(), "write the packed result to FILE (HDF5)")
+      .add("threads", Role::kRun, po::value<int>()->default_value(0), "CPU threads (0 = all cores)");
+  add_quant_options(cmd);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
   const std::string wpath = required<std::string>(cmd.vm, "weight", cmd.name);
   const std::string xpath = required<std::string>(cmd.vm, "inputs", cmd.name);
   const QuantConfig q = quant_config(cmd.vm);
@@ -278,49 +338,40 @@ int cmd_layer(int argc, char** argv) {
              w.rows, ", ", w.cols, "]: expected [tokens, ", w.cols, "]");
   PQ_REQUIRE(x.rows > 0, xpath, ": no input rows");
   auto backend = kernels::make_cpu_backend(cmd.vm["threads"].as<int>());
-  // H = 2/n X^T X
-  const auto t_h = std::chrono::steady_clock::now();
-  kernels::Buffer<float> h_dev(*backend, w.cols * w.cols);
-  std::vector<float> h(static_cast<size_t>(w.cols * w.cols), 0.0f);
-  backend->upload(h_dev.data(), h.data(), h.size() * 4);
-  backend->hessian_accumulate(x.data.data(), x.rows, x.cols, h_dev.data());
-  backend->download(h.data(), h_dev.data(), h.size() * 4);
-  for (auto& v : h) v *= static_cast<float>(2.0 / static_cast<double>(x.rows));
-  const double hessian_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_h).count();
+  const auto t_h = Clock::now();
+  const std::vector<float> h = layer_hessian(*backend, x);
+  const double hessian_seconds = seconds_since(t_h);
   const QuantizedLinear ql = q.method == Method::kGptq
                                  ? gptq_quantize(*backend, w.data.data(), w.rows, w.cols, h.data(), q, "layer")
                                  : rtn_quantize(*backend, w.data.data(), w.rows, w.cols, h.data(), q);
   for (const auto& line : ql.log) std::printf("warning: %s\n", line.c_str());
   std::printf("shape: %lld x %lld (out x in), %lld tokens, %s %d-bit group %lld\n", static_cast<long long>(w.rows),
-              static_cast<long long>(w.cols), static_cast<long long>(x.rows),
-              q.method == Method::kGptq ? "gptq" : "rtn", q.bits, static_cast<long long>(q.group_size));
+              static_cast<long long>(w.cols), static_cast<long long>(x.rows), name(q.method), q.bits,
+              static_cast<long long>(q.group_size));
   std::printf("hessian_seconds: %.6f\n", hessian_seconds);
-  std::printf("fallback: %s\n", ql.fallback.c_str());
+  std::printf("fallback: %s\n", name(ql.fallback));
   std::printf("relative_error: %.9g\n", ql.relative_error);
   std::printf("solve_seconds: %.6f\n", ql.solve_seconds);
-  if (cmd.vm.count("out")) {
-    const std::string out = cmd.vm["out"].as<std::string>();
-    io::PackedLinear p = pack(ql, "layer", q);
-    io::ShardWriter writer(out, MPI_COMM_SELF, false);
-    writer.begin_block(0);
-    writer.write_linear(0, p);
-    writer.mark_complete(0);
-    writer.close();
-    std::printf("packed: %s:/blocks/0/layer\n", out.c_str());
-  }
+  if (cmd.vm.count("out")) write_layer(cmd.vm["out"].as<std::string>(), ql, q);
   return 0;
 }
 
-int cmd_synth(int argc, char** argv) {
+int cmd_synth(const Args& args) {
   Command cmd("synth");
-  cmd.desc.add_options()("out", po::value<std::string>(), "output checkpoint directory")(
-      "hidden-size", po::value<int64_t>(), "")("intermediate-size", po::value<int64_t>(), "")(
-      "num-layers", po::value<int64_t>(), "")("num-heads", po::value<int64_t>(), "")(
-      "num-kv-heads", po::value<int64_t>(), "")("vocab-size", po::value<int64_t>(), "")(
-      "dtype", po::value<std::string>()->default_value("bf16"), "bf16 | fp16 | fp32")(
-      "seed", po::value<uint64_t>()->default_value(0), "random seed")("tie-word-embeddings", po::bool_switch(),
-                                                                      "no lm_head tensor; the embedding is reused");
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+  cmd.add("out", Role::kRun, po::value<std::string>(), "output checkpoint directory")
+      .add("hidden-size", Role::kResult, po::value<int64_t>(), "")
+      .add("intermediate-size", Role::kResult, po::value<int64_t>(), "")
+      .add("num-layers", Role::kResult, po::value<int64_t>(), "")
+      .add("num-heads", Role::kResult, po::value<int64_t>(), "")
+      .add("num-kv-heads", Role::kResult, po::value<int64_t>(), "")
+      .add("vocab-size", Role::kResult, po::value<int64_t>(), "")
+      .add("dtype", Role::kResult, po::value<std::string>()->default_value("bf16"), "bf16 | fp16 | fp32")
+      .add("seed", Role::kResult, po::value<uint64_t>()->default_value(0), "random seed")
+      .add("tie-word-embeddings", Role::kResult, po::bool_switch(), "no lm_head tensor; the embedding is reused");
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
   SynthOptions s;
   s.out_dir = required<std::string>(cmd.vm, "out", cmd.name);
   s.hidden_size = required<int64_t>(cmd.vm, "hidden-size", cmd.name);
@@ -339,12 +390,16 @@ int cmd_synth(int argc, char** argv) {
   return 0;
 }
 
-int cmd_synth_tokens(int argc, char** argv) {
+int cmd_synth_tokens(const Args& args) {
   Command cmd("synth-tokens");
-  cmd.desc.add_options()("out", po::value<std::string>(), "output .npy file")(
-      "count", po::value<int64_t>(), "number of tokens")("vocab-size", po::value<int64_t>(), "vocabulary size")(
-      "seed", po::value<uint64_t>()->default_value(0), "random seed");
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+  cmd.add("out", Role::kRun, po::value<std::string>(), "output .npy file")
+      .add("count", Role::kResult, po::value<int64_t>(), "number of tokens")
+      .add("vocab-size", Role::kResult, po::value<int64_t>(), "vocabulary size")
+      .add("seed", Role::kResult, po::value<uint64_t>()->default_value(0), "random seed");
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
   const auto out = required<std::string>(cmd.vm, "out", cmd.name);
   const auto count = required<int64_t>(cmd.vm, "count", cmd.name);
   const auto vocab = required<int64_t>(cmd.vm, "vocab-size", cmd.name);
@@ -357,15 +412,17 @@ int cmd_synth_tokens(int argc, char** argv) {
   return 0;
 }
 
-int cmd_bench_transport(int argc, char** argv) {
+int cmd_bench_transport(const Args& args) {
   Command cmd("bench transport");
-  cmd.desc.add_options()("min-bytes", po::value<int64_t>()->default_value(1024), "smallest message")(
-      "max-bytes", po::value<int64_t>()->default_value(64 << 20), "largest message (sizes double)")(
-      "iters", po::value<int>()->default_value(20), "timed iterations per size")(
-      "warmup", po::value<int>()->default_value(5), "untimed iterations per size");
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
-  PQ_REQUIRE(world_size() >= 2,
-             "pipequant bench transport: needs 2 ranks (mpirun -np 2 pipequant bench transport)");
+  cmd.add("min-bytes", Role::kRun, po::value<int64_t>()->default_value(1024), "smallest message")
+      .add("max-bytes", Role::kRun, po::value<int64_t>()->default_value(64 << 20), "largest message (sizes double)")
+      .add("iters", Role::kRun, po::value<int>()->default_value(20), "timed iterations per size")
+      .add("warmup", Role::kRun, po::value<int>()->default_value(5), "untimed iterations per size");
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
+  PQ_REQUIRE(world_size() >= 2, "pipequant bench transport: needs 2 ranks (mpirun -np 2 pipequant bench transport)");
   std::string table;
   const int rc = comm::run_transport_benchmark(cmd.vm["min-bytes"].as<int64_t>(), cmd.vm["max-bytes"].as<int64_t>(),
                                                cmd.vm["iters"].as<int>(), cmd.vm["warmup"].as<int>(), table);
@@ -373,16 +430,10 @@ int cmd_bench_transport(int argc, char** argv) {
   return rc;
 }
 
-int cmd_bench_hessian(int argc, char** argv) {
-  Command cmd("bench hessian");
-  cmd.desc.add_options()("widths", po::value<std::string>()->default_value("1024,4096"),
-                         "comma-separated Hessian widths K (in_features)")(
-      "tokens", po::value<int64_t>()->default_value(4096), "rows of X per call")(
-      "reps", po::value<int>()->default_value(3), "timed repetitions after one warm-up");
-  add_run_options(cmd.desc);
-  if (parse(cmd, argc, argv)) return print_help(cmd) ? 0 : 0;
+// "1024,4096" as Hessian widths; throws UserError for an item that is not a positive number.
+std::vector<int64_t> parse_widths(const std::string& list) {
   std::vector<int64_t> widths;
-  std::stringstream ss(cmd.vm["widths"].as<std::string>());
+  std::stringstream ss(list);
   for (std::string s; std::getline(ss, s, ',');) {
     if (s.empty()) continue;
     size_t used = 0;
@@ -395,25 +446,38 @@ int cmd_bench_hessian(int argc, char** argv) {
     PQ_REQUIRE(used == s.size() && k > 0, "--widths: '", s, "' is not a positive number");
     widths.push_back(k);
   }
+  return widths;
+}
+
+int cmd_bench_hessian(const Args& args) {
+  Command cmd("bench hessian");
+  cmd.add("widths", Role::kRun, po::value<std::string>()->default_value("1024,4096"),
+          "comma-separated Hessian widths K (in_features)")
+      .add("tokens", Role::kRun, po::value<int64_t>()->default_value(4096), "rows of X per call")
+      .add("reps", Role::kRun, po::value<int>()->default_value(3), "timed repetitions after one warm-up");
+  add_run_options(cmd);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
+  const std::vector<int64_t> widths = parse_widths(cmd.vm["widths"].as<std::string>());
   const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
   if (world_rank() != 0) return 0;
   return run_bench_hessian(*backend, widths, cmd.vm["tokens"].as<int64_t>(), cmd.vm["reps"].as<int>(), std::cout);
 }
 
-int cmd_bench(int argc, char** argv) {
-  if (argc >= 2 && std::string(argv[1]) == "transport") return cmd_bench_transport(argc - 1, argv + 1);
-  if (argc >= 2 && std::string(argv[1]) == "hessian") return cmd_bench_hessian(argc - 1, argv + 1);
-  PQ_REQUIRE(argc >= 2 && std::string(argv[1]) == "gptq",
-             "pipequant bench: expected a benchmark name: gptq, hessian or transport (e.g. pipequant bench gptq "
-             "--shapes 4096x4096)");
+int cmd_bench_gptq(const Args& args) {
   Command cmd("bench gptq");
-  cmd.desc.add_options()("shapes", po::value<std::string>()->default_value("1024x1024,4096x4096,4096x11008,11008x4096"),
-                         "comma-separated OUTxIN shapes")("reps", po::value<int>()->default_value(3),
-                                                          "timed repetitions after one warm-up")(
-      "bits", po::value<int>()->default_value(4), "bits")("group-size", po::value<int64_t>()->default_value(128),
-                                                          "group size (-1 = per row)");
-  add_run_options(cmd.desc);
-  if (parse(cmd, argc - 1, argv + 1)) return print_help(cmd) ? 0 : 0;
+  cmd.add("shapes", Role::kRun, po::value<std::string>()->default_value("1024x1024,4096x4096,4096x11008,11008x4096"),
+          "comma-separated OUTxIN shapes")
+      .add("reps", Role::kRun, po::value<int>()->default_value(3), "timed repetitions after one warm-up")
+      .add("bits", Role::kRun, po::value<int>()->default_value(4), "bits")
+      .add("group-size", Role::kRun, po::value<int64_t>()->default_value(128), "group size (-1 = per row)");
+  add_run_options(cmd);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
   std::vector<std::string> shapes;
   std::stringstream ss(cmd.vm["shapes"].as<std::string>());
   for (std::string s; std::getline(ss, s, ',');)
@@ -424,7 +488,29 @@ int cmd_bench(int argc, char** argv) {
                         cmd.vm["group-size"].as<int64_t>(), std::cout);
 }
 
+// args[0] names the benchmark; its options follow.
+int cmd_bench(const Args& args) {
+  const std::string which = args.empty() ? std::string() : args[0];
+  const Args rest(args.begin() + (args.empty() ? 0 : 1), args.end());
+  if (which == "transport") return cmd_bench_transport(rest);
+  if (which == "hessian") return cmd_bench_hessian(rest);
+  PQ_REQUIRE(which == "gptq",
+             "pipequant bench: expected a benchmark name: gptq, hessian or transport (e.g. pipequant bench gptq "
+             "--shapes 4096x4096)");
+  return cmd_bench_gptq(rest);
+}
+
 }  // namespace
+
+std::optional<QuantizeOptions> parse_quantize_options(const std::vector<std::string>& args) {
+  Command cmd("quantize");
+  add_quantize_options(cmd);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return std::nullopt;
+  }
+  return quantize_options(cmd);
+}
 
 int run_cli(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" || std::string(argv[1]) == "help") {
@@ -432,14 +518,14 @@ int run_cli(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string command = argv[1];
-  // each command parses argv[1..]: Boost skips argv[0], so the command word takes its place
-  if (command == "quantize") return cmd_quantize(argc - 1, argv + 1);
-  if (command == "eval") return cmd_eval(argc - 1, argv + 1);
-  if (command == "inspect") return cmd_inspect(argc - 1, argv + 1);
-  if (command == "layer") return cmd_layer(argc - 1, argv + 1);
-  if (command == "synth") return cmd_synth(argc - 1, argv + 1);
-  if (command == "synth-tokens") return cmd_synth_tokens(argc - 1, argv + 1);
-  if (command == "bench") return cmd_bench(argc - 1, argv + 1);
+  const Args args(argv + 2, argv + argc);
+  if (command == "quantize") return cmd_quantize(args);
+  if (command == "eval") return cmd_eval(args);
+  if (command == "inspect") return cmd_inspect(args);
+  if (command == "layer") return cmd_layer(args);
+  if (command == "synth") return cmd_synth(args);
+  if (command == "synth-tokens") return cmd_synth_tokens(args);
+  if (command == "bench") return cmd_bench(args);
   if (command == "version" || command == "--version") {
     if (world_rank() == 0) std::printf("pipequant %s\n", version());
     return 0;

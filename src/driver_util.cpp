@@ -20,7 +20,7 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   const auto cuda = [&] {
     const int devices = kernels::cuda_device_count();
     auto backend = kernels::make_cuda_backend(devices > 0 ? node.local_rank % devices : 0, budget);
-    // solves whose Hessian does not fit the budget run on the host (DESIGN.md section 4, fallback 3)
+    // solves whose Hessian does not fit the budget run on the host (docs/design.md section 4, fallback 3)
     backend->set_host_fallback(kernels::make_cpu_backend(threads));
     return backend;
   };

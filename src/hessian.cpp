@@ -32,31 +32,13 @@ void HessianAccumulator::add_sample(const float* acts, int64_t seq, int64_t samp
   backend_.hessian_accumulate(acts, seq, width_, partial_.data());
 }
 
-std::vector<float> HessianAccumulator::finish(MPI_Comm comm, int64_t total_tokens) {
+std::vector<float> HessianAccumulator::finish(const comm::StageGroup& group, int64_t total_tokens) {
   flush_chunk();
-  int size = 1;
-  if (comm != MPI_COMM_NULL) MPI_Comm_size(comm, &size);
-  if (size > 1) {
-    // reduce to the stage root then broadcast, so that every member holds the same bits
-    int rank = 0;
-    MPI_Comm_rank(comm, &rank);
-    std::vector<double> total(rank == 0 ? sum_.size() : 0);
-    MPI_Reduce(sum_.data(), rank == 0 ? total.data() : nullptr, static_cast<int>(sum_.size()), MPI_DOUBLE, MPI_SUM, 0,
-               comm);
-    if (rank == 0) sum_.swap(total);
-    MPI_Bcast(sum_.data(), static_cast<int>(sum_.size()), MPI_DOUBLE, 0, comm);
-  }
+  if (group.size() > 1) group.sum(sum_.data(), static_cast<int64_t>(sum_.size()));
   const double scale = 2.0 / static_cast<double>(total_tokens);
   std::vector<float> h(sum_.size());
   for (size_t i = 0; i < h.size(); ++i) h[i] = static_cast<float>(sum_[i] * scale);
   return h;
-}
-
-std::pair<int64_t, int64_t> owned_samples(int64_t samples, int index, int ranks) {
-  const int64_t chunks = (samples + kHessianChunk - 1) / kHessianChunk;
-  const int64_t c0 = chunks * index / ranks;
-  const int64_t c1 = chunks * (index + 1) / ranks;
-  return {std::min(samples, c0 * kHessianChunk), std::min(samples, c1 * kHessianChunk)};
 }
 
 }  // namespace pipequant

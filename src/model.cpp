@@ -14,8 +14,8 @@ namespace pipequant {
 std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
 
 Linear& BlockWeights::linear(const std::string& module) {
-  for (size_t i = 0; i < kLinearModules.size(); ++i)
-    if (module == kLinearModules[i]) return linears[i];
+  for (size_t i = 0; i < kLinears.size(); ++i)
+    if (module == kLinears[i].module) return linears[i];
   fail("unknown linear module ", module);
 }
 
@@ -96,13 +96,13 @@ class CheckpointSource final : public WeightSource {
     const std::string p = block_prefix(block);
     b.input_norm = ckpt_.read_f32(p + "input_layernorm.weight");
     b.post_norm = ckpt_.read_f32(p + "post_attention_layernorm.weight");
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < kLinearCount; ++i) {
       auto& l = b.linears[static_cast<size_t>(i)];
       const auto shape = linear_shape(config_, i);
       l.out = shape[0];
       l.in = shape[1];
-      l.w = ckpt_.read_f32(p + kLinearModules[static_cast<size_t>(i)] + ".weight");
-      if (has_bias(config_, i)) l.bias = ckpt_.read_f32(p + kLinearModules[static_cast<size_t>(i)] + ".bias");
+      l.w = ckpt_.read_f32(p + kLinears[static_cast<size_t>(i)].module + ".weight");
+      if (has_bias(config_, i)) l.bias = ckpt_.read_f32(p + kLinears[static_cast<size_t>(i)].module + ".bias");
     }
     return b;
   }
@@ -159,10 +159,10 @@ class QuantizedSource final : public WeightSource {
     const std::string where = shard.path() + ": /blocks/" + std::to_string(block);
     b.input_norm = dense_to_f32(shard.read_block_tensor(block, "input_layernorm.weight"), where);
     b.post_norm = dense_to_f32(shard.read_block_tensor(block, "post_attention_layernorm.weight"), where);
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < kLinearCount; ++i) {
       auto& l = b.linears[static_cast<size_t>(i)];
       const auto shape = linear_shape(config_, i);
-      const std::string module = kLinearModules[static_cast<size_t>(i)];
+      const std::string module = kLinears[static_cast<size_t>(i)].module;
       const io::PackedLinear packed = shard.read_linear(block, module);
       PQ_REQUIRE(packed.out_features == shape[0] && packed.in_features == shape[1], where, "/", module, ": shape [",
                  packed.out_features, ", ", packed.in_features, "] does not match the config's [", shape[0], ", ",
@@ -219,9 +219,9 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
     const std::string p = block_prefix(b);
     expect_tensor(ckpt, c, p + "input_layernorm.weight", {c.hidden_size});
     expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < kLinearCount; ++i) {
       const auto shape = linear_shape(c, i);
-      const std::string name = p + kLinearModules[static_cast<size_t>(i)];
+      const std::string name = p + kLinears[static_cast<size_t>(i)].module;
       expect_tensor(ckpt, c, name + ".weight", {shape[0], shape[1]});
       if (has_bias(c, i)) expect_tensor(ckpt, c, name + ".bias", {shape[0]});
     }
@@ -282,7 +282,7 @@ void upload_half(kernels::Backend& backend, kernels::Buffer<uint16_t>& buf, cons
 void BlockRunner::set_block(const BlockWeights& block) {
   upload_vector(backend_, norm1_, block.input_norm);
   upload_vector(backend_, norm2_, block.post_norm);
-  for (size_t i = 0; i < 7; ++i) {
+  for (size_t i = 0; i < kLinears.size(); ++i) {
     set_linear(static_cast<int>(i), block.linears[i].w);
     has_bias_[i] = !block.linears[i].bias.empty();
     if (has_bias_[i]) upload_vector(backend_, bias_[i], block.linears[i].bias);

@@ -16,14 +16,22 @@
 
 namespace pipequant {
 
-// The linears of a block in true-sequential order, and the linear group each belongs to
-// (linears of one group read the same input and share one Hessian).
-inline constexpr std::array<const char*, 7> kLinearModules = {
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
-inline constexpr std::array<int, 7> kLinearGroup = {0, 0, 0, 1, 2, 2, 3};
+// The linears of a block in true-sequential order: the module path under model.layers.<i>. and the linear group
+// (linears of one group read the same input and share one Hessian). The one table of them.
+struct LinearSpec {
+  const char* module;
+  int group;
+};
 inline constexpr int kLinearGroups = 4;
-inline constexpr std::array<const char*, 4> kLinearGroupNames = {"qkv", "o", "gate_up", "down"};
+inline constexpr std::array<const char*, kLinearGroups> kLinearGroupNames = {"qkv", "o", "gate_up", "down"};
+inline constexpr std::array<LinearSpec, 7> kLinears = {{{"self_attn.q_proj", 0},
+                                                        {"self_attn.k_proj", 0},
+                                                        {"self_attn.v_proj", 0},
+                                                        {"self_attn.o_proj", 1},
+                                                        {"mlp.gate_proj", 2},
+                                                        {"mlp.up_proj", 2},
+                                                        {"mlp.down_proj", 3}}};
+inline constexpr int kLinearCount = static_cast<int>(kLinears.size());
 
 std::string block_prefix(int64_t block);  // "model.layers.<block>."
 
@@ -39,7 +47,7 @@ struct BlockWeights {
   int64_t index = 0;
   std::vector<float> input_norm;  // [hidden]
   std::vector<float> post_norm;   // [hidden]
-  std::array<Linear, 7> linears;  // in kLinearModules order
+  std::array<Linear, kLinearCount> linears;  // in kLinears order
   Linear& linear(const std::string& module);
 };
 
@@ -100,10 +108,10 @@ class BlockRunner {
   kernels::Buffer<float> inv_freq_;
   kernels::Buffer<float> norm1_, norm2_;
   std::optional<kernels::HalfFormat> half_;
-  std::array<kernels::Buffer<float>, 7> w_;      // fp32 weights (half_ empty)
-  std::array<kernels::Buffer<uint16_t>, 7> wh_;  // 16-bit weights (half_ set)
-  std::array<kernels::Buffer<float>, 7> bias_;
-  std::array<bool, 7> has_bias_{};
+  std::array<kernels::Buffer<float>, kLinearCount> w_;      // fp32 weights (half_ empty)
+  std::array<kernels::Buffer<uint16_t>, kLinearCount> wh_;  // 16-bit weights (half_ set)
+  std::array<kernels::Buffer<float>, kLinearCount> bias_;
+  std::array<bool, kLinearCount> has_bias_{};
   // scratch for one micro-batch
   kernels::Buffer<float> x_, xn_, q_, k_, v_, attn_, h_, g_, u_;
 };

@@ -2,10 +2,13 @@
 // The options of the quantize and eval commands as typed values. The CLI (src/cli.cpp) parses and checks them
 // once; everything past it reads these types and never a string to compare.
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "base/error.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {
@@ -26,6 +29,30 @@ const char* name(Propagation p);
 const char* name(BackendKind b);
 const char* name(ComputeDtype d);
 const char* name(Method m);
+
+// Every value of each enum, in the order help texts and error messages list their spellings.
+inline constexpr std::array kMethods{Method::kGptq, Method::kRtn};
+inline constexpr std::array kPropagations{Propagation::kQuantized, Propagation::kFp};
+inline constexpr std::array kBackendKinds{BackendKind::kAuto, BackendKind::kCpu, BackendKind::kCuda};
+inline constexpr std::array kComputeDtypes{ComputeDtype::kAuto, ComputeDtype::kFp32, ComputeDtype::kBf16,
+                                           ComputeDtype::kFp16};
+
+// The spellings of `values` joined by `sep`, the last two by `last_sep`: "auto | cpu | cuda", "auto, cpu or cuda".
+template <typename E, size_t N>
+std::string spellings(const std::array<E, N>& values, const char* sep, const char* last_sep) {
+  std::string s;
+  for (size_t i = 0; i < N; ++i) s += std::string(i == 0 ? "" : i + 1 == N ? last_sep : sep) + name(values[i]);
+  return s;
+}
+
+// The one of `values` spelled `text`; throws UserError "--backend: expected auto, cpu or cuda, got 'x'" (for
+// option "--backend") when none is.
+template <typename E, size_t N>
+E parse_enum(const std::string& option, const std::string& text, const std::array<E, N>& values) {
+  for (const E v : values)
+    if (text == name(v)) return v;
+  fail(option, ": expected ", spellings(values, ", ", " or "), ", got '", text, "'");
+}
 
 struct RunOptions {
   BackendKind backend = BackendKind::kAuto;

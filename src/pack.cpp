@@ -1,4 +1,4 @@
-// The packed GPTQ layout of a quantized linear (DESIGN.md section 5) and its exact inverse.
+// The packed GPTQ layout of a quantized linear (docs/design.md section 5) and its exact inverse.
 //   qweight int32 [ceil(K*bits/32), N]  codes packed along K, one bit stream per output column
 //   qzeros  int32 [G, ceil(N*bits/32)]  the real zero points (no -1 offset), one bit stream per group
 //   scales  fp16  [G, N]
@@ -160,7 +160,7 @@ io::PackedLinear pack(const QuantizedLinear& ql, const std::string& module, cons
   p.act_order = config.act_order;
   p.static_groups = config.static_groups;
   p.damp = ql.damp_used;
-  p.fallback = ql.fallback;
+  p.fallback = name(ql.fallback);
   p.relative_error = ql.relative_error;
 
   // codes [N, K] -> [K, N]: qweight streams run along K
@@ -214,7 +214,7 @@ QuantizedLinear unpack(const io::PackedLinear& p) {
   ql.groups = g;
   ql.bits = p.bits;
   ql.damp_used = p.damp;
-  ql.fallback = p.fallback;
+  ql.fallback = fallback_from_name(p.fallback, where);
   ql.relative_error = p.relative_error;
   const std::vector<uint8_t> codes_kn = unpack_columns(p.qweight.data(), k, n, p.bits);
   ql.q.resize(static_cast<size_t>(n * k));

@@ -10,7 +10,7 @@
 #include <iostream>
 #include <sstream>
 
-#include "comm/mpi_env.hpp"
+#include "comm/world.hpp"
 #include "io/model_config.hpp"
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
@@ -51,10 +51,8 @@ EvalResult run_eval(const EvalOptions& opt) {
   const auto table = source->embed_tokens();
   EvalResult r;
   r.windows = windows.count;
-  // ranks split the windows; their loss sums are reduced on rank 0
-  int rank = 0, size = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  // ranks split the windows; their loss sums are added up
+  const int rank = world_rank(), size = world_size();
   const int64_t my_begin = windows.count * rank / size, my_end = windows.count * (rank + 1) / size;
   double nll = 0.0;
   int64_t predicted = 0;
@@ -73,10 +71,8 @@ EvalResult run_eval(const EvalOptions& opt) {
       predicted += seq - 1;
     }
   }
-  MPI_Reduce(&nll, &r.nll_sum, 1, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
-  MPI_Reduce(&predicted, &r.predicted, 1, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
-  MPI_Bcast(&r.nll_sum, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-  MPI_Bcast(&r.predicted, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  r.nll_sum = comm::world_sum(nll);
+  r.predicted = comm::world_sum(predicted);
   r.perplexity = std::exp(r.nll_sum / static_cast<double>(r.predicted));
   r.seconds = seconds_since(t_start);
   if (root) {

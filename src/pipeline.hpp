@@ -1,5 +1,5 @@
 #pragma once
-// The block-by-block driver: quantize a checkpoint (DESIGN.md section 2) and evaluate perplexity through the
+// The block-by-block driver: quantize a checkpoint (docs/design.md section 2) and evaluate perplexity through the
 // same block forward.
 
 #include <cstdint>

@@ -9,12 +9,6 @@
 
 namespace pipequant {
 
-int64_t Plan::stage_of_block(int64_t block) const {
-  for (const auto& s : stages)
-    if (block >= s.first_block && block < s.first_block + s.blocks) return s.stage;
-  return -1;
-}
-
 namespace {
 
 // Contiguous split of `bytes` into `parts` runs minimizing the largest run (linear partition by dynamic

@@ -1,6 +1,6 @@
 #pragma once
 // The planner: which ranks form which pipeline stage, which contiguous blocks each stage owns (balanced by
-// weight bytes, or given by the user), and what memory each stage needs (DESIGN.md section 7).
+// weight bytes, or given by the user), and what memory each stage needs (docs/design.md section 7).
 
 #include <cstdint>
 #include <ostream>
@@ -29,9 +29,6 @@ struct Plan {
   int world = 1;
   int ranks_per_stage = 1;
   std::vector<StagePlan> stages;
-  int stage_of_rank(int rank) const { return rank / ranks_per_stage; }
-  int index_in_stage(int rank) const { return rank % ranks_per_stage; }
-  int64_t stage_of_block(int64_t block) const;
 };
 
 struct PlanInputs {

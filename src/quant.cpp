@@ -1,4 +1,4 @@
-// GPTQ, RTN and the relative output error, written against the backend interface (DESIGN.md section 4).
+// GPTQ, RTN and the relative output error, written against the backend interface (docs/design.md section 4).
 #include "src/quant.hpp"
 
 #include <algorithm>
@@ -19,11 +19,6 @@ using kernels::Buffer;
 using kernels::QuantGrid;
 using kernels::Trans;
 
-// Columns per panel of the two-level lazy update: after each block only the rest of its panel is updated
-// (a GEMM with inner dimension block_size); after a whole panel the columns beyond it get one update with
-// inner dimension panel width, which runs near the machine's GEMM peak. Same flop count as one update per
-// block.
-inline constexpr int64_t kPanelColumns = 1024;
 // relative_output_error works on row chunks whose stacked [W; D] holds at most this many floats.
 inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
 // Host staging for uploads built row by row (16 MB).
@@ -47,16 +42,6 @@ std::string format_damp(double damp) {
   std::ostringstream os;
   os << damp;
   return os.str();
-}
-
-// The panel width: a multiple of the block size and, with dynamic groups, of the group size, so that a
-// group starting inside a panel ends inside it (its parameters read columns that must be up to date).
-// Falls back to the whole matrix (one update per block) when no such width near kPanelColumns exists.
-int64_t panel_width(int64_t block, int64_t dynamic_group, int64_t cols) {
-  int64_t unit = block;
-  if (dynamic_group > 0) unit = std::lcm(block, dynamic_group);
-  if (unit >= cols) return cols;
-  return std::max<int64_t>(1, kPanelColumns / unit) * unit;
 }
 
 // Scale/zero tables [rows, groups] for the natural column groups of w [rows, cols] (on the backend).
@@ -135,6 +120,270 @@ Backend& solve_backend(Backend& backend, int64_t rows, int64_t cols, int64_t gro
   return *host;
 }
 
+// Where each column goes: dead inputs, the processing order, and the table entry of each position.
+struct ColumnPlan {
+  std::vector<float> diag;        // diag(H) with the dead entries set to 1
+  std::vector<char> dead;         // [cols]: 1 for an input never active in the calibration data
+  std::vector<int64_t> perm;      // processing position -> input column
+  std::vector<int32_t> param_of;  // processing position -> table entry
+  bool tables_up_front = false;   // per-row or static-group tables, computed before the column loop
+};
+
+// Dead inputs: H[i, i] = 1 and W[:, i] = 0, as the reference does. Act-order: columns by decreasing diag(H); a
+// stable sort keeps ties in input order (deterministic). Static groups keep the natural group of each column.
+ColumnPlan plan_columns(const float* h, int64_t cols, const QuantConfig& config) {
+  ColumnPlan plan;
+  plan.diag.resize(static_cast<size_t>(cols));
+  plan.dead.assign(static_cast<size_t>(cols), 0);
+  for (int64_t i = 0; i < cols; ++i) {
+    plan.diag[static_cast<size_t>(i)] = h[i * cols + i];
+    if (plan.diag[static_cast<size_t>(i)] == 0.0f) {
+      plan.dead[static_cast<size_t>(i)] = 1;
+      plan.diag[static_cast<size_t>(i)] = 1.0f;
+    }
+  }
+  plan.perm.resize(static_cast<size_t>(cols));
+  std::iota(plan.perm.begin(), plan.perm.end(), int64_t{0});
+  if (config.act_order)
+    std::stable_sort(plan.perm.begin(), plan.perm.end(), [&plan](int64_t x, int64_t y) {
+      return plan.diag[static_cast<size_t>(x)] > plan.diag[static_cast<size_t>(y)];
+    });
+  const int64_t gs = config.group_size;
+  plan.tables_up_front = gs <= 0 || config.static_groups;
+  plan.param_of.resize(static_cast<size_t>(cols));
+  for (int64_t j = 0; j < cols; ++j) {
+    int64_t p = 0;
+    if (gs > 0) p = config.static_groups ? plan.perm[static_cast<size_t>(j)] / gs : j / gs;
+    plan.param_of[static_cast<size_t>(j)] = static_cast<int32_t>(p);
+  }
+  return plan;
+}
+
+// mean(diag(H)) with the dead entries at 1, summed in processing order.
+double diag_mean(const ColumnPlan& plan) {
+  double sum = 0.0;
+  for (const int64_t c : plan.perm) sum += plan.diag[static_cast<size_t>(c)];
+  return sum / static_cast<double>(plan.perm.size());
+}
+
+bool all_finite(const float* v, int64_t count) {
+  bool finite = true;
+#pragma omp parallel for schedule(static) reduction(&& : finite)
+  for (int64_t i = 0; i < count; ++i) finite = finite && std::isfinite(v[i]);
+  return finite;
+}
+
+// A result with its shape and nothing quantized yet.
+QuantizedLinear empty_result(int64_t rows, int64_t cols, int64_t groups, int bits) {
+  QuantizedLinear out;
+  out.rows = rows;
+  out.cols = cols;
+  out.groups = groups;
+  out.bits = bits;
+  return out;
+}
+
+// Rows [r0, r1) of W in processing order with dead columns zeroed, each column times col_scale[j] (or 1), for
+// upload_rows.
+auto rows_in_processing_order(const float* w, int64_t cols, const ColumnPlan& plan, const float* col_scale) {
+  return [w, cols, &plan, col_scale](int64_t r0, int64_t r1, float* dst) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = w + r * cols;
+      float* row = dst + (r - r0) * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t c = plan.perm[static_cast<size_t>(j)];
+        const float v = plan.dead[static_cast<size_t>(c)] ? 0.0f : src[c];
+        row[j] = col_scale ? v * col_scale[j] : v;
+      }
+    }
+  };
+}
+
+// Backend memory of one GPTQ solve. The weights and tables live through the whole solve, R from the
+// factorization on, the rest during the column loop.
+struct GptqBuffers {
+  GptqBuffers(Backend& backend, int64_t rows, int64_t cols, int64_t groups)
+      : w(backend, rows * cols),
+        wc(backend, rows * cols),
+        scales(backend, rows * groups),
+        zeros(backend, rows * groups) {}
+  void release() { *this = GptqBuffers(); }
+
+  Buffer<float> w;           // original weights, processing order, dead columns zeroed
+  Buffer<float> wc;          // running weights (see GptqBlockArgs::wc)
+  Buffer<float> scales;      // scale table [rows, groups]
+  Buffer<float> zeros;       // zero table [rows, groups]
+  Buffer<float> r;           // H_damped, then R [cols, cols]
+  Buffer<float> res;         // w - dequant(q), processing order
+  Buffer<uint8_t> q;         // codes, processing order
+  Buffer<float> err2;        // per-row loss [rows]
+  Buffer<int32_t> param_of;  // [cols]
+
+ private:
+  GptqBuffers() = default;
+};
+
+// The per-row or static-group tables, before the column loop (wc serves as scratch). Static groups come from the
+// dead-zeroed weights in natural column order; the per-row parameters from the weights as given, because the
+// reference sets its quantizer up before it zeroes dead columns.
+void tables_up_front(Backend& backend, const float* w, int64_t rows, int64_t cols, const QuantConfig& config,
+                     const ColumnPlan& plan, GptqBuffers& buf, std::vector<float>& staging) {
+  const int64_t gs = config.group_size;
+  if (gs > 0) {
+    upload_rows(backend, buf.wc.data(), rows, cols, staging, [&](int64_t r0, int64_t r1, float* dst) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          dst[(r - r0) * cols + c] = plan.dead[static_cast<size_t>(c)] ? 0.0f : w[r * cols + c];
+    });
+  } else {
+    upload(backend, buf.wc, w, rows * cols);
+  }
+  natural_group_params(backend, buf.wc.data(), rows, cols, gs, QuantGrid{config.bits, config.sym}, buf.scales.data(),
+                       buf.zeros.data(), group_count(cols, gs));
+}
+
+struct Damping {
+  double damp = 0.0;  // the relative damping that worked, or the last one tried
+  bool factored = false;
+};
+
+// Fallback (1): factors H (processing order, dead diagonal fixed, damped) into buf.r = R, raising the damping x10
+// after each failure, at most config.damp_retries times; every failure gets a line in `log`.
+Damping factor_with_damping(Backend& backend, const float* h, int64_t cols, const QuantConfig& config,
+                            const ColumnPlan& plan, const std::string& label, GptqBuffers& buf,
+                            std::vector<float>& staging, std::vector<std::string>& log) {
+  const double mean = diag_mean(plan);
+  buf.r = Buffer<float>(backend, cols * cols);
+  Damping d{config.damp, false};
+  for (int attempt = 0; attempt <= config.damp_retries; ++attempt) {
+    // built from h on every try: the factorization overwrites it
+    const float add = static_cast<float>(d.damp * mean);
+    upload_rows(backend, buf.r.data(), cols, cols, staging, [&](int64_t a0, int64_t a1, float* dst) {
+#pragma omp parallel for schedule(static)
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t pa = plan.perm[static_cast<size_t>(a)];
+        const float* src = h + pa * cols;
+        float* row = dst + (a - a0) * cols;
+        for (int64_t b = 0; b < cols; ++b) row[b] = src[plan.perm[static_cast<size_t>(b)]];
+        row[a] = plan.diag[static_cast<size_t>(pa)] + add;
+      }
+    });
+    if (backend.reverse_cholesky(buf.r.data(), cols)) {
+      d.factored = true;
+      return d;
+    }
+    if (attempt < config.damp_retries) {
+      log.push_back(label + ": Cholesky failed with damp " + format_damp(d.damp) + ", retrying with " +
+                    format_damp(d.damp * 10.0));
+      d.damp *= 10.0;
+    } else {
+      log.push_back(label + ": Cholesky failed with damp " + format_damp(d.damp) + " after " +
+                    std::to_string(config.damp_retries) + " retries, falling back to round-to-nearest");
+    }
+  }
+  return d;
+}
+
+// wc[:, j] = w[:, j] * R[j, j], the running weights before the first block. The diagonal is fetched element by
+// element: K tiny copies instead of the whole K x K factor, which matters on a device backend.
+void start_running_weights(Backend& backend, const float* w, int64_t rows, int64_t cols, const ColumnPlan& plan,
+                           GptqBuffers& buf, std::vector<float>& staging) {
+  std::vector<float> rdiag(static_cast<size_t>(cols));
+  for (int64_t j = 0; j < cols; ++j)
+    backend.download(&rdiag[static_cast<size_t>(j)], buf.r.data() + j * cols + j, sizeof(float));
+  upload_rows(backend, buf.wc.data(), rows, cols, staging, rows_in_processing_order(w, cols, plan, rdiag.data()));
+}
+
+// The column loop over all columns (Backend::gptq_columns): codes, residuals and tables in processing order.
+void solve_columns(Backend& backend, int64_t rows, int64_t cols, int64_t groups, const QuantConfig& config,
+                   const ColumnPlan& plan, GptqBuffers& buf) {
+  buf.res = Buffer<float>(backend, rows * cols);
+  buf.q = Buffer<uint8_t>(backend, rows * cols);
+  buf.err2 = Buffer<float>(backend, rows);
+  buf.param_of = Buffer<int32_t>(backend, cols);
+  upload(backend, buf.param_of, plan.param_of.data(), cols);
+  const std::vector<float> zero_rows(static_cast<size_t>(rows), 0.0f);
+  upload(backend, buf.err2, zero_rows.data(), rows);
+
+  kernels::GptqBlockArgs args;
+  args.rows = rows;
+  args.cols = cols;
+  args.r = buf.r.data();
+  args.w = buf.w.data();
+  args.wc = buf.wc.data();
+  args.res = buf.res.data();
+  args.err2 = buf.err2.data();
+  args.q = buf.q.data();
+  args.scales = buf.scales.data();
+  args.zeros = buf.zeros.data();
+  args.groups = groups;
+  args.param_of = buf.param_of.data();
+  args.dynamic_group_size = plan.tables_up_front ? 0 : config.group_size;
+  args.grid = QuantGrid{config.bits, config.sym};
+  backend.gptq_columns(args, config.block_size);
+}
+
+// The codes back in natural column order, the tables in the [groups, rows] layout.
+void collect_result(Backend& backend, const ColumnPlan& plan, const GptqBuffers& buf, QuantizedLinear& out) {
+  const int64_t rows = out.rows, cols = out.cols, groups = out.groups;
+  std::vector<uint8_t> qp(static_cast<size_t>(rows * cols));
+  download(backend, qp.data(), buf.q, rows * cols);
+  std::vector<float> scales_rg(static_cast<size_t>(rows * groups)), zeros_rg(static_cast<size_t>(rows * groups));
+  download(backend, scales_rg.data(), buf.scales, rows * groups);
+  download(backend, zeros_rg.data(), buf.zeros, rows * groups);
+  out.q.resize(static_cast<size_t>(rows * cols));
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j)
+      out.q[static_cast<size_t>(r * cols + plan.perm[static_cast<size_t>(j)])] = qp[static_cast<size_t>(r * cols + j)];
+  transpose_tables(scales_rg, zeros_rg, rows, groups, out);
+}
+
+// Fallback (2): round to nearest for the whole layer, with the damping last tried and the log so far.
+QuantizedLinear rtn_fallback(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+                             const QuantConfig& config, double damp, std::vector<std::string> log) {
+  QuantizedLinear out = rtn_quantize(backend, w, rows, cols, h, config);
+  out.fallback = Fallback::kRtn;
+  out.damp_used = damp;
+  out.log = std::move(log);
+  return out;
+}
+
+// GPTQ on `backend` with a finite Hessian: plan the columns, factor with the damping retries, run the column
+// loop, return the result in natural column order.
+QuantizedLinear gptq_solve(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+                           const QuantConfig& config, const std::string& label) {
+  const ColumnPlan plan = plan_columns(h, cols, config);
+  QuantizedLinear out = empty_result(rows, cols, group_count(cols, config.group_size), config.bits);
+  out.g_idx.resize(static_cast<size_t>(cols));
+  for (int64_t j = 0; j < cols; ++j)
+    out.g_idx[static_cast<size_t>(plan.perm[static_cast<size_t>(j)])] = plan.param_of[static_cast<size_t>(j)];
+
+  GptqBuffers buf(backend, rows, cols, out.groups);
+  std::vector<float> staging;
+  if (plan.tables_up_front) tables_up_front(backend, w, rows, cols, config, plan, buf, staging);
+  upload_rows(backend, buf.w.data(), rows, cols, staging, rows_in_processing_order(w, cols, plan, nullptr));
+
+  const auto t_solve = std::chrono::steady_clock::now();
+  const Damping d = factor_with_damping(backend, h, cols, config, plan, label, buf, staging, out.log);
+  if (!d.factored) {
+    buf.release();
+    return rtn_fallback(backend, w, rows, cols, h, config, d.damp, std::move(out.log));
+  }
+  out.damp_used = d.damp;
+  out.fallback = d.damp != config.damp ? Fallback::kDamp : Fallback::kNone;
+  start_running_weights(backend, w, rows, cols, plan, buf, staging);
+  staging = std::vector<float>();
+  solve_columns(backend, rows, cols, out.groups, config, plan, buf);
+  collect_result(backend, plan, buf, out);
+  out.solve_seconds = seconds_since(t_solve);
+  buf.release();
+  const std::vector<float> wq = out.dequantize();
+  out.relative_error = relative_output_error(backend, w, wq.data(), rows, cols, h);
+  return out;
+}
+
 }  // namespace
 
 void validate(const QuantConfig& config) {
@@ -149,6 +398,27 @@ void validate(const QuantConfig& config) {
   PQ_REQUIRE(config.block_size > 0, "--block-size must be positive, got ", config.block_size);
   PQ_REQUIRE(!(config.act_order && config.static_groups && config.group_size == -1),
              "--static-groups with --act-order needs a --group-size (got -1, one group per row)");
+}
+
+const char* name(Fallback fallback) {
+  switch (fallback) {
+    case Fallback::kNone:
+      return "none";
+    case Fallback::kDamp:
+      return "damp";
+    case Fallback::kRtn:
+      return "rtn";
+    case Fallback::kCpu:
+      return "cpu";
+  }
+  PQ_ASSERT(false, "name: Fallback value ", static_cast<int>(fallback));
+  return "";
+}
+
+Fallback fallback_from_name(const std::string& word, const std::string& where) {
+  for (const Fallback f : {Fallback::kNone, Fallback::kDamp, Fallback::kRtn, Fallback::kCpu})
+    if (word == name(f)) return f;
+  fail(where, ": fallback '", word, "' is not one of none, damp, rtn, cpu");
 }
 
 std::vector<float> QuantizedLinear::dequantize() const {
@@ -219,11 +489,7 @@ QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int
   const int64_t groups = group_count(cols, config.group_size);
   std::vector<std::string> moved;  // RTN is the baseline: where it ran is not a fallback of the layer
   Backend& backend = solve_backend(primary, rows, cols, groups, "rtn", moved);
-  QuantizedLinear out;
-  out.rows = rows;
-  out.cols = cols;
-  out.groups = groups;
-  out.bits = config.bits;
+  QuantizedLinear out = empty_result(rows, cols, groups, config.bits);
   out.g_idx.resize(static_cast<size_t>(cols));
   for (int64_t k = 0; k < cols; ++k)
     out.g_idx[static_cast<size_t>(k)] = static_cast<int32_t>(config.group_size > 0 ? k / config.group_size : 0);
@@ -258,231 +524,21 @@ QuantizedLinear gptq_quantize(Backend& primary, const float* w, int64_t rows, in
                               const QuantConfig& config, const std::string& name) {
   check_inputs(w, rows, cols, config);
   PQ_REQUIRE(h != nullptr, "gptq_quantize: ", name, ": no Hessian given");
-  const QuantGrid grid{config.bits, config.sym};
-  const int64_t gs = config.group_size;
-  const int64_t groups = group_count(cols, gs);
-  const int64_t kk = cols * cols;
   const std::string label = name.empty() ? std::string("linear") : name;
   // fallback (3): a solve that does not fit the device budget runs on the host backend
   std::vector<std::string> moved;
-  Backend& backend = solve_backend(primary, rows, cols, groups, label, moved);
+  Backend& backend = solve_backend(primary, rows, cols, group_count(cols, config.group_size), label, moved);
   if (&backend != &primary) {
     QuantizedLinear out = gptq_quantize(backend, w, rows, cols, h, config, name);
     out.log.insert(out.log.begin(), moved.begin(), moved.end());
-    if (out.fallback == "none") out.fallback = "cpu";  // a damping or RTN fallback on the host says more
+    if (out.fallback == Fallback::kNone) out.fallback = Fallback::kCpu;  // a damping or RTN fallback says more
     return out;
   }
-
   // A non-finite Hessian cannot be fixed by damping: round to nearest right away.
-  bool finite = true;
-#pragma omp parallel for schedule(static) reduction(&& : finite)
-  for (int64_t i = 0; i < kk; ++i) finite = finite && std::isfinite(h[i]);
-  if (!finite) {
-    QuantizedLinear out = rtn_quantize(backend, w, rows, cols, h, config);
-    out.fallback = "rtn";
-    out.damp_used = config.damp;
-    out.log.push_back(label + ": Hessian has non-finite values, falling back to round-to-nearest");
-    return out;
-  }
-
-  // Dead inputs (never active in the calibration data): H[i, i] = 1 and W[:, i] = 0, as the reference does.
-  std::vector<float> diag(static_cast<size_t>(cols));  // diag(H) with the dead entries set to 1
-  std::vector<char> dead(static_cast<size_t>(cols), 0);
-  for (int64_t i = 0; i < cols; ++i) {
-    diag[static_cast<size_t>(i)] = h[i * cols + i];
-    if (diag[static_cast<size_t>(i)] == 0.0f) {
-      dead[static_cast<size_t>(i)] = 1;
-      diag[static_cast<size_t>(i)] = 1.0f;
-    }
-  }
-
-  // Act-order: columns by decreasing diag(H); a stable sort keeps ties in input order (deterministic).
-  std::vector<int64_t> perm(static_cast<size_t>(cols));
-  std::iota(perm.begin(), perm.end(), int64_t{0});
-  if (config.act_order)
-    std::stable_sort(perm.begin(), perm.end(), [&diag](int64_t x, int64_t y) {
-      return diag[static_cast<size_t>(x)] > diag[static_cast<size_t>(y)];
-    });
-
-  // Which table entry quantizes each processing position, and where the entries come from.
-  const bool tables_up_front = gs <= 0 || config.static_groups;
-  std::vector<int32_t> param_of(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j) {
-    int64_t p = 0;
-    if (gs > 0) p = config.static_groups ? perm[static_cast<size_t>(j)] / gs : j / gs;
-    param_of[static_cast<size_t>(j)] = static_cast<int32_t>(p);
-  }
-
-  QuantizedLinear out;
-  out.rows = rows;
-  out.cols = cols;
-  out.groups = groups;
-  out.bits = config.bits;
-  out.g_idx.resize(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j)
-    out.g_idx[static_cast<size_t>(perm[static_cast<size_t>(j)])] = param_of[static_cast<size_t>(j)];
-
-  // Row r of W in processing order with dead columns zeroed, each column times col_scale[j] (or 1).
-  std::vector<float> staging;
-  const auto fill_w = [&](const float* col_scale) {
-    return [&, col_scale](int64_t r0, int64_t r1, float* dst) {
-#pragma omp parallel for schedule(static)
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* src = w + r * cols;
-        float* row = dst + (r - r0) * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          const int64_t c = perm[static_cast<size_t>(j)];
-          const float v = dead[static_cast<size_t>(c)] ? 0.0f : src[c];
-          row[j] = col_scale ? v * col_scale[j] : v;
-        }
-      }
-    };
-  };
-
-  Buffer<float> wb(backend, rows * cols);    // original weights, processing order, dead columns zeroed
-  Buffer<float> wcb(backend, rows * cols);   // running weights (see GptqBlockArgs::wc)
-  Buffer<float> sb(backend, rows * groups);  // scale table [rows, groups]
-  Buffer<float> zb(backend, rows * groups);  // zero table [rows, groups]
-  if (tables_up_front) {
-    // Static groups come from the dead-zeroed weights in natural column order; the per-row parameters from
-    // the weights as given, because the reference sets its quantizer up before it zeroes dead columns.
-    if (gs > 0) {
-      upload_rows(backend, wcb.data(), rows, cols, staging, [&](int64_t r0, int64_t r1, float* dst) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = 0; c < cols; ++c)
-            dst[(r - r0) * cols + c] = dead[static_cast<size_t>(c)] ? 0.0f : w[r * cols + c];
-      });
-    } else {
-      upload(backend, wcb, w, rows * cols);
-    }
-    natural_group_params(backend, wcb.data(), rows, cols, gs, grid, sb.data(), zb.data(), groups);
-  }
-  upload_rows(backend, wb.data(), rows, cols, staging, fill_w(nullptr));
-
-  double diag_sum = 0.0;
-  for (int64_t a = 0; a < cols; ++a) diag_sum += diag[static_cast<size_t>(perm[static_cast<size_t>(a)])];
-  const double diag_mean = diag_sum / static_cast<double>(cols);
-
-  const auto t_solve = std::chrono::steady_clock::now();
-  Buffer<float> rb(backend, kk);  // H_damped, then R [cols, cols]
-  double damp = config.damp;
-  bool factored = false;
-  for (int attempt = 0; attempt <= config.damp_retries; ++attempt) {
-    // H in processing order, dead diagonal fixed, damped: built from h on every try (the factorization
-    // overwrites it)
-    const float add = static_cast<float>(damp * diag_mean);
-    upload_rows(backend, rb.data(), cols, cols, staging, [&](int64_t a0, int64_t a1, float* dst) {
-#pragma omp parallel for schedule(static)
-      for (int64_t a = a0; a < a1; ++a) {
-        const int64_t pa = perm[static_cast<size_t>(a)];
-        const float* src = h + pa * cols;
-        float* row = dst + (a - a0) * cols;
-        for (int64_t b = 0; b < cols; ++b) row[b] = src[perm[static_cast<size_t>(b)]];
-        row[a] = diag[static_cast<size_t>(pa)] + add;
-      }
-    });
-    if (backend.reverse_cholesky(rb.data(), cols)) {
-      factored = true;
-      break;
-    }
-    if (attempt < config.damp_retries) {
-      out.log.push_back(label + ": Cholesky failed with damp " + format_damp(damp) + ", retrying with " +
-                        format_damp(damp * 10.0));
-      damp *= 10.0;
-    } else {
-      out.log.push_back(label + ": Cholesky failed with damp " + format_damp(damp) + " after " +
-                        std::to_string(config.damp_retries) + " retries, falling back to round-to-nearest");
-    }
-  }
-  if (!factored) {
-    rb.reset();
-    wb.reset();
-    wcb.reset();
-    QuantizedLinear rtn = rtn_quantize(backend, w, rows, cols, h, config);
-    rtn.fallback = "rtn";
-    rtn.damp_used = damp;
-    rtn.log = std::move(out.log);
-    return rtn;
-  }
-  out.damp_used = damp;
-  out.fallback = damp != config.damp ? "damp" : "none";
-
-  // wc[:, j] = w[:, j] * R[j, j]. The diagonal is fetched element by element: K tiny copies instead of the
-  // whole K x K factor, which matters on a device backend.
-  std::vector<float> rdiag(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j)
-    backend.download(&rdiag[static_cast<size_t>(j)], rb.data() + j * cols + j, sizeof(float));
-  upload_rows(backend, wcb.data(), rows, cols, staging, fill_w(rdiag.data()));
-  staging = std::vector<float>();
-
-  Buffer<float> resb(backend, rows * cols);  // w - dequant(q), processing order
-  Buffer<uint8_t> qb(backend, rows * cols);  // codes, processing order
-  Buffer<float> err2b(backend, rows);
-  Buffer<int32_t> pob(backend, cols);
-  upload(backend, pob, param_of.data(), cols);
-  {
-    const std::vector<float> zero_rows(static_cast<size_t>(rows), 0.0f);
-    upload(backend, err2b, zero_rows.data(), rows);
-  }
-
-  kernels::GptqBlockArgs args;
-  args.rows = rows;
-  args.cols = cols;
-  args.r = rb.data();
-  args.w = wb.data();
-  args.wc = wcb.data();
-  args.res = resb.data();
-  args.err2 = err2b.data();
-  args.q = qb.data();
-  args.scales = sb.data();
-  args.zeros = zb.data();
-  args.groups = groups;
-  args.param_of = pob.data();
-  args.dynamic_group_size = tables_up_front ? 0 : gs;
-  args.grid = grid;
-  // Columns beyond the current panel lag behind the GptqBlockArgs::wc invariant until the panel is done;
-  // gptq_block reads wc only in its block and in groups starting there, which panel_width keeps in the panel.
-  const int64_t block = config.block_size;
-  const int64_t panel = panel_width(block, args.dynamic_group_size, cols);
-  for (int64_t p0 = 0; p0 < cols; p0 += panel) {
-    const int64_t p1 = std::min(p0 + panel, cols);
-    for (int64_t b0 = p0; b0 < p1; b0 += block) {
-      const int64_t b1 = std::min(b0 + block, p1);
-      args.begin = b0;
-      args.end = b1;
-      backend.gptq_block(args);
-      // wc[:, b1:p1] += res[:, b0:b1] @ R[b0:b1, b1:p1]: the rest of this panel
-      if (b1 < p1)
-        backend.gemm(Trans::kNo, Trans::kNo, rows, p1 - b1, b1 - b0, 1.0f, resb.data() + b0, cols,
-                     rb.data() + b0 * cols + b1, cols, 1.0f, wcb.data() + b1, cols);
-    }
-    // wc[:, p1:] += res[:, p0:p1] @ R[p0:p1, p1:]: everything after the panel
-    if (p1 < cols)
-      backend.gemm(Trans::kNo, Trans::kNo, rows, cols - p1, p1 - p0, 1.0f, resb.data() + p0, cols,
-                   rb.data() + p0 * cols + p1, cols, 1.0f, wcb.data() + p1, cols);
-  }
-  std::vector<uint8_t> qp(static_cast<size_t>(rows * cols));
-  download(backend, qp.data(), qb, rows * cols);
-  std::vector<float> scales_rg(static_cast<size_t>(rows * groups)), zeros_rg(static_cast<size_t>(rows * groups));
-  download(backend, scales_rg.data(), sb, rows * groups);
-  download(backend, zeros_rg.data(), zb, rows * groups);
-  out.solve_seconds = seconds_since(t_solve);
-  rb.reset();
-  wb.reset();
-  wcb.reset();
-  resb.reset();
-  qb.reset();
-
-  // back to natural column order
-  out.q.resize(static_cast<size_t>(rows * cols));
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; ++j)
-      out.q[static_cast<size_t>(r * cols + perm[static_cast<size_t>(j)])] = qp[static_cast<size_t>(r * cols + j)];
-  transpose_tables(scales_rg, zeros_rg, rows, groups, out);
-  const std::vector<float> wq = out.dequantize();
-  out.relative_error = relative_output_error(backend, w, wq.data(), rows, cols, h);
-  return out;
+  if (!all_finite(h, cols * cols))
+    return rtn_fallback(backend, w, rows, cols, h, config, config.damp,
+                        {label + ": Hessian has non-finite values, falling back to round-to-nearest"});
+  return gptq_solve(backend, w, rows, cols, h, config, label);
 }
 
 }  // namespace pipequant

@@ -1,6 +1,7 @@
 #pragma once
-// What a run measured (DESIGN.md section 9): per stage, seconds per phase, bytes moved and written, peak
-// memory, and the quantization error summary; printed as a table and written as JSON lines.
+// What a run measured (docs/design.md section 9): per stage, seconds per phase, bytes moved and written, peak
+// memory, and the quantization error summary; printed as a table and written as JSON lines. Each field's JSON
+// name is written once, in report.cpp, and both directions (to_json, *_from_json) go by it.
 
 #include <cstdint>
 #include <nlohmann/json.hpp>
@@ -20,6 +21,8 @@ struct LinearRecord {
   std::string fallback = "none";
   double damp = 0.0;
   double solve_seconds = 0.0;
+
+  bool operator==(const LinearRecord&) const = default;
 };
 
 struct StageMetrics {
@@ -48,8 +51,15 @@ struct StageMetrics {
   uint64_t peak_device_solve_bytes = 0;
   std::vector<LinearRecord> linears;
 
-  nlohmann::json to_json() const;
+  bool operator==(const StageMetrics&) const = default;
 };
+
+// A linear's figures, every field by name (the keys of its record in the metrics file, less "record" and "stage").
+nlohmann::json to_json(const LinearRecord& l);
+LinearRecord linear_record_from_json(const nlohmann::json& j);
+// A stage's figures, every field by name, with its linears as an array under "linears" (how rank 0 gathers them).
+nlohmann::json to_json(const StageMetrics& m);
+StageMetrics stage_metrics_from_json(const nlohmann::json& j);
 
 // Peak resident set size of this process (getrusage), bytes.
 uint64_t peak_host_bytes();

@@ -1,5 +1,7 @@
-// The quantizer core: reverse Cholesky, the quantization grid, packing, and GPTQ against a plain
-// double-precision transcription of the reference algorithm (IST-DASLab gptq, fasterquant + quant.py).
+// The quantizer core: the quantization grid, packing, the Fallback names, and GPTQ end to end against the GPTQ
+// reference code (IST-DASLab gptq, fasterquant + quant.py): its preparation transcribed here, its column loop the
+// readable one in kernels/cpu/gptq_reference.hpp. The backend ops themselves (reverse Cholesky, gptq_block, ...)
+// are checked row by row in tests/test_backend_ops.cpp.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,261 +13,108 @@
 #include <string>
 #include <vector>
 
-#include "kernels/backend.hpp"
 #include "base/error.hpp"
 #include "base/numeric.hpp"
+#include "kernels/backend.hpp"
+#include "kernels/cpu/gptq_reference.hpp"
+#include "kernels/cpu/quant_grid.hpp"
 #include "src/quant.hpp"
+#include "tests/test_util.hpp"
 
 namespace pipequant {
 namespace {
 
 using kernels::QuantGrid;
-using Matrix = std::vector<double>;  // row-major
+using test::correlated_hessian;
+using test::low_rank_spd;
+using test::normal;
 
 std::unique_ptr<kernels::Backend> cpu() { return kernels::make_cpu_backend(0); }
 
 // ---------------------------------------------------------------------------------------------------------
-// Test data
-
-std::vector<float> random_normal(int64_t count, uint64_t seed, float sigma = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, sigma);
-  std::vector<float> v(static_cast<size_t>(count));
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
-// Correlated calibration inputs X [tokens, k]: a rank-16 signal plus noise, with per-channel scales spread
-// over about two orders of magnitude (outlier channels make act-order matter). H = 2/n X^T X, summed in double.
-std::vector<float> correlated_hessian(int64_t tokens, int64_t k, uint64_t seed, int64_t zero_channel = -1) {
-  const int64_t rank = 16;
-  const auto z = random_normal(tokens * rank, seed);
-  const auto b = random_normal(rank * k, seed + 1);
-  const auto noise = random_normal(tokens * k, seed + 2, 0.5f);
-  const auto s = random_normal(k, seed + 3, 0.8f);
-  std::vector<double> x(static_cast<size_t>(tokens * k));
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t c = 0; c < k; ++c) {
-      double v = noise[static_cast<size_t>(t * k + c)];
-      for (int64_t r = 0; r < rank; ++r) v += z[static_cast<size_t>(t * rank + r)] * b[static_cast<size_t>(r * k + c)];
-      x[static_cast<size_t>(t * k + c)] = c == zero_channel ? 0.0 : v * std::exp(s[static_cast<size_t>(c)]);
-    }
-  std::vector<double> hd(static_cast<size_t>(k * k), 0.0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const double* xt = x.data() + t * k;
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j <= i; ++j) hd[static_cast<size_t>(i * k + j)] += xt[i] * xt[j];
-  }
-  std::vector<float> h(static_cast<size_t>(k * k));
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j <= i; ++j) {
-      const float v = static_cast<float>(2.0 * hd[static_cast<size_t>(i * k + j)] / static_cast<double>(tokens));
-      h[static_cast<size_t>(i * k + j)] = v;
-      h[static_cast<size_t>(j * k + i)] = v;
-    }
-  return h;
-}
-
-// A cheaper SPD matrix for larger sizes: H = A A^T / r + 0.1 I, A [k, r].
-std::vector<float> low_rank_spd(int64_t k, int64_t r, uint64_t seed) {
-  const auto a = random_normal(k * r, seed);
-  std::vector<float> h(static_cast<size_t>(k * k));
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j <= i; ++j) {
-      double v = i == j ? 0.1 : 0.0;
-      for (int64_t t = 0; t < r; ++t)
-        v += static_cast<double>(a[static_cast<size_t>(i * r + t)]) * a[static_cast<size_t>(j * r + t)] /
-             static_cast<double>(r);
-      h[static_cast<size_t>(i * k + j)] = h[static_cast<size_t>(j * k + i)] = static_cast<float>(v);
-    }
-  return h;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// The reference, transcribed in double precision with plain loops.
-
-struct RefParams {
-  double scale;
-  double zero;
-};
-
-// quant.py find_params (weight=True, no mse), with the scale rounded to fp16 like the stored output.
-RefParams ref_find_params(const double* x, int64_t n, int bits, bool sym) {
-  const double maxq = (1 << bits) - 1;
-  double xmin = 0.0, xmax = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    xmin = std::min(xmin, x[i]);
-    xmax = std::max(xmax, x[i]);
-  }
-  if (sym) {
-    xmax = std::max(std::fabs(xmin), xmax);
-    if (xmin < 0) xmin = -xmax;
-  }
-  if (xmin == 0 && xmax == 0) {
-    xmin = -1;
-    xmax = 1;
-  }
-  double scale = round_to_fp16(static_cast<float>((xmax - xmin) / maxq));
-  if (scale == 0) scale = std::ldexp(1.0, -14);
-  double zero = sym ? static_cast<double>(((1 << bits)) / 2) : std::nearbyint(-xmin / scale);
-  zero = std::clamp(zero, 0.0, maxq);
-  return {scale, zero};
-}
-
-double ref_code(double x, RefParams p, int bits) {
-  return std::clamp(std::nearbyint(x / p.scale) + p.zero, 0.0, static_cast<double>((1 << bits) - 1));
-}
-
-// Lower Cholesky factor of a [n, n] in place; false if not positive definite.
-bool ref_cholesky_lower(Matrix& a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    double d = a[static_cast<size_t>(j * n + j)];
-    for (int64_t k = 0; k < j; ++k) d -= a[static_cast<size_t>(j * n + k)] * a[static_cast<size_t>(j * n + k)];
-    if (!(d > 0)) return false;
-    d = std::sqrt(d);
-    a[static_cast<size_t>(j * n + j)] = d;
-    for (int64_t i = j + 1; i < n; ++i) {
-      double v = a[static_cast<size_t>(i * n + j)];
-      for (int64_t k = 0; k < j; ++k) v -= a[static_cast<size_t>(i * n + k)] * a[static_cast<size_t>(j * n + k)];
-      a[static_cast<size_t>(i * n + j)] = v / d;
-    }
-    for (int64_t i = 0; i < j; ++i) a[static_cast<size_t>(i * n + j)] = 0.0;
-  }
-  return true;
-}
-
-// torch.cholesky_inverse: (L L^T)^-1 from the lower factor L.
-Matrix ref_cholesky_inverse(const Matrix& l, int64_t n) {
-  Matrix li(static_cast<size_t>(n * n), 0.0);  // L^-1, lower
-  for (int64_t c = 0; c < n; ++c)
-    for (int64_t i = c; i < n; ++i) {
-      double v = i == c ? 1.0 : 0.0;
-      for (int64_t k = c; k < i; ++k) v -= l[static_cast<size_t>(i * n + k)] * li[static_cast<size_t>(k * n + c)];
-      li[static_cast<size_t>(i * n + c)] = v / l[static_cast<size_t>(i * n + i)];
-    }
-  Matrix inv(static_cast<size_t>(n * n), 0.0);  // L^-T L^-1
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      double v = 0.0;
-      for (int64_t k = std::max(i, j); k < n; ++k)
-        v += li[static_cast<size_t>(k * n + i)] * li[static_cast<size_t>(k * n + j)];
-      inv[static_cast<size_t>(i * n + j)] = v;
-    }
-  return inv;
-}
+// The reference
 
 struct RefResult {
   std::vector<int> q;      // codes [rows, cols], natural order
   std::vector<double> wq;  // dequantized [rows, cols]
 };
 
-// fasterquant(blocksize=128, percdamp, groupsize, actorder, static_groups) line by line.
+// Table entry of one row (or group) from its min/max, as quant.py find_params does.
+void set_entry(const float* x, int64_t n, QuantGrid grid, float& scale, float& zero) {
+  const auto [lo, hi] = std::minmax_element(x, x + n);
+  const kernels::ScaleZero p = kernels::params_from_range(*lo, *hi, grid);
+  scale = p.scale;
+  zero = p.zero;
+}
+
+// fasterquant(blocksize=128, percdamp, groupsize, actorder, static_groups): per-row parameters from the weights as
+// given, dead columns zeroed, static groups from the dead-zeroed weights, act-order, damping, the factor in
+// double; then the column loop, reference::gptq_columns.
 RefResult ref_gptq(const std::vector<float>& w_in, const std::vector<float>& h_in, int64_t rows, int64_t cols,
                    const QuantConfig& cfg) {
+  const QuantGrid grid{cfg.bits, cfg.sym};
   const int64_t gs = cfg.group_size;
-  const int bits = cfg.bits;
-  Matrix w(w_in.begin(), w_in.end());
-  Matrix h(h_in.begin(), h_in.end());
-  auto W = [&](int64_t r, int64_t c) -> double& { return w[static_cast<size_t>(r * cols + c)]; };
-
-  std::vector<RefParams> row_params(static_cast<size_t>(rows));  // quantizer.find_params(W) before dead columns
-  for (int64_t r = 0; r < rows; ++r)
-    row_params[static_cast<size_t>(r)] = ref_find_params(&W(r, 0), cols, bits, cfg.sym);
-
+  const int64_t groups = gs > 0 ? (cols + gs - 1) / gs : 1;
+  std::vector<float> w = w_in, h = h_in;
+  const auto at = [cols](int64_t r, int64_t c) { return static_cast<size_t>(r * cols + c); };
+  std::vector<float> scales(static_cast<size_t>(rows * groups), 0.0f), zeros(scales);
+  if (gs < 0)  // quantizer.find_params(W) runs before the dead columns are zeroed
+    for (int64_t r = 0; r < rows; ++r)
+      set_entry(&w[at(r, 0)], cols, grid, scales[static_cast<size_t>(r)], zeros[static_cast<size_t>(r)]);
   for (int64_t i = 0; i < cols; ++i)
-    if (h[static_cast<size_t>(i * cols + i)] == 0) {
-      h[static_cast<size_t>(i * cols + i)] = 1;
-      for (int64_t r = 0; r < rows; ++r) W(r, i) = 0;
+    if (h[at(i, i)] == 0.0f) {
+      h[at(i, i)] = 1.0f;
+      for (int64_t r = 0; r < rows; ++r) w[at(r, i)] = 0.0f;
     }
-
-  std::vector<std::vector<RefParams>> static_params;  // [group][row]
   if (cfg.static_groups)
-    for (int64_t g0 = 0; g0 < cols; g0 += gs) {
-      std::vector<RefParams> p(static_cast<size_t>(rows));
-      for (int64_t r = 0; r < rows; ++r)
-        p[static_cast<size_t>(r)] = ref_find_params(&W(r, g0), std::min(gs, cols - g0), bits, cfg.sym);
-      static_params.push_back(p);
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < groups; ++g)
+        set_entry(&w[at(r, g * gs)], std::min(gs, cols - g * gs), grid, scales[static_cast<size_t>(r * groups + g)],
+                  zeros[static_cast<size_t>(r * groups + g)]);
 
   std::vector<int64_t> perm(static_cast<size_t>(cols));
   std::iota(perm.begin(), perm.end(), int64_t{0});
-  if (cfg.act_order) {
-    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) {
-      return h[static_cast<size_t>(a * cols + a)] > h[static_cast<size_t>(b * cols + b)];
-    });
-    Matrix wp(w.size()), hp(h.size());
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < cols; ++j) wp[static_cast<size_t>(r * cols + j)] = W(r, perm[static_cast<size_t>(j)]);
-    for (int64_t a = 0; a < cols; ++a)
-      for (int64_t b = 0; b < cols; ++b)
-        hp[static_cast<size_t>(a * cols + b)] =
-            h[static_cast<size_t>(perm[static_cast<size_t>(a)] * cols + perm[static_cast<size_t>(b)])];
-    w = wp;
-    h = hp;
-  }
-
-  double mean = 0;
-  for (int64_t i = 0; i < cols; ++i) mean += h[static_cast<size_t>(i * cols + i)];
-  mean /= static_cast<double>(cols);
-  for (int64_t i = 0; i < cols; ++i) h[static_cast<size_t>(i * cols + i)] += cfg.damp * mean;
-  if (!ref_cholesky_lower(h, cols)) throw std::runtime_error("reference: Cholesky failed");
-  Matrix u = ref_cholesky_inverse(h, cols);
-  if (!ref_cholesky_lower(u, cols)) throw std::runtime_error("reference: Cholesky of the inverse failed");
-  // upper factor: U = L^T
-  Matrix hinv(u.size(), 0.0);
-  for (int64_t i = 0; i < cols; ++i)
-    for (int64_t j = i; j < cols; ++j) hinv[static_cast<size_t>(i * cols + j)] = u[static_cast<size_t>(j * cols + i)];
-  auto U = [&](int64_t i, int64_t j) { return hinv[static_cast<size_t>(i * cols + j)]; };
-
-  std::vector<int> qp(static_cast<size_t>(rows * cols));
-  Matrix wqp(static_cast<size_t>(rows * cols));
-  std::vector<RefParams> cur = row_params;
-  const int64_t blocksize = 128;
-  for (int64_t i1 = 0; i1 < cols; i1 += blocksize) {
-    const int64_t i2 = std::min(i1 + blocksize, cols);
-    const int64_t count = i2 - i1;
-    Matrix w1(static_cast<size_t>(rows * count)), err1(static_cast<size_t>(rows * count));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < count; ++i) w1[static_cast<size_t>(r * count + i)] = W(r, i1 + i);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t col = i1 + i;
-      if (gs != -1) {
-        if (!cfg.static_groups) {
-          if (col % gs == 0)
-            for (int64_t r = 0; r < rows; ++r)
-              cur[static_cast<size_t>(r)] = ref_find_params(&W(r, col), std::min(gs, cols - col), bits, cfg.sym);
-        } else {
-          const int64_t idx = cfg.act_order ? perm[static_cast<size_t>(col)] : col;
-          cur = static_params[static_cast<size_t>(idx / gs)];
-        }
-      }
-      const double d = U(col, col);
-      for (int64_t r = 0; r < rows; ++r) {
-        const double x = w1[static_cast<size_t>(r * count + i)];
-        const RefParams p = cur[static_cast<size_t>(r)];
-        const double code = ref_code(x, p, bits);
-        const double q = p.scale * (code - p.zero);
-        qp[static_cast<size_t>(r * cols + col)] = static_cast<int>(code);
-        wqp[static_cast<size_t>(r * cols + col)] = q;
-        const double e = (x - q) / d;
-        for (int64_t k = i; k < count; ++k) w1[static_cast<size_t>(r * count + k)] -= e * U(col, i1 + k);
-        err1[static_cast<size_t>(r * count + i)] = e;
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = i2; c < cols; ++c) {
-        double v = 0;
-        for (int64_t i = 0; i < count; ++i) v += err1[static_cast<size_t>(r * count + i)] * U(i1 + i, c);
-        W(r, c) -= v;
-      }
-  }
-  RefResult out;
-  out.q.resize(qp.size());
-  out.wq.resize(wqp.size());
+  if (cfg.act_order)
+    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return h[at(a, a)] > h[at(b, b)]; });
+  std::vector<float> wp(w.size()), hp(h.size());
   for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) wp[at(r, j)] = w[at(r, perm[static_cast<size_t>(j)])];
+  for (int64_t a = 0; a < cols; ++a)
+    for (int64_t b = 0; b < cols; ++b) hp[at(a, b)] = h[at(perm[static_cast<size_t>(a)], perm[static_cast<size_t>(b)])];
+  double mean = 0.0;
+  for (int64_t i = 0; i < cols; ++i) mean += hp[at(i, i)];
+  mean /= static_cast<double>(cols);
+  for (int64_t i = 0; i < cols; ++i) hp[at(i, i)] = static_cast<float>(hp[at(i, i)] + cfg.damp * mean);
+  std::vector<double> r64;
+  if (!kernels::reference::reverse_cholesky(hp.data(), cols, r64))
+    throw std::runtime_error("reference: Cholesky failed");
+  const std::vector<float> r(r64.begin(), r64.end());
+
+  std::vector<int32_t> param_of(static_cast<size_t>(cols));
+  for (int64_t j = 0; j < cols; ++j)
+    param_of[static_cast<size_t>(j)] =
+        static_cast<int32_t>(gs < 0 ? 0 : (cfg.static_groups ? perm[static_cast<size_t>(j)] : j) / gs);
+  kernels::reference::GptqColumnsInput in;
+  in.rows = rows;
+  in.cols = cols;
+  in.r = r.data();
+  in.w = wp.data();
+  in.scales = scales.data();
+  in.zeros = zeros.data();
+  in.groups = groups;
+  in.param_of = param_of.data();
+  in.dynamic_group_size = gs > 0 && !cfg.static_groups ? gs : 0;
+  in.block = cfg.block_size;
+  in.grid = grid;
+  const kernels::reference::GptqColumnsResult loop = kernels::reference::gptq_columns(in);
+
+  RefResult out;
+  out.q.resize(loop.q.size());
+  out.wq.resize(loop.deq.size());
+  for (int64_t row = 0; row < rows; ++row)
     for (int64_t j = 0; j < cols; ++j) {
-      out.q[static_cast<size_t>(r * cols + perm[static_cast<size_t>(j)])] = qp[static_cast<size_t>(r * cols + j)];
-      out.wq[static_cast<size_t>(r * cols + perm[static_cast<size_t>(j)])] = wqp[static_cast<size_t>(r * cols + j)];
+      out.q[at(row, perm[static_cast<size_t>(j)])] = loop.q[at(row, j)];
+      out.wq[at(row, perm[static_cast<size_t>(j)])] = loop.deq[at(row, j)];
     }
   return out;
 }
@@ -293,45 +142,7 @@ bool all_finite(const std::vector<float>& v) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// (a) reverse Cholesky
-
-TEST(ReverseCholesky, UpperFactorReproducesH) {
-  auto backend = cpu();
-  const int64_t n = 200;
-  const auto h = low_rank_spd(n, 64, 11);
-  std::vector<float> r = h;
-  ASSERT_TRUE(backend->reverse_cholesky(r.data(), n));
-  double max_h = 0, max_diff = 0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      if (j < i) {
-        EXPECT_EQ(r[static_cast<size_t>(i * n + j)], 0.0f) << "lower triangle at " << i << "," << j;
-      }
-      double v = 0;  // (R R^T)[i, j] = sum_k R[i, k] R[j, k], k >= max(i, j)
-      for (int64_t k = std::max(i, j); k < n; ++k)
-        v += static_cast<double>(r[static_cast<size_t>(i * n + k)]) * r[static_cast<size_t>(j * n + k)];
-      max_h = std::max(max_h, std::fabs(static_cast<double>(h[static_cast<size_t>(i * n + j)])));
-      max_diff = std::max(max_diff, std::fabs(v - h[static_cast<size_t>(i * n + j)]));
-    }
-  for (int64_t i = 0; i < n; ++i) EXPECT_GT(r[static_cast<size_t>(i * n + i)], 0.0f);
-  // fp32 factorization of a matrix with condition ~ 1e2: backward error a few ulps times n
-  EXPECT_LT(max_diff / max_h, 1e-4);
-  EXPECT_GT(max_h, 0.5);  // non-trivial input
-}
-
-TEST(ReverseCholesky, FailsOnIndefiniteAndNonFinite) {
-  auto backend = cpu();
-  const int64_t n = 50;
-  auto h = low_rank_spd(n, 16, 12);
-  h[static_cast<size_t>(17 * n + 17)] = -1.0f;  // a negative diagonal entry: not positive definite
-  EXPECT_FALSE(backend->reverse_cholesky(h.data(), n));
-  auto g = low_rank_spd(n, 16, 13);
-  g[static_cast<size_t>(3 * n + 40)] = g[static_cast<size_t>(40 * n + 3)] = std::nanf("");
-  EXPECT_FALSE(backend->reverse_cholesky(g.data(), n));
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// (b) quantization grid, exact on power-of-two friendly inputs
+// (a) quantization grid, exact on power-of-two friendly inputs
 
 TEST(QuantGrid, IntegersAt4BitAsymAreTheirOwnCodes) {
   auto backend = cpu();
@@ -395,7 +206,7 @@ TEST(QuantGrid, ScaleIsFp16AndDegenerateRowsAreHandled) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// (c) packing
+// (b) packing
 
 TEST(Pack, ThreeBitStreamStraddlesWords) {
   // one output column, codes along K: 12 codes of 3 bits = 36 bits = 2 words; code 10 (value 3) straddles
@@ -453,7 +264,7 @@ TEST(Pack, RoundTripAllWidthsRaggedShapes) {
       ql.zeros.push_back(static_cast<float>(code(rng)));
     }
     ql.relative_error = 0.0125;
-    ql.fallback = "damp";
+    ql.fallback = Fallback::kDamp;
     ql.damp_used = 0.1;
     QuantConfig cfg;
     cfg.bits = bits;
@@ -463,7 +274,7 @@ TEST(Pack, RoundTripAllWidthsRaggedShapes) {
     EXPECT_EQ(static_cast<int64_t>(p.qzeros.size()), ql.groups * ((n * bits + 31) / 32));
     EXPECT_EQ(p.in_features, k);
     EXPECT_EQ(p.out_features, n);
-    EXPECT_EQ(p.fallback, "damp");
+    EXPECT_EQ(p.fallback, "damp");  // the word the HDF5 output holds
     EXPECT_EQ(p.scales[0], float_to_fp16(ql.scales[0]));
     const QuantizedLinear back = unpack(p);
     EXPECT_EQ(back.q, ql.q);
@@ -490,6 +301,24 @@ TEST(Pack, UnpackRejectsWrongSizes) {
   EXPECT_NO_THROW(unpack(p));
   p.g_idx[5] = 1;  // only group 0 exists
   EXPECT_THROW(unpack(p), UserError);
+  p.g_idx[5] = 0;
+  p.fallback = "sometimes";  // not a fallback pipequant writes
+  EXPECT_THROW(unpack(p), UserError);
+}
+
+TEST(Fallback, NamesAreTheWordsOfTheOutput) {
+  EXPECT_STREQ(name(Fallback::kNone), "none");
+  EXPECT_STREQ(name(Fallback::kDamp), "damp");
+  EXPECT_STREQ(name(Fallback::kRtn), "rtn");
+  EXPECT_STREQ(name(Fallback::kCpu), "cpu");
+  for (const Fallback f : {Fallback::kNone, Fallback::kDamp, Fallback::kRtn, Fallback::kCpu})
+    EXPECT_EQ(fallback_from_name(name(f), "layer"), f);
+  try {
+    fallback_from_name("gpu", "packed linear mlp.up_proj");
+    ADD_FAILURE() << "an unknown fallback word must be a UserError";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("packed linear mlp.up_proj: fallback 'gpu'"), std::string::npos) << e.what();
+  }
 }
 
 TEST(QuantConfig, Validate) {
@@ -515,7 +344,7 @@ TEST(QuantConfig, Validate) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// (d, e) GPTQ against the reference, and against round-to-nearest
+// (c) GPTQ against the reference, and against round-to-nearest
 
 enum class Order { kNatural, kStatic, kAct, kActStatic };
 
@@ -553,7 +382,7 @@ class GptqReference : public testing::TestWithParam<GptqCase> {
   static constexpr int64_t kRows = 192;
   static constexpr int64_t kCols = 300;  // 300 % 32 != 0 and 300 % 128 != 0: ragged last group and block
   static void SetUpTestSuite() {
-    w_ = new std::vector<float>(random_normal(kRows * kCols, 21, 0.05f));
+    w_ = new std::vector<float>(normal(static_cast<size_t>(kRows * kCols), 0.05f, 21));
     h_ = new std::vector<float>(correlated_hessian(2000, kCols, 22));
   }
   static void TearDownTestSuite() {
@@ -576,7 +405,7 @@ TEST_P(GptqReference, MatchesReferenceAndBeatsRtn) {
   cfg.static_groups = c.order == Order::kStatic || c.order == Order::kActStatic;
   auto backend = cpu();
   const QuantizedLinear ql = gptq_quantize(*backend, w_->data(), kRows, kCols, h_->data(), cfg, "test");
-  EXPECT_EQ(ql.fallback, "none");
+  EXPECT_EQ(ql.fallback, Fallback::kNone);
   EXPECT_TRUE(ql.log.empty());
   ASSERT_EQ(static_cast<int64_t>(ql.q.size()), kRows * kCols);
   const int64_t groups = c.group_size > 0 ? (kCols + c.group_size - 1) / c.group_size : 1;
@@ -622,11 +451,11 @@ TEST_P(GptqReference, MatchesReferenceAndBeatsRtn) {
 INSTANTIATE_TEST_SUITE_P(Settings, GptqReference, testing::ValuesIn(gptq_cases()), case_name);
 
 // ---------------------------------------------------------------------------------------------------------
-// (f) dead columns
+// (d) dead columns
 
 TEST(Gptq, DeadColumnQuantizesToTheZeroPoint) {
   const int64_t rows = 24, cols = 96, dead = 37;
-  const auto w = random_normal(rows * cols, 31, 0.05f);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 31);
   const auto h = correlated_hessian(600, cols, 32, dead);
   ASSERT_EQ(h[static_cast<size_t>(dead * cols + dead)], 0.0f);
   auto backend = cpu();
@@ -636,7 +465,7 @@ TEST(Gptq, DeadColumnQuantizesToTheZeroPoint) {
     cfg.group_size = 32;
     cfg.act_order = act;
     const QuantizedLinear ql = gptq_quantize(*backend, w.data(), rows, cols, h.data(), cfg, "dead");
-    EXPECT_EQ(ql.fallback, "none");
+    EXPECT_EQ(ql.fallback, Fallback::kNone);
     EXPECT_TRUE(std::isfinite(ql.relative_error));
     EXPECT_GT(ql.relative_error, 0.0);
     const int64_t g = ql.g_idx[static_cast<size_t>(dead)];
@@ -650,7 +479,7 @@ TEST(Gptq, DeadColumnQuantizesToTheZeroPoint) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// (g) the Hessian fallback chain
+// (e) the Hessian fallback chain
 
 bool log_mentions(const QuantizedLinear& ql, const std::string& text) {
   return std::any_of(ql.log.begin(), ql.log.end(),
@@ -659,12 +488,12 @@ bool log_mentions(const QuantizedLinear& ql, const std::string& text) {
 
 TEST(Gptq, NonFiniteHessianFallsBackToRtn) {
   const int64_t rows = 16, cols = 64;
-  const auto w = random_normal(rows * cols, 41, 0.05f);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 41);
   auto h = low_rank_spd(cols, 16, 42);
   h[static_cast<size_t>(5 * cols + 9)] = std::nanf("");
   auto backend = cpu();
   const QuantizedLinear ql = gptq_quantize(*backend, w.data(), rows, cols, h.data(), QuantConfig{}, "layers.0.q");
-  EXPECT_EQ(ql.fallback, "rtn");
+  EXPECT_EQ(ql.fallback, Fallback::kRtn);
   ASSERT_FALSE(ql.log.empty());
   EXPECT_TRUE(log_mentions(ql, "layers.0.q"));
   EXPECT_TRUE(log_mentions(ql, "round-to-nearest"));
@@ -674,14 +503,14 @@ TEST(Gptq, NonFiniteHessianFallsBackToRtn) {
 
 TEST(Gptq, NegativeDefiniteHessianExhaustsRetriesThenRtn) {
   const int64_t rows = 16, cols = 64;
-  const auto w = random_normal(rows * cols, 43, 0.05f);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 43);
   auto h = low_rank_spd(cols, 16, 44);
   for (auto& v : h) v = -v;  // damping adds a negative multiple of the identity: never helps
   auto backend = cpu();
   QuantConfig cfg;
   cfg.damp_retries = 3;
   const QuantizedLinear ql = gptq_quantize(*backend, w.data(), rows, cols, h.data(), cfg, "layers.1.down");
-  EXPECT_EQ(ql.fallback, "rtn");
+  EXPECT_EQ(ql.fallback, Fallback::kRtn);
   EXPECT_EQ(ql.log.size(), 4u);  // three retries, then the fallback
   EXPECT_TRUE(log_mentions(ql, "layers.1.down: Cholesky failed with damp 0.01, retrying with 0.1"));
   EXPECT_TRUE(log_mentions(ql, "falling back to round-to-nearest"));
@@ -692,8 +521,8 @@ TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
   // H = Q diag(lambda) Q^T with eigenvalues in [0.5, 1.5] except one at -0.004: damping 1e-3 * mean(diag)
   // (about 1e-3) leaves it negative, 1e-2 makes it positive, so exactly one retry
   const int64_t rows = 16, cols = 64;
-  const auto a = random_normal(cols * cols, 51);
-  Matrix qm(a.begin(), a.end());
+  const auto a = normal(static_cast<size_t>(cols * cols), 1.0f, 51);
+  std::vector<double> qm(a.begin(), a.end());
   for (int64_t i = 0; i < cols; ++i) {  // Gram-Schmidt on the rows
     for (int64_t p = 0; p < i; ++p) {
       double d = 0;
@@ -723,12 +552,12 @@ TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = 0; j < i; ++j) h[static_cast<size_t>(i * cols + j)] = h[static_cast<size_t>(j * cols + i)];
 
-  const auto w = random_normal(rows * cols, 52, 0.05f);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 52);
   auto backend = cpu();
   QuantConfig cfg;
   cfg.damp = 1e-3;
   const QuantizedLinear ql = gptq_quantize(*backend, w.data(), rows, cols, h.data(), cfg, "layers.2.o");
-  EXPECT_EQ(ql.fallback, "damp");
+  EXPECT_EQ(ql.fallback, Fallback::kDamp);
   EXPECT_NEAR(ql.damp_used, 1e-2, 1e-12);
   ASSERT_EQ(ql.log.size(), 1u);
   EXPECT_EQ(ql.log[0], "layers.2.o: Cholesky failed with damp 0.001, retrying with 0.01");
@@ -737,7 +566,7 @@ TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
 
 TEST(Gptq, NonFiniteWeightsAreRejected) {
   const int64_t rows = 4, cols = 32;
-  auto w = random_normal(rows * cols, 45, 0.05f);
+  auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 45);
   w[static_cast<size_t>(2 * cols + 7)] = std::numeric_limits<float>::infinity();
   const auto h = low_rank_spd(cols, 8, 46);
   auto backend = cpu();
@@ -746,12 +575,12 @@ TEST(Gptq, NonFiniteWeightsAreRejected) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// (h) determinism
+// (f) determinism
 
 TEST(Gptq, BitIdenticalAcrossRunsAndThreadCounts) {
   // large enough that OpenBLAS and the column loop really split the work between threads
   const int64_t rows = 200, cols = 1100;
-  const auto w = random_normal(rows * cols, 61, 0.05f);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 61);
   const auto h = low_rank_spd(cols, 48, 62);
   QuantConfig cfg;
   cfg.act_order = true;
@@ -786,13 +615,13 @@ TEST(Gptq, SolveThatDoesNotFitTheBudgetRunsOnTheHostFallback) {
   // a backend whose budget holds the weights but not R [cols, cols] with the working matrices: the solve
   // moves to its host fallback, says so, and gives the same result as on an unbounded backend
   const int64_t rows = 32, cols = 256;
-  const auto w = random_normal(rows * cols, 61, 0.05f);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 61);
   const auto h = correlated_hessian(1000, cols, 62);
   QuantConfig cfg;
   cfg.group_size = 64;
   auto unbounded = cpu();
   const QuantizedLinear want = gptq_quantize(*unbounded, w.data(), rows, cols, h.data(), cfg, "layers.2.up");
-  ASSERT_EQ(want.fallback, "none");
+  ASSERT_EQ(want.fallback, Fallback::kNone);
 
   const size_t budget = sizeof(float) * static_cast<size_t>(cols * cols);  // less than H and R together
   auto bounded = kernels::make_cpu_backend(0, budget);
@@ -803,7 +632,7 @@ TEST(Gptq, SolveThatDoesNotFitTheBudgetRunsOnTheHostFallback) {
   bounded->set_host_fallback(kernels::make_cpu_backend(0));
   bounded->reset_peak();
   const QuantizedLinear got = gptq_quantize(*bounded, w.data(), rows, cols, h.data(), cfg, "layers.2.up");
-  EXPECT_EQ(got.fallback, "cpu");
+  EXPECT_EQ(got.fallback, Fallback::kCpu);
   ASSERT_FALSE(got.log.empty());
   EXPECT_TRUE(log_mentions(got, "layers.2.up: the solve needs"));
   EXPECT_TRUE(log_mentions(got, "solved on the cpu"));
@@ -815,14 +644,14 @@ TEST(Gptq, SolveThatDoesNotFitTheBudgetRunsOnTheHostFallback) {
   EXPECT_EQ(got.relative_error, want.relative_error);
   // RTN (the baseline beside every GPTQ layer) moves the same way, silently
   const QuantizedLinear rtn = rtn_quantize(*bounded, w.data(), rows, cols, h.data(), cfg);
-  EXPECT_EQ(rtn.fallback, "none");
+  EXPECT_EQ(rtn.fallback, Fallback::kNone);
   EXPECT_EQ(rtn.q, rtn_quantize(*unbounded, w.data(), rows, cols, h.data(), cfg).q);
 
   // a budget with room for the solve keeps it where it is
   auto roomy = kernels::make_cpu_backend(0, size_t{64} << 20);
   roomy->set_host_fallback(kernels::make_cpu_backend(0));
   const QuantizedLinear stay = gptq_quantize(*roomy, w.data(), rows, cols, h.data(), cfg, "layers.2.up");
-  EXPECT_EQ(stay.fallback, "none");
+  EXPECT_EQ(stay.fallback, Fallback::kNone);
   EXPECT_TRUE(stay.log.empty());
   EXPECT_GT(roomy->peak_bytes(), sizeof(float) * static_cast<size_t>(cols * cols));
   EXPECT_EQ(roomy->host_fallback()->peak_bytes(), 0u);

@@ -1,7 +1,9 @@
 #pragma once
-// The CPU backend: OpenBLAS/LAPACKE for dense algebra, OpenMP for the loops. It is the reference every
-// other backend is tested against, so it favours plain loops over cleverness where speed does not matter.
-// Its member functions are defined in cpu_memory.cpp, cpu_forward.cpp and cpu_quant.cpp.
+// The CPU backend: OpenBLAS/LAPACKE for dense algebra, OpenMP for the loops. It is the specification the CUDA
+// backend follows float operation for float operation, so it favours plain loops over cleverness where speed does
+// not matter; where it is tiled for speed (the GPTQ column loop, the Cholesky factorization) a readable
+// double-precision version stands beside it in gptq_reference.hpp, and the quantization grid both use is
+// quant_grid.hpp. Its member functions are defined in cpu_memory.cpp, cpu_forward.cpp and cpu_quant.cpp.
 
 #include <atomic>
 

@@ -8,18 +8,14 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/cpu/cpu_backend.hpp"
 #include "base/error.hpp"
-#include "base/numeric.hpp"
+#include "kernels/cpu/cpu_backend.hpp"
+#include "kernels/cpu/quant_grid.hpp"
 
 namespace pipequant::kernels {
 
 namespace {
 
-// A scale that rounds to 0 in fp16 becomes the smallest fp16 normal, so that w / scale stays finite.
-inline constexpr float kMinScale = 6.103515625e-05f;  // 2^-14
-// The largest finite fp16: a scale above it would be stored as infinity.
-inline constexpr float kMaxScale = 65504.0f;
 // Rows handled together by one pass of the GPTQ column loop: the arithmetic runs across these rows in
 // lockstep, so every per-column step (divide, round, clamp, update) is a SIMD operation with no reduction.
 inline constexpr int64_t kLanes = 16;
@@ -97,38 +93,6 @@ lapack_int tiled_cholesky_lower(float* a, int64_t n) {
   return 0;
 }
 
-struct ScaleZero {
-  float scale;
-  float zero;
-};
-
-// The GPTQ reference quantizer (IST-DASLab gptq quant.py, find_params with weight=True, no mse) for one row
-// whose values span [lo, hi]; the scale is rounded to fp16 because the output stores it as fp16.
-inline ScaleZero params_from_range(float lo, float hi, QuantGrid grid) {
-  float xmin = std::min(lo, 0.0f);
-  float xmax = std::max(hi, 0.0f);
-  if (grid.sym) {
-    xmax = std::max(std::fabs(xmin), xmax);
-    if (xmin < 0.0f) xmin = -xmax;
-  }
-  if (xmin == 0.0f && xmax == 0.0f) {
-    xmin = -1.0f;
-    xmax = 1.0f;
-  }
-  const float maxq = static_cast<float>(grid.maxq());
-  float scale = round_to_fp16((xmax - xmin) / maxq);
-  if (!(scale > 0.0f)) scale = kMinScale;  // also catches NaN from non-finite weights
-  scale = std::min(scale, kMaxScale);
-  float zero = grid.sym ? static_cast<float>((grid.maxq() + 1) / 2) : std::nearbyint(-xmin / scale);
-  zero = std::clamp(zero, 0.0f, maxq);
-  return {scale, zero};
-}
-
-// q = clamp(round(w / scale) + zero, 0, maxq), round half to even (std::nearbyint in the default mode).
-inline float quantize_code(float w, float scale, float zero, float maxq) {
-  return std::clamp(std::nearbyint(w / scale) + zero, 0.0f, maxq);
-}
-
 }  // namespace
 
 bool CpuBackend::reverse_cholesky(float* h, int64_t n) {
@@ -193,6 +157,196 @@ void CpuBackend::quantize(const float* w, int64_t rows, int64_t cols, const floa
   }
 }
 
+namespace {
+
+// Columns [begin, begin + span) that one gptq_block call reads: its block, and every dynamic group that starts in
+// it (groups may reach past the block).
+struct BlockSpan {
+  int64_t begin = 0;
+  int64_t width = 0;          // columns of the block
+  int64_t span = 0;           // columns of the block and of the groups starting in it
+  bool group_starts = false;  // a dynamic group starts in the block
+};
+
+BlockSpan block_span(const GptqBlockArgs& a) {
+  BlockSpan s;
+  s.begin = a.begin;
+  s.width = a.end - a.begin;
+  int64_t span_end = a.end;
+  const int64_t gsize = a.dynamic_group_size;
+  if (gsize > 0) {
+    const int64_t last_start = (a.end - 1) / gsize * gsize;
+    s.group_starts = last_start >= a.begin;
+    if (s.group_starts) span_end = std::max(span_end, std::min(a.cols, last_start + gsize));
+  }
+  s.span = span_end - a.begin;
+  return s;
+}
+
+// R[c, c] for c in [begin, begin + span).
+std::vector<float> span_diagonal(const GptqBlockArgs& a, const BlockSpan& s) {
+  std::vector<float> rdiag(static_cast<size_t>(s.span));
+  for (int64_t c = s.begin; c < s.begin + s.span; ++c) rdiag[static_cast<size_t>(c - s.begin)] = a.r[c * a.cols + c];
+  return rdiag;
+}
+
+// ut [span, span]: ut[c * span + i] = U[begin + i, begin + c] for i <= c, the inverse of R's diagonal tile
+// stored by columns. Column c solves R_tile u = e_c by back substitution in double; columns are independent.
+std::vector<float> diagonal_tile_inverse(const GptqBlockArgs& a, const BlockSpan& s, const std::vector<float>& rdiag) {
+  const int64_t begin = s.begin, span = s.span;
+  std::vector<float> ut(static_cast<size_t>(span * span), 0.0f);
+#pragma omp parallel
+  {
+    std::vector<double> u(static_cast<size_t>(span));
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t c = 0; c < span; ++c) {
+      u[static_cast<size_t>(c)] = 1.0 / static_cast<double>(rdiag[static_cast<size_t>(c)]);
+      for (int64_t i = c - 1; i >= 0; --i) {
+        const float* r_row = a.r + (begin + i) * a.cols + begin;  // R[begin + i, begin:]
+        double sum = 0.0;
+        for (int64_t t = i + 1; t <= c; ++t) sum += static_cast<double>(r_row[t]) * u[static_cast<size_t>(t)];
+        u[static_cast<size_t>(i)] = -sum / static_cast<double>(rdiag[static_cast<size_t>(i)]);
+      }
+      for (int64_t i = 0; i <= c; ++i)
+        ut[static_cast<size_t>(c * span + i)] = static_cast<float>(u[static_cast<size_t>(i)]);
+    }
+  }
+  return ut;
+}
+
+// One thread's kLanes rows of the block, transposed (column-major within the tile) so that each column step is a
+// contiguous kLanes-wide vector. Lanes at and past `live` are zero padding: zeros quantize to finite values and
+// are never stored.
+struct LaneTile {
+  LaneTile(int64_t width, int64_t group_span)
+      : wt(static_cast<size_t>(width * kLanes)),
+        ot(static_cast<size_t>(width * kLanes)),
+        qt(static_cast<size_t>(width * kLanes)),
+        at(static_cast<size_t>(group_span * kLanes)) {}
+  std::vector<float> wt;  // running weights times R[j, j], [width][kLanes]
+  std::vector<float> ot;  // original weights in, residuals out, [width][kLanes]
+  std::vector<float> qt;  // codes, [width][kLanes]
+  std::vector<float> at;  // A = wc - w diag(R) over the span, [span][kLanes] (only with dynamic groups)
+  float err[kLanes];      // per-row loss
+  float scale[kLanes];    // the table entry in use
+  float zero[kLanes];
+  int32_t loaded = -1;  // which table entry scale/zero hold
+  int64_t r0 = 0;       // first row of the tile
+  int64_t live = 0;     // rows of the tile that exist
+};
+
+// Rows [r0, r0 + kLanes) of the block's running and original weights, and their loss so far.
+void load_tile(const GptqBlockArgs& a, const BlockSpan& s, int64_t r0, LaneTile& t) {
+  t.r0 = r0;
+  t.live = std::min(kLanes, a.rows - r0);
+  if (t.live < kLanes) {
+    std::fill(t.wt.begin(), t.wt.end(), 0.0f);
+    std::fill(t.ot.begin(), t.ot.end(), 0.0f);
+  }
+  for (int64_t l = 0; l < t.live; ++l) {
+    const float* wc_row = a.wc + (r0 + l) * a.cols + s.begin;
+    const float* w_row = a.w + (r0 + l) * a.cols + s.begin;
+    for (int64_t jj = 0; jj < s.width; ++jj) {
+      t.wt[static_cast<size_t>(jj * kLanes + l)] = wc_row[jj];
+      t.ot[static_cast<size_t>(jj * kLanes + l)] = w_row[jj];
+    }
+  }
+  std::fill(t.err, t.err + kLanes, 0.0f);
+  for (int64_t l = 0; l < t.live; ++l) t.err[l] = a.err2[r0 + l];
+  t.loaded = -1;
+}
+
+// A new dynamic group at column j: its table entry from the weights as the reference has them at this point (see
+// gptq_block): w_c + sum_{begin <= i <= c} A_i U[i, c] for the group's columns c, A = wc - w diag(R).
+void start_group(const GptqBlockArgs& a, const BlockSpan& s, const std::vector<float>& rdiag,
+                 const std::vector<float>& ut, int64_t j, LaneTile& t) {
+  const int64_t cols = a.cols, begin = s.begin, r0 = t.r0, live = t.live;
+  const int64_t g = j / a.dynamic_group_size;
+  const int64_t c_end = std::min(j + a.dynamic_group_size, cols);
+  for (int64_t l = 0; l < live; ++l) {
+    const float* wc_row = a.wc + (r0 + l) * cols;
+    const float* w_row = a.w + (r0 + l) * cols;
+    for (int64_t i = begin; i < c_end; ++i)
+      t.at[static_cast<size_t>((i - begin) * kLanes + l)] =
+          wc_row[i] - w_row[i] * rdiag[static_cast<size_t>(i - begin)];
+  }
+  float lo[kLanes] = {};
+  float hi[kLanes] = {};
+  for (int64_t c = j; c < c_end; ++c) {
+    const float* u_col = ut.data() + (c - begin) * s.span;  // U[begin:c+1, c]
+    float v[kLanes] = {};
+    for (int64_t i = 0; i <= c - begin; ++i) {
+      const float uic = u_col[i];
+      const float* ai = t.at.data() + i * kLanes;
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) v[l] += ai[l] * uic;
+    }
+    for (int64_t l = 0; l < live; ++l) {
+      const float x = a.w[(r0 + l) * cols + c] + v[l];
+      lo[l] = std::min(lo[l], x);
+      hi[l] = std::max(hi[l], x);
+    }
+  }
+  for (int64_t l = 0; l < live; ++l) {
+    const ScaleZero p = params_from_range(lo[l], hi[l], a.grid);
+    a.scales[(r0 + l) * a.groups + g] = p.scale;
+    a.zeros[(r0 + l) * a.groups + g] = p.zero;
+  }
+  t.loaded = -1;
+}
+
+// Table entry p of the tile's rows into scale/zero (padding lanes: scale 1, zero 0).
+void load_params(const GptqBlockArgs& a, int32_t p, LaneTile& t) {
+  for (int64_t l = 0; l < kLanes; ++l) {
+    t.scale[l] = l < t.live ? a.scales[(t.r0 + l) * a.groups + p] : 1.0f;
+    t.zero[l] = l < t.live ? a.zeros[(t.r0 + l) * a.groups + p] : 0.0f;
+  }
+  t.loaded = p;
+}
+
+// Column jj of the block: quantize it, keep the code and the residual, add the loss, and carry the residual into
+// the block's later columns: wt[:, j'] += res * R[j, j'] (row j of R is contiguous). One function, so that the
+// compiler contracts the same multiply-adds as the CUDA kernel assumes (see gptq_block_kernel).
+void quantize_column(const GptqBlockArgs& a, const BlockSpan& s, int64_t jj, float rjj, float maxq, LaneTile& t) {
+  float* wj = t.wt.data() + jj * kLanes;  // running weight of column j times R[j, j], [kLanes]
+  float* oj = t.ot.data() + jj * kLanes;  // original weight in, residual out, [kLanes]
+  float* qj = t.qt.data() + jj * kLanes;
+  float res[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const float x = wj[l] / rjj;
+    const float code = quantize_code(x, t.scale[l], t.zero[l], maxq);
+    const float deq = t.scale[l] * (code - t.zero[l]);
+    const float e = (x - deq) * rjj;
+    t.err[l] += e * e;
+    qj[l] = code;
+    res[l] = oj[l] - deq;
+    oj[l] = res[l];
+  }
+  const float* r_row = a.r + (s.begin + jj) * a.cols + s.begin;
+  for (int64_t jn = jj + 1; jn < s.width; ++jn) {
+    const float rv = r_row[jn];
+    float* wn = t.wt.data() + jn * kLanes;
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) wn[l] += res[l] * rv;
+  }
+}
+
+// The tile's codes, residuals and loss back to the row-major outputs.
+void store_tile(const GptqBlockArgs& a, const BlockSpan& s, const LaneTile& t) {
+  for (int64_t l = 0; l < t.live; ++l) {
+    uint8_t* q_row = a.q + (t.r0 + l) * a.cols + s.begin;
+    float* res_row = a.res + (t.r0 + l) * a.cols + s.begin;
+    for (int64_t jj = 0; jj < s.width; ++jj) {
+      q_row[jj] = static_cast<uint8_t>(t.qt[static_cast<size_t>(jj * kLanes + l)]);
+      res_row[jj] = t.ot[static_cast<size_t>(jj * kLanes + l)];
+    }
+    a.err2[t.r0 + l] = t.err[l];
+  }
+}
+
+}  // namespace
+
 // The column loop in the reverse-Cholesky form (H = R R^T, R = U^-1 with U the reference's upper Cholesky
 // factor of H^-1). With res_i = w_i - q_i the error the reference propagates is E = (W - Q) R, and the
 // current value of column j is w_cur_j = (wc_j + sum_{begin <= i < j} res_i R[i, j]) / R[j, j].
@@ -203,172 +357,34 @@ void CpuBackend::quantize(const float* w, int64_t rows, int64_t cols, const floa
 // the inverse of R's diagonal tile over the block and the groups that start in it is needed. (wc_c / R[c, c]
 // is that value only for c = begin.)
 //
-// Rows are independent; kLanes rows at a time are copied transposed into small tiles (column-major within
-// the tile) so that each column step is a contiguous kLanes-wide vector, and the in-block update of the
-// later columns reads row j of R, which is contiguous. Every row runs the same instruction sequence in
-// whatever tile it lands, so the result does not depend on the thread count.
+// Rows are independent; kLanes rows at a time are copied transposed into small tiles (LaneTile) and the in-block
+// update of the later columns reads row j of R, which is contiguous. Every row runs the same instruction
+// sequence in whatever tile it lands, so the result does not depend on the thread count. The readable version
+// of this loop is reference::gptq_columns (gptq_reference.hpp).
 void CpuBackend::gptq_block(const GptqBlockArgs& a) {
   PQ_ASSERT(a.rows > 0 && a.cols > 0 && 0 <= a.begin && a.begin < a.end && a.end <= a.cols && a.groups > 0,
             "gptq_block: rows ", a.rows, " cols ", a.cols, " block [", a.begin, ", ", a.end, ") groups ", a.groups);
   PQ_ASSERT(a.r && a.w && a.wc && a.res && a.err2 && a.q && a.scales && a.zeros && a.param_of,
             "gptq_block: null pointer");
   PQ_ASSERT(a.dynamic_group_size >= 0, "gptq_block: dynamic_group_size ", a.dynamic_group_size);
-  const int64_t rows = a.rows;
-  const int64_t cols = a.cols;
-  const int64_t begin = a.begin;
-  const int64_t width = a.end - a.begin;
-  const int64_t gsize = a.dynamic_group_size;
-  const int64_t groups = a.groups;
+  const BlockSpan s = block_span(a);
+  const std::vector<float> rdiag = span_diagonal(a, s);
+  const std::vector<float> ut = s.group_starts ? diagonal_tile_inverse(a, s, rdiag) : std::vector<float>();
   const float maxq = static_cast<float>(a.grid.maxq());
-  const QuantGrid grid = a.grid;
-
-  // Columns [begin, span_end): the block, and every dynamic group that starts in it (groups may reach past it).
-  int64_t span_end = a.end;
-  bool group_starts = false;
-  if (gsize > 0) {
-    const int64_t last_start = (a.end - 1) / gsize * gsize;
-    group_starts = last_start >= begin;
-    if (group_starts) span_end = std::max(span_end, std::min(cols, last_start + gsize));
-  }
-  const int64_t span = span_end - begin;
-  std::vector<float> rdiag(static_cast<size_t>(span));  // R[c, c] for c in [begin, span_end)
-  for (int64_t c = begin; c < span_end; ++c) rdiag[static_cast<size_t>(c - begin)] = a.r[c * cols + c];
-
-  // ut [span, span]: ut[c * span + i] = U[begin + i, begin + c] for i <= c, the inverse of R's diagonal tile
-  // stored by columns. Column c solves R_tile u = e_c by back substitution in double; columns are independent.
-  std::vector<float> ut;
-  if (group_starts) {
-    ut.assign(static_cast<size_t>(span * span), 0.0f);
-#pragma omp parallel
-    {
-      std::vector<double> u(static_cast<size_t>(span));
-#pragma omp for schedule(dynamic, 8)
-      for (int64_t c = 0; c < span; ++c) {
-        u[static_cast<size_t>(c)] = 1.0 / static_cast<double>(rdiag[static_cast<size_t>(c)]);
-        for (int64_t i = c - 1; i >= 0; --i) {
-          const float* r_row = a.r + (begin + i) * cols + begin;  // R[begin + i, begin:]
-          double sum = 0.0;
-          for (int64_t t = i + 1; t <= c; ++t) sum += static_cast<double>(r_row[t]) * u[static_cast<size_t>(t)];
-          u[static_cast<size_t>(i)] = -sum / static_cast<double>(rdiag[static_cast<size_t>(i)]);
-        }
-        for (int64_t i = 0; i <= c; ++i)
-          ut[static_cast<size_t>(c * span + i)] = static_cast<float>(u[static_cast<size_t>(i)]);
-      }
-    }
-  }
-
-  const int64_t tiles = (rows + kLanes - 1) / kLanes;
+  const int64_t tiles = (a.rows + kLanes - 1) / kLanes;
 #pragma omp parallel
   {
-    // per-thread tiles [width][kLanes]: running weights, original weights (then residuals), codes
-    std::vector<float> wt(static_cast<size_t>(width * kLanes));
-    std::vector<float> ot(static_cast<size_t>(width * kLanes));
-    std::vector<float> qt(static_cast<size_t>(width * kLanes));
-    std::vector<float> at(group_starts ? static_cast<size_t>(span * kLanes) : 0);  // A = wc - w diag(R), [span][kLanes]
+    LaneTile t(s.width, s.group_starts ? s.span : 0);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t r0 = t * kLanes;
-      const int64_t live = std::min(kLanes, rows - r0);  // rows of this tile; the others are zero padding
-      if (live < kLanes) {  // padding lanes: zeros quantize to finite values and are never stored
-        std::fill(wt.begin(), wt.end(), 0.0f);
-        std::fill(ot.begin(), ot.end(), 0.0f);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      load_tile(a, s, tile * kLanes, t);
+      for (int64_t jj = 0; jj < s.width; ++jj) {
+        const int64_t j = s.begin + jj;
+        if (a.dynamic_group_size > 0 && j % a.dynamic_group_size == 0) start_group(a, s, rdiag, ut, j, t);
+        if (a.param_of[j] != t.loaded) load_params(a, a.param_of[j], t);
+        quantize_column(a, s, jj, rdiag[static_cast<size_t>(jj)], maxq, t);
       }
-      for (int64_t l = 0; l < live; ++l) {
-        const float* wc_row = a.wc + (r0 + l) * cols + begin;
-        const float* w_row = a.w + (r0 + l) * cols + begin;
-        for (int64_t jj = 0; jj < width; ++jj) {
-          wt[static_cast<size_t>(jj * kLanes + l)] = wc_row[jj];
-          ot[static_cast<size_t>(jj * kLanes + l)] = w_row[jj];
-        }
-      }
-      float err[kLanes] = {};
-      float scale[kLanes];
-      float zero[kLanes];
-      for (int64_t l = 0; l < live; ++l) err[l] = a.err2[r0 + l];
-      int32_t loaded = -1;  // the table entry currently in scale/zero
-
-      for (int64_t jj = 0; jj < width; ++jj) {
-        const int64_t j = begin + jj;
-        if (gsize > 0 && j % gsize == 0) {
-          // A new group: its parameters come from the weights as the reference has them at this point (see
-          // above): w_c + sum_{begin <= i <= c} A_i U[i, c] for the group's columns c, A = wc - w diag(R).
-          const int64_t g = j / gsize;
-          const int64_t c_end = std::min(j + gsize, cols);
-          for (int64_t l = 0; l < live; ++l) {
-            const float* wc_row = a.wc + (r0 + l) * cols;
-            const float* w_row = a.w + (r0 + l) * cols;
-            for (int64_t i = begin; i < c_end; ++i)
-              at[static_cast<size_t>((i - begin) * kLanes + l)] =
-                  wc_row[i] - w_row[i] * rdiag[static_cast<size_t>(i - begin)];
-          }
-          float lo[kLanes] = {};
-          float hi[kLanes] = {};
-          for (int64_t c = j; c < c_end; ++c) {
-            const float* u_col = ut.data() + (c - begin) * span;  // U[begin:c+1, c]
-            float v[kLanes] = {};
-            for (int64_t i = 0; i <= c - begin; ++i) {
-              const float uic = u_col[i];
-              const float* ai = at.data() + i * kLanes;
-#pragma omp simd
-              for (int64_t l = 0; l < kLanes; ++l) v[l] += ai[l] * uic;
-            }
-            for (int64_t l = 0; l < live; ++l) {
-              const float x = a.w[(r0 + l) * cols + c] + v[l];
-              lo[l] = std::min(lo[l], x);
-              hi[l] = std::max(hi[l], x);
-            }
-          }
-          for (int64_t l = 0; l < live; ++l) {
-            const ScaleZero p = params_from_range(lo[l], hi[l], grid);
-            a.scales[(r0 + l) * groups + g] = p.scale;
-            a.zeros[(r0 + l) * groups + g] = p.zero;
-          }
-          loaded = -1;
-        }
-        const int32_t p = a.param_of[j];
-        if (p != loaded) {
-          for (int64_t l = 0; l < kLanes; ++l) {
-            scale[l] = l < live ? a.scales[(r0 + l) * groups + p] : 1.0f;
-            zero[l] = l < live ? a.zeros[(r0 + l) * groups + p] : 0.0f;
-          }
-          loaded = p;
-        }
-
-        const float rjj = rdiag[static_cast<size_t>(jj)];
-        float* wj = wt.data() + jj * kLanes;  // running weight of column j times R[j, j], [kLanes]
-        float* oj = ot.data() + jj * kLanes;  // original weight in, residual out, [kLanes]
-        float* qj = qt.data() + jj * kLanes;
-        float res[kLanes];
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const float x = wj[l] / rjj;
-          const float code = quantize_code(x, scale[l], zero[l], maxq);
-          const float deq = scale[l] * (code - zero[l]);
-          const float e = (x - deq) * rjj;
-          err[l] += e * e;
-          qj[l] = code;
-          res[l] = oj[l] - deq;
-          oj[l] = res[l];
-        }
-        // later columns of the block: wt[:, j'] += res * R[j, j'] (row j of R is contiguous)
-        const float* r_row = a.r + j * cols + begin;
-        for (int64_t jn = jj + 1; jn < width; ++jn) {
-          const float rv = r_row[jn];
-          float* wn = wt.data() + jn * kLanes;
-#pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) wn[l] += res[l] * rv;
-        }
-      }
-
-      for (int64_t l = 0; l < live; ++l) {
-        uint8_t* q_row = a.q + (r0 + l) * cols + begin;
-        float* res_row = a.res + (r0 + l) * cols + begin;
-        for (int64_t jj = 0; jj < width; ++jj) {
-          q_row[jj] = static_cast<uint8_t>(qt[static_cast<size_t>(jj * kLanes + l)]);
-          res_row[jj] = ot[static_cast<size_t>(jj * kLanes + l)];
-        }
-        a.err2[r0 + l] = err[l];
-      }
+      store_tile(a, s, t);
     }
   }
 }

@@ -87,7 +87,7 @@ inline constexpr float kMaxScale = 65504.0f;
 __device__ inline float clamp_like_std(float v, float lo, float hi) { return v < lo ? lo : (hi < v ? hi : v); }
 
 // The scale and zero of the GPTQ reference quantizer for values spanning [lo, hi], exactly as the CPU backend
-// computes them (params_from_range in kernels/cpu/cpu_quant.cpp, the specification): the range is widened to
+// computes them (params_from_range in kernels/cpu/quant_grid.hpp, the specification): the range is widened to
 // include 0, made symmetric for sym, [-1, 1] when empty; scale = range / maxq rounded to fp16 and kept in
 // [kMinScale, kMaxScale]; zero = (maxq + 1) / 2 for sym, else round_half_even(-xmin / scale) clamped to
 // [0, maxq].

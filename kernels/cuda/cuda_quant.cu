@@ -1,5 +1,6 @@
 // CudaBackend: the reverse Cholesky factorization, the quantization grid and the fused GPTQ column loop.
-// The CPU versions in kernels/cpu/cpu_quant.cpp are the specification; the same float operations run here in
+// The CPU versions in kernels/cpu/cpu_quant.cpp and quant_grid.hpp are the specification (tests/backend_ops.cpp
+// checks both against the readable kernels/cpu/gptq_reference.hpp); the same float operations run here in
 // the same order, so codes, scales and zeros agree with the CPU bit for bit on the same inputs; in the GPTQ
 // loop this holds where the CPU compiler fuses multiply-adds as assumed in gptq_block_kernel (an optimized
 // x86-64-v3 build), otherwise a rare code differs.

@@ -1,0 +1,413 @@
+#include "src/stage_worker.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "base/abort.hpp"
+#include "base/error.hpp"
+#include "comm/world.hpp"
+#include "src/driver_util.hpp"
+#include "src/hessian.hpp"
+#include "src/pipeline.hpp"
+
+namespace pipequant {
+
+namespace {
+
+std::string shard_file(int stage, int stages) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "shard-%05d-of-%05d.h5", stage, stages);
+  return buf;
+}
+
+uint64_t block_source_bytes(const io::Checkpoint& ckpt, int64_t block) {
+  uint64_t bytes = 0;
+  const std::string prefix = block_prefix(block);
+  for (const auto& name : ckpt.names())
+    if (name.rfind(prefix, 0) == 0) bytes += ckpt.info(name).nbytes;
+  return bytes;
+}
+
+Samples load_calibration(const QuantizeOptions& opt, const io::ModelConfig& config) {
+  const io::TokenFile file = io::read_tokens(opt.calib_path);
+  check_vocab(file, config.vocab_size, config.path);
+  Samples calib = calibration_samples(file, opt.seq_len, opt.nsamples, 128);
+  const int64_t chunks = (calib.count + kHessianChunk - 1) / kHessianChunk;
+  PQ_REQUIRE(chunks >= opt.ranks_per_stage, "--ranks-per-stage ", opt.ranks_per_stage, ": the ", calib.count,
+             " calibration samples form ", chunks, " Hessian chunk(s) of up to ", kHessianChunk,
+             " samples and each rank of a stage needs one; use at least ",
+             kHessianChunk * (opt.ranks_per_stage - 1) + 1, " samples (--nsamples) or fewer ranks per stage");
+  return calib;
+}
+
+Plan make_quantize_plan(const QuantizeOptions& opt, const io::ModelConfig& config, const io::Checkpoint& ckpt,
+                        const Samples& calib) {
+  PlanInputs in;
+  in.config = config;
+  for (int64_t b = 0; b < config.num_layers; ++b) in.block_bytes.push_back(block_source_bytes(ckpt, b));
+  in.embedding_bytes = ckpt.info("model.embed_tokens.weight").nbytes;
+  in.head_bytes = ckpt.info("model.norm.weight").nbytes +
+                  (ckpt.has("lm_head.weight") && !config.tie_word_embeddings ? ckpt.info("lm_head.weight").nbytes : 0);
+  in.world = world_size();
+  in.ranks_per_stage = opt.ranks_per_stage;
+  in.blocks_per_stage = opt.blocks_per_stage;
+  in.samples = calib.count;
+  in.seq_len = calib.seq;
+  in.micro_batch = opt.run.micro_batch;
+  in.fp_propagation = opt.propagation == Propagation::kFp;
+  in.fp_resident_bytes = opt.fp_resident_bytes;
+  return make_plan(in);
+}
+
+// model.h5's contents: the source config, the arguments, the fingerprint, which shard holds what.
+io::ModelIndex make_model_index(const QuantizeOptions& opt, const io::ModelConfig& config, const io::Checkpoint& ckpt,
+                                const Plan& plan, const std::string& fingerprint) {
+  const int stages = static_cast<int>(plan.stages.size());
+  io::ModelIndex index;
+  index.config_json = config.raw.dump();
+  index.args_json = opt.args_json;
+  index.fingerprint = fingerprint;
+  for (int s = 0; s < stages; ++s) index.shard_files.push_back(shard_file(s, stages));
+  for (const auto& st : plan.stages)
+    for (int64_t b = st.first_block; b < st.first_block + st.blocks; ++b) index.block_shard[b] = st.stage;
+  index.tensor_shard["model.embed_tokens.weight"] = 0;
+  index.tensor_shard["model.norm.weight"] = stages - 1;
+  if (!config.tie_word_embeddings && ckpt.has("lm_head.weight")) index.tensor_shard["lm_head.weight"] = stages - 1;
+  return index;
+}
+
+// The backend's high-water mark since the last call goes to one phase's slot and the stage's overall peak; the next
+// phase starts counting from what is live now.
+void note_peak(kernels::Backend& backend, uint64_t& phase, StageMetrics& m) {
+  const uint64_t peak = backend.peak_bytes();
+  phase = std::max(phase, peak);
+  m.peak_device_bytes = std::max(m.peak_device_bytes, peak);
+  backend.reset_peak();
+}
+
+// A solved row slice of every group member becomes the whole linear on every member. scales and zeros are
+// [groups, rows]: gathered as [rows, groups] and transposed back.
+QuantizedLinear gather_rows(const comm::StageGroup& group, const QuantizedLinear& part, int64_t rows) {
+  QuantizedLinear full = part;
+  full.rows = rows;
+  full.q.resize(static_cast<size_t>(rows * part.cols));
+  group.all_gather_rows(part.q.data(), full.q.data(), rows, part.cols);
+  const auto gather_table = [&](const std::vector<float>& mine, std::vector<float>& out) {
+    std::vector<float> mine_t(static_cast<size_t>(part.rows * part.groups)), all_t(static_cast<size_t>(rows * part.groups));
+    for (int64_t g = 0; g < part.groups; ++g)
+      for (int64_t r = 0; r < part.rows; ++r) mine_t[static_cast<size_t>(r * part.groups + g)] = mine[static_cast<size_t>(g * part.rows + r)];
+    group.all_gather_rows(mine_t.data(), all_t.data(), rows, part.groups);
+    out.resize(static_cast<size_t>(part.groups * rows));
+    for (int64_t g = 0; g < part.groups; ++g)
+      for (int64_t r = 0; r < rows; ++r) out[static_cast<size_t>(g * rows + r)] = all_t[static_cast<size_t>(r * part.groups + g)];
+  };
+  gather_table(part.scales, full.scales);
+  gather_table(part.zeros, full.zeros);
+  return full;
+}
+
+}  // namespace
+
+StageWorker::StageWorker(const QuantizeOptions& options)
+    : opt_(options),
+      world_root_(world_rank() == 0),
+      t_start_(Clock::now()),
+      config_(io::ModelConfig::load(options.model_dir)),
+      ckpt_(io::Checkpoint::open(options.model_dir)) {
+  validate(opt_.quant);
+  PQ_REQUIRE(opt_.run.micro_batch > 0, "--micro-batch must be positive");
+  validate_checkpoint(ckpt_, config_);
+  calib_ = load_calibration(opt_, config_);
+  plan_ = make_quantize_plan(opt_, config_, ckpt_, calib_);
+}
+
+StageWorker::~StageWorker() = default;
+
+// Where the results go, checked by rank 0 before any work and before the plan is printed, so that an error is the
+// only thing said about it.
+void StageWorker::check_outputs_writable() const {
+  prepare_out_dir(opt_.out_dir);
+  if (opt_.metrics_path.empty()) return;
+  std::ofstream f(opt_.metrics_path, std::ios::app);
+  PQ_REQUIRE(f.good(), "--metrics ", opt_.metrics_path, ": cannot open for writing");
+}
+
+bool StageWorker::prepare() {
+  if (world_root_ && !opt_.dry_run) check_outputs_writable();
+  if (world_root_) {
+    std::ostringstream os;
+    print_plan(os, plan_);
+    std::fputs(os.str().c_str(), stdout);
+    std::fflush(stdout);
+  }
+  if (opt_.dry_run) return false;
+  group_ = std::make_unique<comm::StageGroup>(opt_.ranks_per_stage);
+  decide_resume();
+  open_stage();
+  return true;
+}
+
+// Rank 0 decides for everybody whether the output is resumed; each stage group then agrees on what its shard holds.
+void StageWorker::decide_resume() {
+  const RunFingerprint fp = fingerprint_run(config_, ckpt_, calib_, opt_.fingerprint_args_json, world_root_);
+  index_ = make_model_index(opt_, config_, ckpt_, plan_, fp.str());
+  int resume = 0;
+  if (world_root_) {
+    resume = pipequant::decide_resume(opt_, index_) ? 1 : 0;
+    std::printf(
+        "pipequant quantize: %s, %lld blocks, %s %d-bit group %lld%s%s, %lld samples x %lld tokens, "
+        "propagation %s, transport mpi\n",
+        opt_.model_dir.c_str(), static_cast<long long>(config_.num_layers), name(opt_.quant.method), opt_.quant.bits,
+        static_cast<long long>(opt_.quant.group_size), opt_.quant.sym ? " sym" : "",
+        opt_.quant.act_order ? " act-order" : "", static_cast<long long>(calib_.count),
+        static_cast<long long>(calib_.seq), name(opt_.propagation));
+    std::fflush(stdout);
+  }
+  comm::broadcast_from_world_root(resume);
+  resume_ = resume != 0;
+}
+
+void StageWorker::open_stage() {
+  const StagePlan& sp = stage_plan();
+  const std::string shard_path = opt_.out_dir + "/" + index_.shard_files[static_cast<size_t>(sp.stage)];
+  const ShardState state = agree_on_shard_state(*group_, shard_path, sp.first_block, sp.blocks, resume_);
+  done_ = state.done;
+  resumed_ = load_resumed_blocks(shard_path, done_);
+  group_->barrier();
+  shard_ = std::make_unique<io::ShardWriter>(shard_path, group_->comm(), resume_ && state.readable);
+
+  backend_ = make_backend(opt_.run);
+  half_ = forward_format(opt_.run, *backend_, config_);
+  source_ = checkpoint_source(ckpt_, config_);
+  transport_ = comm::make_mpi_transport(group_->layout());
+  const auto [s_begin, s_end] = group_->owned_range(calib_.count, kHessianChunk);
+  sample_begin_ = s_begin;
+  batches_.samples = s_end - s_begin;
+  batches_.size = std::min(opt_.run.micro_batch, batches_.samples);
+  runner_ = std::make_unique<BlockRunner>(*backend_, config_, calib_.seq, batches_.size, half_);
+  propagation_ = make_propagation(opt_.propagation, sp, *source_);
+  progress_ = std::make_unique<comm::ProgressRelay>();
+
+  metrics_.stage = sp.stage;
+  metrics_.ranks = group_->size();
+  metrics_.first_block = sp.first_block;
+  metrics_.blocks = sp.blocks;
+}
+
+StageContext StageWorker::context() {
+  return StageContext{group_->layout(), stage_plan(), *source_,       *transport_,    *runner_,  *backend_,
+                      x_,               batches_,     calib_.seq,     config_.hidden_size, metrics_, t_sync_};
+}
+
+// The first stage embeds its samples' tokens.
+void StageWorker::embed_inputs() {
+  const auto t0 = Clock::now();
+  const auto table = source_->embed_tokens();
+  embed(table, config_.hidden_size, calib_.tokens.data() + sample_begin_ * calib_.seq, batches_.samples * calib_.seq,
+        x_.data());
+  metrics_.load_seconds += seconds_since(t0);
+}
+
+void StageWorker::obtain_inputs() {
+  // the common origin of the busy spans: every rank leaves this barrier at (nearly) the same moment
+  comm::world_barrier();
+  t_sync_ = Clock::now();
+  x_.resize(static_cast<size_t>(batches_.samples * calib_.seq * config_.hidden_size));
+  if (group_->layout().first()) embed_inputs();
+  StageContext ctx = context();
+  propagation_->obtain_inputs(ctx);
+  note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);  // embedding, fp-mode forward
+}
+
+void StageWorker::quantize_block(int64_t b) {
+  const auto t_block = Clock::now();
+  auto t0 = Clock::now();
+  StageContext ctx = context();
+  const BlockWeights weights = propagation_->block_weights(ctx, b);
+  runner_->set_block(weights);
+  metrics_.load_seconds += seconds_since(t0);
+  const GroupErrors errors = done_.count(b) ? replay_resumed_block(b) : solve_block(b, weights);
+  // the block's outputs are the next block's inputs
+  t0 = Clock::now();
+  propagate(*runner_, x_, batches_.samples, config_.hidden_size);
+  metrics_.forward_seconds += seconds_since(t0);
+  note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
+  post_progress(b, seconds_since(t_block), errors);
+}
+
+StageWorker::GroupErrors StageWorker::replay_resumed_block(int64_t b) {
+  GroupErrors errors{};
+  const ResumedBlock& r = resumed_.at(b);
+  for (size_t i = 0; i < kLinears.size(); ++i) {
+    metrics_.linears.push_back(r.records[i]);
+    auto& e = errors[static_cast<size_t>(kLinears[i].group)];
+    e = std::max(e, r.records[i].relative_error);
+    if (propagation_->feeds_quantized()) runner_->set_linear(static_cast<int>(i), r.w[i]);
+  }
+  ++metrics_.blocks_resumed;
+  return errors;
+}
+
+// True-sequential: each linear group's Hessian is taken through the block as quantized so far.
+StageWorker::GroupErrors StageWorker::solve_block(int64_t b, const BlockWeights& weights) {
+  GroupErrors errors{};
+  shard_->begin_block(b);
+  for (int g = 0; g < kLinearGroups; ++g) {
+    auto t0 = Clock::now();
+    const std::vector<float> h = group_hessian(g);
+    metrics_.forward_seconds += seconds_since(t0);
+    note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
+    for (int i = 0; i < kLinearCount; ++i) {
+      if (kLinears[static_cast<size_t>(i)].group != g) continue;
+      const double e = quantize_linear(b, i, weights.linears[static_cast<size_t>(i)], h);
+      errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], e);
+    }
+  }
+  const auto t0 = Clock::now();
+  write_block_tensors(b);
+  shard_->mark_complete(b);
+  metrics_.write_seconds += seconds_since(t0);
+  return errors;
+}
+
+// H of linear group g over the whole stage group's samples (each rank accumulates its own, in global sample order).
+std::vector<float> StageWorker::group_hessian(int g) {
+  const Until until = static_cast<Until>(g);
+  const int64_t width = runner_->width(until);
+  const int64_t seq = calib_.seq;
+  HessianAccumulator acc(*backend_, width);
+  for_each_micro_batch(*runner_, x_.data(), batches_.samples, config_.hidden_size, until,
+                       [&](int64_t s0, int64_t n, const float* acts) {
+                         for (int64_t s = 0; s < n; ++s) acc.add_sample(acts + s * seq * width, seq, sample_begin_ + s0 + s);
+                       });
+  return acc.finish(*group_, calib_.count * seq);
+}
+
+// Quantizes linear `index` of block b (this rank's rows, then gathered), writes it, records it and, with quantized
+// propagation, puts its quantized weights into the block. Returns its relative error.
+double StageWorker::quantize_linear(int64_t b, int index, const Linear& lin, const std::vector<float>& h) {
+  const char* module = kLinears[static_cast<size_t>(index)].module;
+  const QuantConfig& q = opt_.quant;
+  auto t0 = Clock::now();
+  // the stage group splits the rows of the solve; GPTQ rows are independent given H
+  const auto [r0, r1] = group_->owned_range(lin.out);
+  const float* w_rows = lin.w.data() + r0 * lin.in;
+  const bool gptq = q.method == Method::kGptq;
+  QuantizedLinear ql = gptq ? gptq_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q, block_prefix(b) + module)
+                            : rtn_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q);
+  QuantizedLinear rtn = gptq ? rtn_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q) : ql;
+  const double solve_s = ql.solve_seconds;
+  if (group_->size() > 1) {
+    ql = gather_rows(*group_, ql, lin.out);
+    rtn = gather_rows(*group_, rtn, lin.out);
+  }
+  const std::vector<float> deq = ql.dequantize();
+  if (group_->size() > 1) {  // each rank measured its own rows: measure the whole
+    ql.relative_error = relative_output_error(*backend_, lin.w.data(), deq.data(), lin.out, lin.in, h.data());
+    rtn.relative_error = relative_output_error(*backend_, lin.w.data(), rtn.dequantize().data(), lin.out, lin.in, h.data());
+  }
+  metrics_.solve_seconds += seconds_since(t0);
+  note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
+  if (world_root_)
+    for (const auto& line : ql.log) std::printf("  warning: %s\n", line.c_str());
+
+  t0 = Clock::now();
+  io::PackedLinear p = pack(ql, module, q);
+  p.rtn_relative_error = rtn.relative_error;
+  shard_->write_linear(b, p);
+  metrics_.write_seconds += seconds_since(t0);
+  metrics_.linears.push_back(
+      {b, module, lin.out, lin.in, ql.relative_error, rtn.relative_error, name(ql.fallback), ql.damp_used, solve_s});
+  if (propagation_->feeds_quantized()) runner_->set_linear(index, deq);
+  return ql.relative_error;
+}
+
+// The block's norms and biases, in their source dtype.
+void StageWorker::write_block_tensors(int64_t b) {
+  const std::string prefix = block_prefix(b);
+  for (const char* norm : {"input_layernorm.weight", "post_attention_layernorm.weight"})
+    shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + norm, norm));
+  for (const auto& linear : kLinears) {
+    const std::string bias = std::string(linear.module) + ".bias";
+    if (ckpt_.has(prefix + bias)) shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + bias, bias));
+  }
+}
+
+void StageWorker::post_progress(int64_t b, double seconds, const GroupErrors& errors) {
+  char line[256];
+  std::snprintf(line, sizeof(line),
+                "block %3lld/%lld  %7.2f s  %s max rel. error  qkv %.3e  o %.3e  gate_up %.3e  down %.3e\n",
+                static_cast<long long>(b + 1), static_cast<long long>(config_.num_layers), seconds,
+                done_.count(b) ? "resumed" : "       ", errors[0], errors[1], errors[2], errors[3]);
+  if (group_->root()) progress_->post(line);
+}
+
+// The unquantized model tensors: the embedding on the first stage, the final norm and lm_head on the last.
+void StageWorker::write_model_tensors() {
+  if (group_->layout().first())
+    shard_->write_tensor(dense_from_checkpoint(ckpt_, "model.embed_tokens.weight", "model.embed_tokens.weight"));
+  if (group_->layout().last()) {
+    shard_->write_tensor(dense_from_checkpoint(ckpt_, "model.norm.weight", "model.norm.weight"));
+    if (index_.tensor_shard.count("lm_head.weight"))
+      shard_->write_tensor(dense_from_checkpoint(ckpt_, "lm_head.weight", "lm_head.weight"));
+  }
+}
+
+std::vector<StageMetrics> StageWorker::finish() {
+  metrics_.busy_until_seconds = seconds_since(t_sync_);
+  StageContext ctx = context();
+  propagation_->pass_outputs(ctx);
+  auto t0 = Clock::now();
+  transport_->wait_sends();
+  metrics_.wait_seconds += seconds_since(t0) + transport_->recv_wait_seconds();
+  metrics_.transport_bytes = transport_->bytes_sent() + transport_->bytes_received();
+  metrics_.transport_seconds = transport_->recv_wait_seconds();
+
+  t0 = Clock::now();
+  write_model_tensors();
+  shard_->close();
+  metrics_.hdf5_bytes = shard_->bytes_written();
+  metrics_.write_seconds += seconds_since(t0);
+  metrics_.peak_device_bytes = std::max<uint64_t>(metrics_.peak_device_bytes, backend_->peak_bytes());
+  metrics_.peak_host_bytes = peak_host_bytes();
+  metrics_.total_seconds = seconds_since(t_start_);
+
+  progress_->drain(config_.num_layers);  // the other stages' block lines that rank 0 has not printed yet
+  const std::vector<StageMetrics> stages = gather_metrics();
+  if (world_root_) report(stages);
+  return stages;
+}
+
+// Every stage root's metrics, on world rank 0 in stage order.
+std::vector<StageMetrics> StageWorker::gather_metrics() const {
+  const auto all = comm::gather_to_world_root(group_->root() ? to_json(metrics_).dump() : std::string());
+  std::vector<StageMetrics> stages;
+  for (const auto& s : all)
+    if (!s.empty()) stages.push_back(stage_metrics_from_json(nlohmann::json::parse(s)));
+  return stages;
+}
+
+// Rank 0: model.h5 marked complete (every block of every stage is), the report, the metrics file.
+void StageWorker::report(const std::vector<StageMetrics>& stages) {
+  index_.complete = true;
+  io::write_model_index(opt_.out_dir, index_);
+  std::ostringstream os;
+  print_report(os, stages, name(opt_.quant.method), name(opt_.propagation),
+               backend_->name() + ", forward GEMMs " + format_name(half_));
+  std::fputs(os.str().c_str(), stdout);
+  std::printf("output: %s/model.h5 (complete)\n", opt_.out_dir.c_str());
+  std::fflush(stdout);
+  if (!opt_.metrics_path.empty()) write_metrics(opt_.metrics_path, stages);
+}
+
+std::vector<StageMetrics> run_quantize(const QuantizeOptions& options) {
+  StageWorker worker(options);
+  if (!worker.prepare()) return {};
+  worker.obtain_inputs();
+  for (int64_t b = worker.first_block(); b < worker.end_block(); ++b) worker.quantize_block(b);
+  return worker.finish();
+}
+
+}  // namespace pipequant

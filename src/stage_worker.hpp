@@ -1,0 +1,107 @@
+#pragma once
+// The stage worker: what one rank of a pipeline stage does to quantize its blocks (docs/design.md sections 2, 5, 7).
+// Its phases, in order:
+//   prepare()          inputs checked, the plan made and printed, the stage group formed, the fingerprint and the
+//                      resume decision taken, the shard opened
+//   obtain_inputs()    the stage's calibration inputs, through its propagation strategy (src/propagation.hpp)
+//   quantize_block(b)  forward + Hessians per linear group, solves, pack + write, the block's outputs for the next
+//   finish()           the model's dense tensors, the shard closed, metrics gathered, report and model.h5 on rank 0
+// run_quantize (src/pipeline.hpp) runs them; a test can drive them block by block.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "comm/stage.hpp"
+#include "comm/stage_group.hpp"
+#include "io/model_config.hpp"
+#include "io/safetensors.hpp"
+#include "io/shard.hpp"
+#include "kernels/backend.hpp"
+#include "src/calibration.hpp"
+#include "src/model.hpp"
+#include "src/options.hpp"
+#include "src/planner.hpp"
+#include "src/propagation.hpp"
+#include "src/quant.hpp"
+#include "src/report.hpp"
+#include "src/resume.hpp"
+
+namespace pipequant {
+
+class StageWorker {
+ public:
+  // Reads and checks the inputs (every rank, headers only: tensor data is mapped when first read).
+  explicit StageWorker(const QuantizeOptions& options);
+  ~StageWorker();
+  StageWorker(const StageWorker&) = delete;
+  StageWorker& operator=(const StageWorker&) = delete;
+
+  // Collective on the world. False with --dry-run: the plan is printed and nothing else happens.
+  bool prepare();
+  void obtain_inputs();
+  // Blocks in order, first_block() to end_block() - 1; a block an earlier run completed is replayed from its shard.
+  void quantize_block(int64_t b);
+  // Collective on the world; rank 0 returns every stage's metrics, the other ranks an empty vector.
+  std::vector<StageMetrics> finish();
+
+  int64_t first_block() const { return stage_plan().first_block; }
+  int64_t end_block() const { return stage_plan().first_block + stage_plan().blocks; }
+
+ private:
+  using GroupErrors = std::array<double, kLinearGroups>;  // the largest relative error of each linear group
+
+  const StagePlan& stage_plan() const { return plan_.stages[static_cast<size_t>(group_ ? group_->layout().stage : 0)]; }
+  void check_outputs_writable() const;
+  void decide_resume();
+  void open_stage();
+  void embed_inputs();
+  StageContext context();
+
+  GroupErrors solve_block(int64_t b, const BlockWeights& weights);
+  GroupErrors replay_resumed_block(int64_t b);
+  std::vector<float> group_hessian(int group);
+  double quantize_linear(int64_t b, int index, const Linear& linear, const std::vector<float>& h);
+  void write_block_tensors(int64_t b);
+  void post_progress(int64_t b, double seconds, const GroupErrors& errors);
+
+  void write_model_tensors();
+  std::vector<StageMetrics> gather_metrics() const;
+  void report(const std::vector<StageMetrics>& stages);
+
+  const QuantizeOptions& opt_;
+  const bool world_root_;
+  const Clock::time_point t_start_;
+  // inputs and plan
+  io::ModelConfig config_;
+  io::Checkpoint ckpt_;
+  Samples calib_;
+  Plan plan_;
+  // the stage
+  std::unique_ptr<comm::StageGroup> group_;
+  io::ModelIndex index_;
+  bool resume_ = false;
+  std::set<int64_t> done_;                        // blocks an earlier run completed and verified
+  std::map<int64_t, ResumedBlock> resumed_;       // ... and what they hold
+  std::unique_ptr<io::ShardWriter> shard_;
+  std::unique_ptr<kernels::Backend> backend_;
+  std::optional<kernels::HalfFormat> half_;
+  std::unique_ptr<WeightSource> source_;
+  std::unique_ptr<comm::ActivationTransport> transport_;
+  std::unique_ptr<BlockRunner> runner_;
+  std::unique_ptr<PropagationStrategy> propagation_;
+  std::unique_ptr<comm::ProgressRelay> progress_;
+  // this rank's calibration samples [sample_begin_, sample_begin_ + batches_.samples) and their activations
+  int64_t sample_begin_ = 0;
+  MicroBatches batches_;
+  std::vector<float> x_;
+  StageMetrics metrics_;
+  Clock::time_point t_sync_;
+};
+
+}  // namespace pipequant
