@@ -110,95 +110,104 @@ bool as_count(const json& v, uint64_t* out) {
   return false;
 }
 
-// Reads and validates the header of one .safetensors file; every offset is checked against the file size.
-std::vector<TensorInfo> read_header(const std::string& file) {
+// The header of one .safetensors file: its 8-byte length (checked against the file size) and its JSON object.
+struct RawHeader {
+  uint64_t file_size = 0;
+  uint64_t header_len = 0;
+  json object;
+  uint64_t data_start() const { return 8 + header_len; }
+  uint64_t data_size() const { return file_size - data_start(); }
+};
+
+RawHeader read_raw_header(const std::string& file) {
   const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(file, ": cannot open: ", std::strerror(errno));
   FdCloser closer{fd};
   struct stat st {};
   if (::fstat(fd, &st) != 0) fail(file, ": cannot stat: ", std::strerror(errno));
   PQ_REQUIRE(S_ISREG(st.st_mode), file, ": not a regular file");
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-  PQ_REQUIRE(file_size >= 8, file, ": file is ", file_size,
+  RawHeader h;
+  h.file_size = static_cast<uint64_t>(st.st_size);
+  PQ_REQUIRE(h.file_size >= 8, file, ": file is ", h.file_size,
              " bytes, shorter than the 8-byte header length that starts a safetensors file");
 
   unsigned char len_bytes[8];
   PQ_REQUIRE(pread_all(fd, len_bytes, 8, 0), file, ": cannot read the header length: ", std::strerror(errno));
-  uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
-  PQ_REQUIRE(header_len <= kMaxHeaderBytes, file, ": header length ", header_len, " is absurd (limit ", kMaxHeaderBytes,
-             " bytes); not a safetensors file?");
-  PQ_REQUIRE(header_len <= file_size - 8, file, ": header length ", header_len, " runs past the end of the file (",
-             file_size, " bytes, so at most ", file_size - 8, " bytes of header)");
-  PQ_REQUIRE(header_len >= 2, file, ": header length ", header_len, " is too short for a JSON object");
+  for (int i = 7; i >= 0; --i) h.header_len = (h.header_len << 8) | len_bytes[i];
+  PQ_REQUIRE(h.header_len <= kMaxHeaderBytes, file, ": header length ", h.header_len, " is absurd (limit ",
+             kMaxHeaderBytes, " bytes); not a safetensors file?");
+  PQ_REQUIRE(h.header_len <= h.file_size - 8, file, ": header length ", h.header_len, " runs past the end of the file (",
+             h.file_size, " bytes, so at most ", h.file_size - 8, " bytes of header)");
+  PQ_REQUIRE(h.header_len >= 2, file, ": header length ", h.header_len, " is too short for a JSON object");
 
-  std::string text(header_len, '\0');
-  PQ_REQUIRE(pread_all(fd, text.data(), header_len, 8), file, ": cannot read the ", header_len,
+  std::string text(h.header_len, '\0');
+  PQ_REQUIRE(pread_all(fd, text.data(), h.header_len, 8), file, ": cannot read the ", h.header_len,
              "-byte header: ", std::strerror(errno));
-  json header;
   try {
-    header = json::parse(text);
+    h.object = json::parse(text);
   } catch (const json::parse_error& e) {
     fail(file, ": header is not valid JSON (", e.what(), ")");
   }
-  PQ_REQUIRE(header.is_object(), file, ": header is a JSON ", header.type_name(),
+  PQ_REQUIRE(h.object.is_object(), file, ": header is a JSON ", h.object.type_name(),
              ", expected an object mapping tensor names to {dtype, shape, data_offsets}");
+  return h;
+}
 
-  const uint64_t data_start = 8 + header_len;
-  const uint64_t data_size = file_size - data_start;
-  std::vector<TensorInfo> tensors;
-  tensors.reserve(header.size());
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      PQ_REQUIRE(entry.is_object() || entry.is_null(), file, ": __metadata__ is a JSON ", entry.type_name(),
-                 ", expected an object of strings");
-      continue;
-    }
-    const std::string where = file + ": tensor " + name;
-    PQ_REQUIRE(entry.is_object(), where, ": entry is a JSON ", entry.type_name(),
-               ", expected an object {dtype, shape, data_offsets}");
-    for (const char* key : {"dtype", "shape", "data_offsets"})
-      PQ_REQUIRE(entry.contains(key), where, ": field ", key, " is missing");
-
-    TensorInfo t;
-    t.name = name;
-    t.file = file;
-    const json& dt = entry["dtype"];
-    PQ_REQUIRE(dt.is_string() && parse_dtype(dt.get<std::string>(), &t.dtype), where, ": dtype ", show(dt),
-               " is unknown; expected one of ", known_dtype_list());
-
-    const json& shape = entry["shape"];
-    PQ_REQUIRE(shape.is_array(), where, ": shape ", show(shape), " is not an array of non-negative integers");
-    // numel saturates instead of wrapping, so that a hostile shape cannot pass for a small one
-    uint64_t numel = 1;
-    bool too_big = false;
-    for (size_t d = 0; d < shape.size(); ++d) {
-      uint64_t n = 0;
-      PQ_REQUIRE(as_count(shape[d], &n) && n <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where,
-                 ": shape ", show(shape), ": dimension ", d, " is ", show(shape[d]),
-                 ", expected a non-negative integer");
-      t.shape.push_back(static_cast<int64_t>(n));
-      too_big |= __builtin_mul_overflow(numel, n, &numel);
-    }
-
-    const json& offs = entry["data_offsets"];
-    uint64_t begin = 0, end = 0;
-    PQ_REQUIRE(offs.is_array() && offs.size() == 2 && as_count(offs[0], &begin) && as_count(offs[1], &end), where,
-               ": data_offsets ", show(offs), " is not a pair [begin, end] of non-negative integers");
-    PQ_REQUIRE(begin <= end, where, ": data_offsets [", begin, ", ", end, "] has begin > end");
-    PQ_REQUIRE(end <= data_size, where, ": data_offsets [", begin, ", ", end, "] run past the data region (", data_size,
-               " bytes after the ", header_len, "-byte header; file is ", file_size, " bytes)");
-    uint64_t needed = 0;
-    too_big |= __builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(t.dtype)), &needed);
-    PQ_REQUIRE(!too_big && needed == end - begin, where, ": data_offsets [", begin, ", ", end, "] span ", end - begin,
-               " bytes but shape ", shape_str(t.shape), " x ", dtype_name(t.dtype), " needs ",
-               too_big ? std::string("more than 2^64") : std::to_string(needed));
-    t.offset = data_start + begin;
-    t.nbytes = end - begin;
-    tensors.push_back(std::move(t));
+// The shape of a header entry; numel saturates instead of wrapping (too_big), so that a hostile shape cannot pass
+// for a small one.
+std::vector<int64_t> parse_shape(const json& shape, const std::string& where, uint64_t& numel, bool& too_big) {
+  PQ_REQUIRE(shape.is_array(), where, ": shape ", show(shape), " is not an array of non-negative integers");
+  std::vector<int64_t> dims;
+  numel = 1;
+  too_big = false;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    uint64_t n = 0;
+    PQ_REQUIRE(as_count(shape[d], &n) && n <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where,
+               ": shape ", show(shape), ": dimension ", d, " is ", show(shape[d]), ", expected a non-negative integer");
+    dims.push_back(static_cast<int64_t>(n));
+    too_big |= __builtin_mul_overflow(numel, n, &numel);
   }
+  return dims;
+}
 
-  // Overlap: sorted by start, each tensor must end before the next begins (empty tensors overlap nothing).
+// One tensor's entry {dtype, shape, data_offsets}, its byte range checked against the data region and its shape.
+TensorInfo parse_tensor_entry(const std::string& file, const std::string& name, const json& entry,
+                              const RawHeader& h) {
+  const std::string where = file + ": tensor " + name;
+  PQ_REQUIRE(entry.is_object(), where, ": entry is a JSON ", entry.type_name(),
+             ", expected an object {dtype, shape, data_offsets}");
+  for (const char* key : {"dtype", "shape", "data_offsets"})
+    PQ_REQUIRE(entry.contains(key), where, ": field ", key, " is missing");
+
+  TensorInfo t;
+  t.name = name;
+  t.file = file;
+  const json& dt = entry["dtype"];
+  PQ_REQUIRE(dt.is_string() && parse_dtype(dt.get<std::string>(), &t.dtype), where, ": dtype ", show(dt),
+             " is unknown; expected one of ", known_dtype_list());
+  uint64_t numel = 1;
+  bool too_big = false;
+  t.shape = parse_shape(entry["shape"], where, numel, too_big);
+
+  const json& offs = entry["data_offsets"];
+  uint64_t begin = 0, end = 0;
+  PQ_REQUIRE(offs.is_array() && offs.size() == 2 && as_count(offs[0], &begin) && as_count(offs[1], &end), where,
+             ": data_offsets ", show(offs), " is not a pair [begin, end] of non-negative integers");
+  PQ_REQUIRE(begin <= end, where, ": data_offsets [", begin, ", ", end, "] has begin > end");
+  PQ_REQUIRE(end <= h.data_size(), where, ": data_offsets [", begin, ", ", end, "] run past the data region (",
+             h.data_size(), " bytes after the ", h.header_len, "-byte header; file is ", h.file_size, " bytes)");
+  uint64_t needed = 0;
+  too_big |= __builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(t.dtype)), &needed);
+  PQ_REQUIRE(!too_big && needed == end - begin, where, ": data_offsets [", begin, ", ", end, "] span ", end - begin,
+             " bytes but shape ", shape_str(t.shape), " x ", dtype_name(t.dtype), " needs ",
+             too_big ? std::string("more than 2^64") : std::to_string(needed));
+  t.offset = h.data_start() + begin;
+  t.nbytes = end - begin;
+  return t;
+}
+
+// Sorted by start, each tensor must end before the next begins (empty tensors overlap nothing).
+void check_no_overlap(const std::string& file, const std::vector<TensorInfo>& tensors, uint64_t data_start) {
   std::vector<const TensorInfo*> by_offset;
   for (const auto& t : tensors)
     if (t.nbytes > 0) by_offset.push_back(&t);
@@ -211,6 +220,22 @@ std::vector<TensorInfo> read_header(const std::string& file) {
                ", ", b.offset - data_start + b.nbytes, "] overlap those of tensor ", a.name, " [",
                a.offset - data_start, ", ", a.offset - data_start + a.nbytes, "]");
   }
+}
+
+// Reads and validates the header of one .safetensors file; every offset is checked against the file size.
+std::vector<TensorInfo> read_header(const std::string& file) {
+  const RawHeader h = read_raw_header(file);
+  std::vector<TensorInfo> tensors;
+  tensors.reserve(h.object.size());
+  for (const auto& [name, entry] : h.object.items()) {
+    if (name == "__metadata__") {
+      PQ_REQUIRE(entry.is_object() || entry.is_null(), file, ": __metadata__ is a JSON ", entry.type_name(),
+                 ", expected an object of strings");
+      continue;
+    }
+    tensors.push_back(parse_tensor_entry(file, name, entry, h));
+  }
+  check_no_overlap(file, tensors, h.data_start());
   return tensors;
 }
 
@@ -274,53 +299,58 @@ class MappedFile {
   uint64_t size_ = 0;
 };
 
-Checkpoint Checkpoint::open(const std::string& path) {
-  Checkpoint ck;
-  ck.path_ = path;
+namespace {
+
+// Which file describes a checkpoint at `path`: its index (sharded) or its one .safetensors file.
+struct CheckpointFiles {
+  std::string index_file;
+  std::string single_file;
+};
+
+// A directory holds model.safetensors.index.json, model.safetensors, or exactly one other *.safetensors file.
+CheckpointFiles files_in_directory(const std::string& path) {
+  const fs::path dir(path);
+  if (fs::exists(dir / kIndexName)) return {(dir / kIndexName).string(), ""};
+  if (fs::exists(dir / kSingleName)) return {"", (dir / kSingleName).string()};
+  std::error_code ec;
+  std::vector<std::string> found;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().extension() == ".safetensors") found.push_back(e.path().string());
+  std::sort(found.begin(), found.end());
+  PQ_REQUIRE(!found.empty(), "checkpoint ", path, ": the directory holds no ", kIndexName, ", no ", kSingleName,
+             " and no other *.safetensors file");
+  if (found.size() > 1) {
+    std::string list;
+    for (const auto& f : found) list += (list.empty() ? "" : ", ") + fs::path(f).filename().string();
+    fail("checkpoint ", path, ": ", found.size(), " *.safetensors files (", list, ") but no ", kIndexName,
+         " saying which tensor is where");
+  }
+  return {"", found.front()};
+}
+
+CheckpointFiles checkpoint_files(const std::string& path) {
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
   PQ_REQUIRE(fs::exists(st), "checkpoint ", path,
              ": no such file or directory (expected a directory with model.safetensors[.index.json] or a "
              ".safetensors file)");
+  if (fs::is_directory(st)) return files_in_directory(path);
+  if (path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0) return {path, ""};
+  return {"", path};
+}
 
-  std::string index_file;
-  std::string single_file;
-  if (fs::is_directory(st)) {
-    const fs::path dir(path);
-    if (fs::exists(dir / kIndexName)) {
-      index_file = (dir / kIndexName).string();
-    } else if (fs::exists(dir / kSingleName)) {
-      single_file = (dir / kSingleName).string();
-    } else {
-      std::vector<std::string> found;
-      for (const auto& e : fs::directory_iterator(dir, ec))
-        if (e.path().extension() == ".safetensors") found.push_back(e.path().string());
-      std::sort(found.begin(), found.end());
-      PQ_REQUIRE(!found.empty(), "checkpoint ", path, ": the directory holds no ", kIndexName, ", no ", kSingleName,
-                 " and no other *.safetensors file");
-      if (found.size() > 1) {
-        std::string list;
-        for (const auto& f : found) list += (list.empty() ? "" : ", ") + fs::path(f).filename().string();
-        fail("checkpoint ", path, ": ", found.size(), " *.safetensors files (", list, ") but no ", kIndexName,
-             " saying which tensor is where");
-      }
-      single_file = found.front();
-    }
-  } else if (path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
-    index_file = path;
-  } else {
-    single_file = path;
+std::map<std::string, TensorInfo> tensors_by_name(const std::string& file) {
+  std::map<std::string, TensorInfo> by_name;
+  for (auto& t : read_header(file)) {
+    std::string n = t.name;
+    by_name.emplace(std::move(n), std::move(t));
   }
+  return by_name;
+}
 
-  if (!single_file.empty()) {
-    for (auto& t : read_header(single_file)) {
-      std::string name = t.name;
-      ck.tensors_.emplace(std::move(name), std::move(t));
-    }
-    return ck;
-  }
-
-  // Sharded: the index maps each tensor to the file holding it, relative to the index's directory.
+// Sharded: the index maps each tensor to the file holding it, relative to the index's directory; each shard's
+// header is read once.
+std::map<std::string, TensorInfo> tensors_of_index(const std::string& index_file) {
   const json index = read_json_file(index_file);
   PQ_REQUIRE(index.is_object(), index_file, ": is a JSON ", index.type_name(), ", expected an object with weight_map");
   PQ_REQUIRE(index.contains("weight_map"), index_file, ": field weight_map is missing");
@@ -330,6 +360,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
   PQ_REQUIRE(!wm.empty(), index_file, ": field weight_map is empty");
   const fs::path dir = fs::path(index_file).parent_path();
   std::map<std::string, std::map<std::string, TensorInfo>> shards;  // file name -> its tensors by name
+  std::map<std::string, TensorInfo> tensors;
   for (const auto& [name, file_v] : wm.items()) {
     PQ_REQUIRE(file_v.is_string() && !file_v.get<std::string>().empty(), index_file, ": weight_map: tensor ", name,
                ": file ", show(file_v), " is not a file name");
@@ -339,18 +370,23 @@ Checkpoint Checkpoint::open(const std::string& path) {
       const std::string shard_path = (dir / file_name).string();
       PQ_REQUIRE(fs::is_regular_file(shard_path), index_file, ": weight_map: tensor ", name, ": shard file ",
                  shard_path, " does not exist");
-      std::map<std::string, TensorInfo> by_name;
-      for (auto& t : read_header(shard_path)) {
-        std::string n = t.name;
-        by_name.emplace(std::move(n), std::move(t));
-      }
-      it = shards.emplace(file_name, std::move(by_name)).first;
+      it = shards.emplace(file_name, tensors_by_name(shard_path)).first;
     }
     auto t = it->second.find(name);
     PQ_REQUIRE(t != it->second.end(), index_file, ": weight_map: tensor ", name, " is listed in ", file_name,
                ", but that file has no such tensor");
-    ck.tensors_.emplace(name, t->second);
+    tensors.emplace(name, t->second);
   }
+  return tensors;
+}
+
+}  // namespace
+
+Checkpoint Checkpoint::open(const std::string& path) {
+  Checkpoint ck;
+  ck.path_ = path;
+  const CheckpointFiles files = checkpoint_files(path);
+  ck.tensors_ = files.single_file.empty() ? tensors_of_index(files.index_file) : tensors_by_name(files.single_file);
   return ck;
 }
 
