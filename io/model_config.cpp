@@ -17,8 +17,27 @@ using nlohmann::json;
 
 namespace {
 
-// Architectures whose checkpoints have the Llama layout (RMSNorm, rotate_half RoPE, GQA, SwiGLU, HF names).
-inline constexpr std::string_view kArchitectures[] = {"LlamaForCausalLM", "MistralForCausalLM"};
+// Architectures whose forward is the Llama block pipequant computes (RMSNorm, rotate_half RoPE, GQA, SwiGLU, HF
+// names), with their model_type. Mistral is Llama without biases, plus a sliding window (check_seq_len).
+struct KnownArchitecture {
+  std::string_view architecture;
+  std::string_view model_type;
+};
+inline constexpr KnownArchitecture kArchitectures[] = {{"LlamaForCausalLM", "llama"},
+                                                       {"MistralForCausalLM", "mistral"}};
+
+bool known_model_type(const std::string& model_type) {
+  for (const auto& k : kArchitectures)
+    if (model_type == k.model_type) return true;
+  return false;
+}
+
+std::string_view model_type_of(const std::string& architecture) {
+  for (const auto& k : kArchitectures)
+    if (architecture == k.architecture) return k.model_type;
+  return {};
+}
+
 inline constexpr std::string_view kRopeTypes[] = {"default", "linear", "llama3"};
 
 // The value as written in the file, shortened so that an error stays one line.
@@ -147,22 +166,34 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
   c.path = origin;
   c.raw = j;
 
+  // architectures and model_type name the model whose forward a loader runs; both, where given, must name one that
+  // pipequant computes exactly. Unknown ones are refused rather than run as Llama.
+  std::string model_type;
+  f.string("model_type", &model_type);
   if (f.present("architectures")) {
     const json& a = j["architectures"];
-    if (!a.is_array()) f.bad("architectures", "a list such as [\"LlamaForCausalLM\"]");
-    bool found = false;
-    for (const auto& name : a) {
-      if (!name.is_string()) continue;
-      for (auto known : kArchitectures) {
-        if (name.get<std::string>() == known) {
-          c.architecture = std::string(known);
-          found = true;
-          break;
+    if (!a.is_array() || a.empty()) f.bad("architectures", "a list such as [\"LlamaForCausalLM\"]");
+    for (const auto& name : a) {  // every entry, not the first known one: a list naming another class is refused
+      bool known = false;
+      for (const auto& k : kArchitectures) {
+        if (name.is_string() && name.get<std::string>() == k.architecture) {
+          c.architecture = std::string(k.architecture);
+          known = true;
         }
       }
-      if (found) break;
+      if (!known) f.bad("architectures", "a Llama-layout model (LlamaForCausalLM or MistralForCausalLM)");
     }
-    if (!found) f.bad("architectures", "a Llama-layout model (LlamaForCausalLM or MistralForCausalLM)");
+    // transformers' Auto classes build the model of model_type, vLLM the one of architectures: they must agree
+    const std::string expected_type = std::string(model_type_of(c.architecture));
+    if (!model_type.empty() && model_type != expected_type)
+      f.bad("model_type", "\"" + expected_type + "\", the model_type of architectures " + c.architecture);
+  } else if (!model_type.empty()) {
+    if (!known_model_type(model_type))
+      fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
+           " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\" or "
+           "\"mistral\")");
+    for (const auto& k : kArchitectures)
+      if (model_type == k.model_type) c.architecture = std::string(k.architecture);
   }
   if (f.present("hidden_act")) {
     if (!(j["hidden_act"].is_string() && j["hidden_act"].get<std::string>() == "silu"))
@@ -198,11 +229,25 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
   f.positive_number("rope_theta", &c.rope_theta);
   f.positive_number("rms_norm_eps", &c.rms_norm_eps);
   f.boolean("tie_word_embeddings", &c.tie_word_embeddings);
-  f.boolean("attention_bias", &c.attention_bias);
-  f.boolean("mlp_bias", &c.mlp_bias);
+  // Hugging Face's Mistral has no biases whatever the file says; bias tensors in its checkpoint are then refused as
+  // unused by the checkpoint validation.
+  if (c.architecture != "MistralForCausalLM") {
+    f.boolean("attention_bias", &c.attention_bias);
+    f.boolean("mlp_bias", &c.mlp_bias);
+  }
+  bool use_window = true;  // Qwen2-style configs switch the window off with use_sliding_window false
+  f.boolean("use_sliding_window", &use_window);
+  if (use_window) f.positive_int("sliding_window", &c.sliding_window);
   f.string("torch_dtype", &c.torch_dtype);
   if (j.contains("rope_scaling")) c.rope_scaling = parse_rope_scaling(j["rope_scaling"], origin);
   return c;
+}
+
+void ModelConfig::check_seq_len(int64_t seq_len) const {
+  if (sliding_window == 0 || sliding_window >= seq_len) return;
+  fail(path, ": field sliding_window: expected null or at least --seq-len ", seq_len, ", got ", sliding_window,
+       " (the model attends only to the last ", sliding_window,
+       " tokens; pipequant computes full causal attention): use --seq-len ", sliding_window, " or less");
 }
 
 json ModelConfig::to_json() const {

@@ -32,8 +32,11 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   double rms_norm_eps = 1e-6;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;
-  bool mlp_bias = false;
+  bool attention_bias = false;  // q, k, v and o_proj carry a bias (always false for MistralForCausalLM)
+  bool mlp_bias = false;        // gate, up and down_proj carry a bias (always false for MistralForCausalLM)
+  // Tokens each position attends to (sliding_window), 0 for full causal attention: absent, null, or turned off by
+  // use_sliding_window false. The forward computes full attention, so check_seq_len refuses a shorter window.
+  int64_t sliding_window = 0;
   std::string torch_dtype;  // as written, may be empty
   RopeScaling rope_scaling;
   nlohmann::json raw;  // the whole file, stored in the output
@@ -42,6 +45,10 @@ struct ModelConfig {
   // "<file>: field <name>: <what was expected>" for a missing or wrong field.
   static ModelConfig load(const std::string& path);
   static ModelConfig from_json(const nlohmann::json& j, const std::string& origin);
+  // Throws UserError "<file>: field sliding_window: ..." when the model attends over fewer than seq_len tokens
+  // (a sliding window): the forward computes full causal attention over --seq-len tokens. Called where the
+  // sequence length is known (quantize, eval).
+  void check_seq_len(int64_t seq_len) const;
   nlohmann::json to_json() const;  // a config.json for this model (synth writes it)
 };
 

@@ -6,8 +6,9 @@
 //
 // The writer runs on an MPI communicator through the MPI-IO driver. Every call is collective: metadata
 // (groups, attributes) is created by all ranks with the same values, as parallel HDF5 requires, and raw data
-// goes through collective transfers. For now rank 0 of the communicator writes all rows and the other ranks
-// select none; owned_rows() is the one place that decides this.
+// goes through collective transfers in which each rank writes its own contiguous slice of the rows of every
+// dataset (every rank holds the whole tensor, so the checksums are computed from it alone); owned_rows() is the one
+// place that decides the slices.
 #include "io/shard.hpp"
 
 #include <hdf5.h>
@@ -337,11 +338,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------------------
 // Raw data
 
-// The rows of a dataset's first dimension that `rank` writes: [begin, end). Rank 0 writes all of them, since every
-// rank holds the whole tensor. Per-rank slices are future work of the parallel-write issue: a change of this
-// function (which then needs the communicator size) and of the checksums (crc32_combine over the ranks in order).
-std::pair<int64_t, int64_t> owned_rows(int64_t rows, int rank) {
-  return rank == 0 ? std::pair<int64_t, int64_t>{0, rows} : std::pair<int64_t, int64_t>{0, 0};
+// The rows of a dataset's first dimension that `rank` of `size` writes: [begin, end), contiguous and as even as
+// possible, so that the ranks of a stage group share the write bandwidth and each file region has one writer.
+std::pair<int64_t, int64_t> owned_rows(int64_t rows, int rank, int size) {
+  return {rows * rank / size, rows * (rank + 1) / size};
 }
 
 std::vector<hsize_t> to_dims(const std::vector<int64_t>& shape) {
@@ -516,6 +516,7 @@ uint64_t packed_bytes(const PackedLinear& l) {
 
 ShardWriter::ShardWriter(const std::string& path, MPI_Comm comm, bool resume) : path_(path), comm_(comm) {
   MPI_Comm_rank(comm_, &rank_);
+  MPI_Comm_size(comm_, &size_);
   const Where at{path_, ""};
   PlistHandle fapl = checked<PlistHandle>(H5Pcreate(H5P_FILE_ACCESS), path_, "", "cannot create a property list");
   check(H5Pset_fapl_mpio(fapl.get(), comm_, MPI_INFO_NULL), path_, "", "cannot select the MPI-IO driver");
@@ -588,7 +589,7 @@ void ShardWriter::write_dataset(long long parent, const std::string& object, con
   // this rank's part: rows [r0, r1) of the first dimension (a scalar counts as one row)
   const int64_t count = element_count(shape);
   const int64_t rows = shape.empty() ? 1 : shape[0];
-  const auto [r0, r1] = count == 0 ? std::pair<int64_t, int64_t>{0, 0} : owned_rows(rows, rank_);
+  const auto [r0, r1] = count == 0 ? std::pair<int64_t, int64_t>{0, 0} : owned_rows(rows, rank_, size_);
   const int64_t row_elems = rows > 0 ? count / rows : 0;
   SpaceHandle mspace;
   const char* ptr = static_cast<const char*>(data);
@@ -622,6 +623,7 @@ void ShardWriter::write_dataset(long long parent, const std::string& object, con
   last_cause_ = global_cause;
   last_collective_ = global_cause == H5D_MPIO_COLLECTIVE;
   bytes_written_ += static_cast<uint64_t>(count) * elem_bytes;
+  rank_bytes_written_ += static_cast<uint64_t>((r1 - r0) * row_elems) * elem_bytes;
 }
 
 void ShardWriter::write_linear(int64_t block, const PackedLinear& l) {

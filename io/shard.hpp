@@ -79,6 +79,8 @@ class ShardWriter {
   uint32_t last_no_collective_cause() const { return last_cause_; }
   // Bytes of raw data written to the file by the whole communicator (the same value on every rank).
   uint64_t bytes_written() const { return bytes_written_; }
+  // Bytes of raw data this rank wrote: its slice of every dataset.
+  uint64_t rank_bytes_written() const { return rank_bytes_written_; }
   const std::string& path() const { return path_; }
   // Collective; closes the file. Idempotent; the destructor calls it and swallows errors.
   void close();
@@ -93,9 +95,11 @@ class ShardWriter {
   long long file_ = -1;  // hid_t
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
+  int size_ = 1;
   bool last_collective_ = false;
   uint32_t last_cause_ = 0;
   uint64_t bytes_written_ = 0;
+  uint64_t rank_bytes_written_ = 0;
 };
 
 class ShardReader {

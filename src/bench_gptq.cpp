@@ -100,6 +100,94 @@ std::vector<float> correlated_hessian(Backend& device, int64_t k, uint64_t seed)
   return h;
 }
 
+// Weights W [out, in] ~ N(0, 0.02^2), one generator per seed.
+std::vector<float> random_weights(const Shape& s, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::vector<float> w(static_cast<size_t>(s.out * s.in));
+  for (auto& v : w) v = normal(rng);
+  return w;
+}
+
+bool identical(const QuantizedLinear& a, const QuantizedLinear& b) {
+  return a.q == b.q && a.scales == b.scales && a.zeros == b.zeros && a.g_idx == b.g_idx && a.damp_used == b.damp_used &&
+         a.fallback == b.fallback && a.relative_error == b.relative_error && a.log == b.log;
+}
+
+// --group: the shapes are the linears of one group and share one Hessian. Times them as one gptq_quantize each
+// (H factored per linear, as before the factor was shared) and as one factor_hessian with a gptq_solve each,
+// alternating the two in every repetition. Returns whether both gave identical finite results without a damping
+// or RTN fallback.
+bool bench_group(Backend& backend, const std::vector<Shape>& shapes, int reps, const QuantConfig& config,
+                 std::ostream& os) {
+  const int64_t k = shapes.front().in;
+  int64_t max_rows = 0;
+  std::string name;
+  std::vector<std::vector<float>> ws;
+  uint64_t seed = 1;
+  for (const Shape& s : shapes) {
+    PQ_ASSERT(s.in == k, "bench_group: shapes of different IN");
+    ws.push_back(random_weights(s, seed++));
+    max_rows = std::max(max_rows, s.out);
+    if (!name.empty()) name += '+';
+    name += std::to_string(s.out);
+  }
+  name += 'x';
+  name += std::to_string(k);
+  const std::vector<float> h = correlated_hessian(backend, k, seed);
+
+  os << "# group: the " << shapes.size() << " shapes share one H [K, K] (the linears of a group, e.g. q, k, v); "
+     << "1 warm-up, then " << reps << " timed, both ways in each repetition\n"
+     << "# separate = one gptq_quantize per linear (each factors H: damping, reverse Cholesky, K^3/3 flops)\n"
+     << "# shared = factor_hessian once, then gptq_solve per linear; whole calls both, error checks included\n"
+     << "# saved = median over the repetitions of 1 - shared / separate (paired: the two run back to back); "
+        "factor = factor_hessian's own time (GptqFactor::seconds)\n"
+     << "# valid = both ways bit-identical (codes, scales, zeros, g_idx, damp, fallback, error, log), errors finite, "
+        "no damping or RTN fallback\n";
+  char line[512];
+  std::snprintf(line, sizeof(line), "%28s %5s %15s %15s %13s %13s %13s %7s %11s %6s\n", "group", "reps",
+                "separate_med(s)", "separate_min(s)", "shared_med(s)", "shared_min(s)", "factor_med(s)", "saved",
+                "max_rel_err", "valid");
+  os << line << std::flush;
+
+  const size_t n = shapes.size();
+  std::vector<QuantizedLinear> alone(n), together(n);
+  std::vector<double> separate, shared, factor, saved;
+  for (int rep = 0; rep <= reps; ++rep) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < n; ++i)
+      alone[i] = gptq_quantize(backend, ws[i].data(), shapes[i].out, k, h.data(), config, "bench");
+    const double t_separate = seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    double t_factor = 0.0;
+    {
+      const GptqFactor f = factor_hessian(backend, h.data(), k, max_rows, config);
+      for (size_t i = 0; i < n; ++i) together[i] = gptq_solve(f, ws[i].data(), shapes[i].out, h.data(), "bench");
+      t_factor = f.seconds;
+    }
+    const double t_shared = seconds_since(t0);
+    if (rep == 0) continue;  // warm-up
+    separate.push_back(t_separate);
+    shared.push_back(t_shared);
+    factor.push_back(t_factor);
+    saved.push_back(1.0 - t_shared / t_separate);
+  }
+  bool valid = true;
+  double max_err = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const QuantizedLinear& q = together[i];
+    valid = valid && identical(alone[i], q) && std::isfinite(q.relative_error) &&
+            (q.fallback == Fallback::kNone || q.fallback == Fallback::kCpu);
+    max_err = std::max(max_err, q.relative_error);
+  }
+  std::snprintf(line, sizeof(line), "%28s %5d %15.3f %15.3f %13.3f %13.3f %13.3f %6.1f%% %11.3e %6s\n", name.c_str(),
+                reps, median(separate), *std::min_element(separate.begin(), separate.end()), median(shared),
+                *std::min_element(shared.begin(), shared.end()), median(factor), 100.0 * median(saved), max_err,
+                valid ? "yes" : "NO");
+  os << line << std::flush;
+  return valid;
+}
+
 }  // namespace
 
 int run_bench_hessian(Backend& backend, const std::vector<int64_t>& widths, int64_t tokens, int reps,
@@ -158,7 +246,7 @@ int run_bench_hessian(Backend& backend, const std::vector<int64_t>& widths, int6
 }
 
 int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes, int reps, int bits, int64_t group_size,
-                   std::ostream& os) {
+                   bool group, std::ostream& os) {
   PQ_REQUIRE(reps > 0, "bench gptq: reps must be positive, got ", reps);
   QuantConfig config;
   config.bits = bits;
@@ -167,6 +255,11 @@ int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes,
   std::vector<Shape> parsed;
   for (const auto& text : shapes) parsed.push_back(parse_shape(text));
   PQ_REQUIRE(!parsed.empty(), "bench gptq: no shapes given");
+  for (const Shape& s : parsed)
+    PQ_REQUIRE(!group || s.in == parsed.front().in,
+               "bench gptq --group: the linears of a group share one Hessian, "
+               "so every shape needs the same IN; got ",
+               s.in, " and ", parsed.front().in);
 
   Backend* backend = &backend_ref;
   char line[512];
@@ -179,6 +272,7 @@ int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes,
                 "# sgemm 2048x2048x2048 through the backend: %.1f GFLOP/s (median of 3, 2*n^3 flops)\n",
                 sgemm_rate(*backend));
   os << line;
+  if (group) return bench_group(*backend, parsed, reps, config, os) ? 0 : 1;
   os << "# W [N = out, K = in], H [K, K] = S (A A^T / 256 + 0.1 I) S (correlated, outlier channels); 1 warm-up, then "
      << reps << " timed\n"
      << "# solve = damping + reverse Cholesky + column loop with lazy updates (QuantizedLinear::solve_seconds)\n"
@@ -195,10 +289,7 @@ int run_bench_gptq(Backend& backend_ref, const std::vector<std::string>& shapes,
   uint64_t seed = 1;
   for (const Shape& s : parsed) {
     const int64_t n = s.out, k = s.in;
-    std::mt19937_64 rng(seed++);
-    std::normal_distribution<float> normal(0.0f, 0.02f);
-    std::vector<float> w(static_cast<size_t>(n * k));
-    for (auto& v : w) v = normal(rng);
+    const std::vector<float> w = random_weights(s, seed++);
     const std::vector<float> h = correlated_hessian(*backend, k, seed++);
 
     std::vector<double> solve, call;

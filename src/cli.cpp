@@ -19,9 +19,11 @@
 #include "io/npy.hpp"
 #include "io/shard.hpp"
 #include "src/bench_gptq.hpp"
+#include "src/bench_hdf5.hpp"
 #include "src/driver_util.hpp"
 #include "src/inspect.hpp"
 #include "src/pipeline.hpp"
+#include "src/planner.hpp"
 #include "src/quant.hpp"
 #include "src/synth.hpp"
 #include "src/version.hpp"
@@ -40,12 +42,14 @@ const char* kUsage =
     "  quantize      quantize a Llama checkpoint (GPTQ or RTN) into packed HDF5 shards\n"
     "  eval          perplexity of a checkpoint, or of a quantized output dequantized on the fly\n"
     "  inspect OUT   table of the blocks and linears of a quantized output, checksums verified\n"
+    "  plan          the stages and memory per rank of a quantize run, for any world size (one process)\n"
     "  layer         quantize one matrix W [out, in] with inputs X [tokens, in]\n"
     "  synth         write a synthetic Llama checkpoint with deterministic random weights\n"
     "  synth-tokens  write a synthetic token file (.npy int32)\n"
     "  bench gptq    benchmark the GPTQ solve\n"
     "  bench hessian  Hessian accumulation rate next to the sgemm rate\n"
     "  bench transport  activation transport bandwidth between two ranks (nccl-tests style table)\n"
+    "  bench hdf5    shard write bandwidth, every rank its slice (IOR style table)\n"
     "  version       print the version\n";
 
 // What an option is to the output of a run. Every option declares it where it is added, so that a new option
@@ -223,7 +227,9 @@ void add_quantize_options(Command& cmd) {
       .add("dry-run", Role::kRun, po::bool_switch(), "print the plan and stop")
       .add("fp-resident-gb", Role::kRun, po::value<double>()->default_value(16.0),
            "--propagation fp: keep the stage's blocks in host memory when their fp32 copies fit this many GB per "
-           "rank (every micro-batch flows through them as it arrives); above it, stream the blocks one at a time");
+           "rank (every micro-batch flows through them as it arrives); above it, stream the blocks one at a time")
+      .add("host-mem", Role::kRun, po::value<double>()->default_value(0.0),
+           "host memory per rank in GB (1e9 bytes): refuse before any work a plan that needs more; 0 = not checked");
   add_quant_options(cmd);
   add_run_options(cmd);
 }
@@ -249,6 +255,8 @@ QuantizeOptions quantize_options(const Command& cmd) {
   const double resident_gb = vm["fp-resident-gb"].as<double>();
   PQ_REQUIRE(resident_gb >= 0.0, "--fp-resident-gb must be >= 0, got ", resident_gb);
   o.fp_resident_bytes = static_cast<uint64_t>(resident_gb * 1e9);
+  o.host_mem_gb = vm["host-mem"].as<double>();
+  PQ_REQUIRE(o.host_mem_gb >= 0.0, "--host-mem must be >= 0 (GB), got ", o.host_mem_gb);
   o.args_json = options_json(cmd, {Role::kResult, Role::kInput}).dump();
   o.fingerprint_args_json = options_json(cmd, {Role::kResult}).dump();
   return o;
@@ -256,6 +264,71 @@ QuantizeOptions quantize_options(const Command& cmd) {
 
 int cmd_quantize(const Args& args) {
   if (const auto options = parse_quantize_options(args)) run_quantize(*options);
+  return 0;
+}
+
+void add_plan_options(Command& cmd) {
+  cmd.add("model", Role::kInput, po::value<std::string>(), "checkpoint directory (config.json, *.safetensors)")
+      .add("world", Role::kRun, po::value<int>()->default_value(world_size()),
+           "ranks of the quantize job planned for (default: the ranks running this)")
+      .add("ranks-per-stage", Role::kRun, po::value<int>()->default_value(1),
+           "D: ranks per pipeline stage (world = P stages x D)")
+      .add("blocks-per-stage", Role::kRun, po::value<std::string>()->default_value(""),
+           "blocks of each stage: N, or a,b,c (default: balanced by weight bytes)")
+      .add("seq-len", Role::kResult, po::value<int64_t>(), "tokens per calibration sample")
+      .add("nsamples", Role::kResult, po::value<int64_t>()->default_value(128),
+           "calibration samples of the job (quantize takes all windows of its file, at most 128)")
+      .add("micro-batch", Role::kRun, po::value<int64_t>()->default_value(RunOptions{}.micro_batch),
+           "samples per forward call")
+      .add("propagation", Role::kResult, po::value<std::string>()->default_value("quantized"), choices(kPropagations))
+      .add("fp-resident-gb", Role::kRun, po::value<double>()->default_value(16.0),
+           "--propagation fp: the stage's blocks are kept in host memory when twice their source bytes fit this")
+      .add("backend", Role::kRun, po::value<std::string>()->default_value("auto"),
+           choices(kBackendKinds) + " (auto: cuda when this machine sees a device, as quantize decides)")
+      .add("compute-dtype", Role::kResult, po::value<std::string>()->default_value("auto"),
+           "GEMMs of the block forward: " + choices(kComputeDtypes) + " (16-bit: the weights on the device are 16-bit)")
+      .add("gpu-mem", Role::kRun, po::value<double>()->default_value(0.0),
+           "device memory per rank in GB (1e9 bytes), cuda backend: checked, and solves that do not fit it are "
+           "planned on the host as quantize runs them; 0 = not checked")
+      .add("host-mem", Role::kRun, po::value<double>()->default_value(0.0),
+           "host memory per rank in GB (1e9 bytes) to check the plan against; 0 = not checked")
+      .add("json", Role::kRun, po::bool_switch(), "print one JSON object instead of the table")
+      .add("verbose", Role::kRun, po::bool_switch(), "print each stage's memory terms");
+}
+
+PlanOptions plan_options(const Command& cmd) {
+  const po::variables_map& vm = cmd.vm;
+  PlanOptions o;
+  o.model_dir = required<std::string>(vm, "model", cmd.name);
+  o.seq_len = required<int64_t>(vm, "seq-len", cmd.name);
+  o.world = vm["world"].as<int>();
+  o.ranks_per_stage = vm["ranks-per-stage"].as<int>();
+  o.blocks_per_stage = vm["blocks-per-stage"].as<std::string>();
+  o.nsamples = vm["nsamples"].as<int64_t>();
+  o.propagation = enum_option(vm, "propagation", kPropagations);
+  const double resident_gb = vm["fp-resident-gb"].as<double>();
+  o.fp_resident_bytes = static_cast<uint64_t>(resident_gb * 1e9);
+  o.run.backend = enum_option(vm, "backend", kBackendKinds);
+  o.run.compute_dtype = enum_option(vm, "compute-dtype", kComputeDtypes);
+  o.run.micro_batch = vm["micro-batch"].as<int64_t>();
+  o.run.gpu_mem_gb = vm["gpu-mem"].as<double>();
+  o.host_mem_gb = vm["host-mem"].as<double>();
+  o.json = vm["json"].as<bool>();
+  o.verbose = vm["verbose"].as<bool>();
+  PQ_REQUIRE(o.world > 0, "--world must be positive, got ", o.world);
+  PQ_REQUIRE(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
+  PQ_REQUIRE(o.nsamples > 0, "--nsamples must be positive, got ", o.nsamples);
+  PQ_REQUIRE(o.run.micro_batch > 0, "--micro-batch must be positive, got ", o.run.micro_batch);
+  PQ_REQUIRE(resident_gb >= 0.0, "--fp-resident-gb must be >= 0, got ", resident_gb);
+  PQ_REQUIRE(o.run.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", o.run.gpu_mem_gb);
+  PQ_REQUIRE(o.host_mem_gb >= 0.0, "--host-mem must be >= 0 (GB), got ", o.host_mem_gb);
+  return o;
+}
+
+// One process plans any world size from config.json and the safetensors headers (no tensor data is read); under
+// mpirun only rank 0 prints. Exit code 1 when the plan does not fit --host-mem / --gpu-mem.
+int cmd_plan(const Args& args) {
+  if (const auto options = parse_plan_options(args)) return run_plan(*options, std::cout);
   return 0;
 }
 
@@ -367,7 +440,9 @@ int cmd_synth(const Args& args) {
       .add("vocab-size", Role::kResult, po::value<int64_t>(), "")
       .add("dtype", Role::kResult, po::value<std::string>()->default_value("bf16"), "bf16 | fp16 | fp32")
       .add("seed", Role::kResult, po::value<uint64_t>()->default_value(0), "random seed")
-      .add("tie-word-embeddings", Role::kResult, po::bool_switch(), "no lm_head tensor; the embedding is reused");
+      .add("tie-word-embeddings", Role::kResult, po::bool_switch(), "no lm_head tensor; the embedding is reused")
+      .add("attention-bias", Role::kResult, po::bool_switch(), "random biases on q/k/v/o_proj (attention_bias true)")
+      .add("mlp-bias", Role::kResult, po::bool_switch(), "random biases on gate/up/down_proj (mlp_bias true)");
   if (parse(cmd, args)) {
     print_help(cmd);
     return 0;
@@ -383,6 +458,8 @@ int cmd_synth(const Args& args) {
   s.dtype = cmd.vm["dtype"].as<std::string>();
   s.seed = cmd.vm["seed"].as<uint64_t>();
   s.tie_word_embeddings = cmd.vm["tie-word-embeddings"].as<bool>();
+  s.attention_bias = cmd.vm["attention-bias"].as<bool>();
+  s.mlp_bias = cmd.vm["mlp-bias"].as<bool>();
   if (world_rank() == 0) {
     write_synthetic_checkpoint(s);
     std::printf("synth: wrote %s (config.json, model.safetensors)\n", s.out_dir.c_str());
@@ -430,6 +507,20 @@ int cmd_bench_transport(const Args& args) {
   return rc;
 }
 
+int cmd_bench_hdf5(const Args& args) {
+  Command cmd("bench hdf5");
+  cmd.add("dir", Role::kRun, po::value<std::string>()->default_value("."),
+          "directory for the test file (on the file system to measure; removed afterwards)")
+      .add("mib", Role::kRun, po::value<int64_t>()->default_value(256), "MiB written per iteration by all ranks")
+      .add("reps", Role::kRun, po::value<int>()->default_value(3), "timed iterations after one warm-up");
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
+  return run_bench_hdf5(cmd.vm["dir"].as<std::string>(), cmd.vm["mib"].as<int64_t>(), cmd.vm["reps"].as<int>(),
+                        std::cout);
+}
+
 // "1024,4096" as Hessian widths; throws UserError for an item that is not a positive number.
 std::vector<int64_t> parse_widths(const std::string& list) {
   std::vector<int64_t> widths;
@@ -472,7 +563,10 @@ int cmd_bench_gptq(const Args& args) {
           "comma-separated OUTxIN shapes")
       .add("reps", Role::kRun, po::value<int>()->default_value(3), "timed repetitions after one warm-up")
       .add("bits", Role::kRun, po::value<int>()->default_value(4), "bits")
-      .add("group-size", Role::kRun, po::value<int64_t>()->default_value(128), "group size (-1 = per row)");
+      .add("group-size", Role::kRun, po::value<int64_t>()->default_value(128), "group size (-1 = per row)")
+      .add("group", Role::kRun, po::bool_switch(),
+           "the shapes are one linear group sharing one Hessian (same IN, e.g. 1024x4096,256x4096,256x4096): time "
+           "one gptq_quantize per linear against one shared factor with a solve per linear");
   add_run_options(cmd);
   if (parse(cmd, args)) {
     print_help(cmd);
@@ -485,7 +579,7 @@ int cmd_bench_gptq(const Args& args) {
   const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
   if (world_rank() != 0) return 0;
   return run_bench_gptq(*backend, shapes, cmd.vm["reps"].as<int>(), cmd.vm["bits"].as<int>(),
-                        cmd.vm["group-size"].as<int64_t>(), std::cout);
+                        cmd.vm["group-size"].as<int64_t>(), cmd.vm["group"].as<bool>(), std::cout);
 }
 
 // args[0] names the benchmark; its options follow.
@@ -494,8 +588,9 @@ int cmd_bench(const Args& args) {
   const Args rest(args.begin() + (args.empty() ? 0 : 1), args.end());
   if (which == "transport") return cmd_bench_transport(rest);
   if (which == "hessian") return cmd_bench_hessian(rest);
+  if (which == "hdf5") return cmd_bench_hdf5(rest);
   PQ_REQUIRE(which == "gptq",
-             "pipequant bench: expected a benchmark name: gptq, hessian or transport (e.g. pipequant bench gptq "
+             "pipequant bench: expected a benchmark name: gptq, hessian, transport or hdf5 (e.g. pipequant bench gptq "
              "--shapes 4096x4096)");
   return cmd_bench_gptq(rest);
 }
@@ -512,6 +607,16 @@ std::optional<QuantizeOptions> parse_quantize_options(const std::vector<std::str
   return quantize_options(cmd);
 }
 
+std::optional<PlanOptions> parse_plan_options(const std::vector<std::string>& args) {
+  Command cmd("plan");
+  add_plan_options(cmd);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return std::nullopt;
+  }
+  return plan_options(cmd);
+}
+
 int run_cli(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" || std::string(argv[1]) == "help") {
     if (world_rank() == 0) std::fputs(kUsage, stdout);
@@ -520,6 +625,7 @@ int run_cli(int argc, char** argv) {
   const std::string command = argv[1];
   const Args args(argv + 2, argv + argc);
   if (command == "quantize") return cmd_quantize(args);
+  if (command == "plan") return cmd_plan(args);
   if (command == "eval") return cmd_eval(args);
   if (command == "inspect") return cmd_inspect(args);
   if (command == "layer") return cmd_layer(args);

@@ -19,4 +19,8 @@ int run_cli(int argc, char** argv);
 // the help). Throws UserError for a bad or missing option.
 std::optional<QuantizeOptions> parse_quantize_options(const std::vector<std::string>& args);
 
+// The options of `pipequant plan ARGS...`, parsed and checked; nullopt when --help was asked. Throws UserError for a
+// bad or missing option.
+std::optional<PlanOptions> parse_plan_options(const std::vector<std::string>& args);
+
 }  // namespace pipequant

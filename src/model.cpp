@@ -3,6 +3,10 @@
 #include <cmath>
 #include <cstring>
 #include <numbers>
+#include <optional>
+#include <set>
+#include <string_view>
+#include <utility>
 
 #include "base/error.hpp"
 #include "base/shape.hpp"
@@ -70,10 +74,9 @@ std::array<int64_t, 2> linear_shape(const io::ModelConfig& c, int module_index) 
 
 namespace {
 
-bool has_bias(const io::ModelConfig& c, int module_index) {
-  return module_index < 4 ? (c.attention_bias && module_index != 3) : c.mlp_bias;
-}
-
+// As Hugging Face's LlamaForCausalLM: q, k, v and o_proj have bias=attention_bias, gate, up and down_proj
+// bias=mlp_bias.
+bool has_bias(const io::ModelConfig& c, int module_index) { return module_index < 4 ? c.attention_bias : c.mlp_bias; }
 
 void expect_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& config, const std::string& name,
                    const std::vector<int64_t>& shape) {
@@ -198,23 +201,66 @@ class QuantizedSource final : public WeightSource {
 
 }  // namespace
 
+namespace {
+
+inline constexpr const char* kTopLevelTensors[] = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
+// A buffer old checkpoints carry: RoPE's inverse frequencies, which the forward computes from the config.
+inline constexpr const char* kIgnoredBlockTensor = "self_attn.rotary_emb.inv_freq";
+
+// "model.layers.<digits>.<rest>" -> (block, rest); nullopt for any other name.
+std::optional<std::pair<int64_t, std::string>> split_block_name(const std::string& name) {
+  constexpr std::string_view kLayers = "model.layers.";
+  if (name.compare(0, kLayers.size(), kLayers) != 0) return std::nullopt;
+  const size_t dot = name.find('.', kLayers.size());
+  const size_t digits = dot == std::string::npos ? 0 : dot - kLayers.size();
+  if (digits == 0 || digits > 18) return std::nullopt;
+  int64_t block = 0;
+  for (size_t i = kLayers.size(); i < dot; ++i) {
+    if (name[i] < '0' || name[i] > '9') return std::nullopt;
+    block = block * 10 + (name[i] - '0');
+  }
+  return std::make_pair(block, name.substr(dot + 1));
+}
+
+// Refuses a tensor the forward would not read: a checkpoint holding one is of another model (Qwen3's q_norm and
+// k_norm, biases the config does not announce, experts), which would otherwise be computed wrongly without a word.
+void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, const std::string& name,
+                          const std::string& block_tensor) {
+  const std::string& file = ckpt.info(name).file;  // the .safetensors file holding it
+  for (int i = 0; i < kLinearCount; ++i) {
+    if (block_tensor != std::string(kLinears[static_cast<size_t>(i)].module) + ".bias") continue;
+    const char* field = i < 4 ? "attention_bias" : "mlp_bias";
+    if (c.architecture == "MistralForCausalLM")
+      fail(file, ": tensor ", name, " is a bias, but ", c.path,
+           " names MistralForCausalLM, whose linears have none (expected no bias tensors)");
+    fail(file, ": tensor ", name, " is a bias, but ", c.path, " field ", field,
+         " is not true (expected true when the checkpoint has biases)");
+  }
+  fail(file, ": tensor ", name, " is not used by the Llama block of ", c.path, " (", c.architecture,
+       "; expected only input_layernorm, post_attention_layernorm and the q/k/v/o/gate/up/down_proj weights",
+       (c.attention_bias || c.mlp_bias) ? " and biases" : "", "): the checkpoint is of another model");
+}
+
+}  // namespace
+
 void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
+  const std::vector<std::string> names = ckpt.names();
   // blocks the config does not know of mean the config is not this checkpoint's
-  for (const auto& name : ckpt.names()) {
-    if (name.rfind("model.layers.", 0) != 0) continue;
-    const size_t dot = name.find('.', 13);
-    int64_t block = -1;
-    try {
-      block = std::stoll(name.substr(13, dot - 13));
-    } catch (const std::exception&) {
-      continue;
-    }
-    PQ_REQUIRE(block < c.num_layers, ckpt.path(), ": tensor ", name, " belongs to block ", block, ", but ", c.path,
-               " field num_hidden_layers says ", c.num_layers, " blocks");
+  for (const auto& name : names) {
+    const auto split = split_block_name(name);
+    if (!split) continue;
+    PQ_REQUIRE(split->first < c.num_layers, ckpt.path(), ": tensor ", name, " belongs to block ", split->first,
+               ", but ", c.path, " field num_hidden_layers says ", c.num_layers, " blocks");
   }
   expect_tensor(ckpt, c, "model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   expect_tensor(ckpt, c, "model.norm.weight", {c.hidden_size});
   if (!c.tie_word_embeddings) expect_tensor(ckpt, c, "lm_head.weight", {c.vocab_size, c.hidden_size});
+  std::set<std::string> block_tensors = {"input_layernorm.weight", "post_attention_layernorm.weight",
+                                         kIgnoredBlockTensor};
+  for (int i = 0; i < kLinearCount; ++i) {
+    block_tensors.insert(std::string(kLinears[static_cast<size_t>(i)].module) + ".weight");
+    if (has_bias(c, i)) block_tensors.insert(std::string(kLinears[static_cast<size_t>(i)].module) + ".bias");
+  }
   for (int64_t b = 0; b < c.num_layers; ++b) {
     const std::string p = block_prefix(b);
     expect_tensor(ckpt, c, p + "input_layernorm.weight", {c.hidden_size});
@@ -225,6 +271,20 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
       expect_tensor(ckpt, c, name + ".weight", {shape[0], shape[1]});
       if (has_bias(c, i)) expect_tensor(ckpt, c, name + ".bias", {shape[0]});
     }
+  }
+  // every tensor is one the forward reads (or the harmless RoPE buffer); lm_head.weight beside tied embeddings is
+  // the same matrix in transformers, which ties it to the embedding
+  for (const auto& name : names) {
+    if (const auto split = split_block_name(name)) {
+      if (!block_tensors.count(split->second)) refuse_unused_tensor(ckpt, c, name, split->second);
+      continue;
+    }
+    bool known = false;
+    for (const char* t : kTopLevelTensors) known |= name == t;
+    PQ_REQUIRE(known, ckpt.info(name).file, ": tensor ", name, " is not a tensor of the Llama model of ", c.path, " (",
+               c.architecture,
+               "; expected model.embed_tokens.weight, model.norm.weight, lm_head.weight and model.layers.<i>.*): "
+               "the checkpoint is of another model");
   }
 }
 

@@ -79,12 +79,29 @@ struct QuantizeOptions {
   // bytes) fit this, and streams them one at a time otherwise
   uint64_t fp_resident_bytes = uint64_t{16} * 1000 * 1000 * 1000;
   RunOptions run;
+  double host_mem_gb = 0.0;  // host memory per rank the plan must fit, GB (1e9 bytes); 0 = not checked
 
   // The command line as JSON, stored in model.h5 (inputs and every option that changes the result).
   std::string args_json;
   // The options that change the result (declared so beside each option in the CLI), as JSON: the arguments
   // part of the resume fingerprint. Input paths are not among them (their contents are fingerprinted).
   std::string fingerprint_args_json;
+};
+
+// `pipequant plan`: the layout and calibration shape quantize would run with, and the budgets to check them against.
+struct PlanOptions {
+  std::string model_dir;
+  int world = 1;                 // ranks of the job planned for (P stages x D)
+  int ranks_per_stage = 1;       // D
+  std::string blocks_per_stage;  // "" = balance by bytes; "N" or "a,b,c"
+  int64_t seq_len = 2048;
+  int64_t nsamples = 128;  // calibration samples of the whole job
+  Propagation propagation = Propagation::kQuantized;
+  uint64_t fp_resident_bytes = uint64_t{16} * 1000 * 1000 * 1000;  // as QuantizeOptions::fp_resident_bytes
+  RunOptions run;            // backend, micro_batch, gpu_mem_gb and compute_dtype (threads are not planned)
+  double host_mem_gb = 0.0;  // as QuantizeOptions::host_mem_gb
+  bool json = false;         // one JSON object instead of the table
+  bool verbose = false;      // each stage's memory terms too
 };
 
 struct EvalOptions {

@@ -27,6 +27,7 @@ EvalResult run_eval(const EvalOptions& opt) {
   const auto t_start = Clock::now();
   const bool root = world_rank() == 0;
   const io::ModelConfig config = io::ModelConfig::load(opt.model_dir);
+  config.check_seq_len(opt.seq_len);
   std::unique_ptr<io::Checkpoint> ckpt;
   std::unique_ptr<WeightSource> source;
   if (opt.quantized_dir.empty()) {

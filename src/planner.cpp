@@ -1,11 +1,18 @@
 #include "src/planner.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <iomanip>
 #include <limits>
+#include <optional>
 #include <sstream>
 
+#include "base/abort.hpp"
 #include "base/error.hpp"
+#include "comm/stage_group.hpp"
+#include "kernels/backend.hpp"
+#include "src/hessian.hpp"
+#include "src/model.hpp"
 
 namespace pipequant {
 
@@ -80,17 +87,342 @@ std::vector<int64_t> user_split(const std::string& spec, int parts, int64_t bloc
   return counts;
 }
 
+// GB (1e9 bytes) with three decimals, as the plan table prints them.
 std::string gb(uint64_t b) {
   std::ostringstream os;
   os << std::fixed << std::setprecision(3) << static_cast<double>(b) / 1e9;
   return os.str();
 }
 
+// GB with six decimals (a term of a small model is a few kB).
+std::string gb_fine(uint64_t b) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.6f", static_cast<double>(b) / 1e9);
+  return buf;
+}
+
+// GB with three significant digits, for a sentence: "49.9", "0.0213", "113".
+std::string gb_short(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3g", bytes / 1e9);
+  return buf;
+}
+
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+double to_gb(uint64_t b) { return static_cast<double>(b) / 1e9; }
+
+// relative_output_error works on row chunks whose stacked [W; W - Q] holds at most this many floats (as src/quant.cpp).
+inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
+
+// Whether linear `module_index` carries a bias (as src/model.cpp reads them: q, k, v and o_proj attention_bias,
+// gate, up and down_proj mlp_bias).
+bool has_bias(const io::ModelConfig& c, int module_index) { return module_index < 4 ? c.attention_bias : c.mlp_bias; }
+
+BackendKind decide_backend(BackendKind b) {
+  if (b != BackendKind::kAuto) return b;
+  return kernels::cuda_device_count() > 0 ? BackendKind::kCuda : BackendKind::kCpu;  // as make_backend decides
+}
+
+// The forward's weights are 16-bit on the backend (as forward_format decides).
+bool decide_half(ComputeDtype dtype, BackendKind backend, const io::ModelConfig& config) {
+  if (dtype == ComputeDtype::kBf16 || dtype == ComputeDtype::kFp16) return true;
+  if (dtype == ComputeDtype::kFp32 || backend != BackendKind::kCuda) return false;
+  return config.torch_dtype == "bfloat16" || config.torch_dtype == "float16";
+}
+
+// A stage's budget excess: which stage, which memory, what it needs, the budget.
+struct Excess {
+  int stage = 0;
+  bool device = false;
+  uint64_t need = 0;
+  double budget_gb = 0.0;
+  double ratio() const { return static_cast<double>(need) / (budget_gb * 1e9); }
+};
+
+// The stage that exceeds a budget by the largest factor (the first of equals); nothing when every stage fits.
+std::optional<Excess> worst_excess(const Plan& plan) {
+  const MemoryBudgets& b = plan.inputs.budgets;
+  std::optional<Excess> worst;
+  const auto consider = [&](const Excess& e) {
+    if (!worst || e.ratio() > worst->ratio()) worst = e;
+  };
+  for (const auto& s : plan.stages) {
+    if (b.host_gb > 0 && static_cast<double>(s.host_bytes) > b.host_gb * 1e9)
+      consider({s.stage, false, s.host_bytes, b.host_gb});
+    if (plan.backend == BackendKind::kCuda && b.device_gb > 0 &&
+        static_cast<double>(s.device_bytes) > b.device_gb * 1e9)
+      consider({s.stage, true, s.device_bytes, b.device_gb});
+  }
+  return worst;
+}
+
+bool fits(const PlanInputs& in) {
+  try {
+    return !worst_excess(make_plan(in));
+  } catch (const UserError&) {
+    return false;  // a layout that cannot be made fits nothing
+  }
+}
+
+// The largest need of `kind` (device or host) over the stages of a plan.
+uint64_t largest_need(const Plan& plan, bool device) {
+  uint64_t most = 0;
+  for (const auto& s : plan.stages) most = std::max(most, device ? s.device_bytes : s.host_bytes);
+  return most;
+}
+
+// What would make an exceeding plan fit, tried from the least change to the most: a smaller micro-batch; fp
+// propagation's blocks streamed; more ranks per stage; more stages; all of these at once.
+std::string what_would_fit(const Plan& plan, const Excess& excess) {
+  const PlanInputs& in = plan.inputs;
+  const int stages = static_cast<int>(plan.stages.size());
+  const int d = in.ranks_per_stage;
+  const int64_t layers = static_cast<int64_t>(in.block_bytes.size());
+  const int64_t chunks = (in.samples + kHessianChunk - 1) / kHessianChunk;  // at most this many ranks per stage
+  for (int64_t mb = in.micro_batch - 1; mb >= 1; mb = mb > 64 ? mb / 2 : mb - 1) {
+    PlanInputs v = in;
+    v.micro_batch = mb;
+    if (fits(v)) return "use --micro-batch " + std::to_string(mb);
+  }
+  bool resident = false;
+  for (const auto& s : plan.stages) resident |= s.fp_blocks == "resident";
+  if (resident) {
+    PlanInputs v = in;
+    v.fp_resident_bytes = 0;
+    if (fits(v)) return "use --fp-resident-gb 0 (the stage's blocks streamed one at a time)";
+  }
+  for (int64_t d2 = 2 * static_cast<int64_t>(d); d2 <= chunks; d2 *= 2) {
+    PlanInputs v = in;
+    v.ranks_per_stage = static_cast<int>(d2);
+    v.world = stages * v.ranks_per_stage;
+    if (fits(v))
+      return "use --ranks-per-stage " + std::to_string(d2) + " (" + std::to_string(stages) + " stages x " +
+             std::to_string(d2) + " = " + std::to_string(v.world) + " ranks)";
+  }
+  for (int64_t p = std::min<int64_t>(2 * stages, layers); p > stages; p = std::min<int64_t>(2 * p, layers)) {
+    PlanInputs v = in;
+    v.world = static_cast<int>(p) * d;
+    v.blocks_per_stage.clear();
+    if (fits(v))
+      return "use " + std::to_string(p) + " stages (" + std::to_string(p) + " x " + std::to_string(d) + " = " +
+             std::to_string(v.world) + " ranks, --ranks-per-stage " + std::to_string(d) + ")";
+    if (p == layers) break;
+  }
+  // the smallest layout: every knob at once
+  PlanInputs v = in;
+  v.micro_batch = 1;
+  v.fp_resident_bytes = 0;
+  v.ranks_per_stage = static_cast<int>(std::max<int64_t>(d, chunks));
+  v.world = static_cast<int>(layers) * v.ranks_per_stage;
+  v.blocks_per_stage.clear();
+  const std::string layout = "--micro-batch 1, --ranks-per-stage " + std::to_string(v.ranks_per_stage) +
+                             " and one block per stage (" + std::to_string(v.world) + " ranks)";
+  if (fits(v)) return "use " + layout;
+  const char* what = excess.device ? "device" : "host";
+  try {
+    return std::string("no layout fits: even ") + layout + " needs " +
+           gb_short(largest_need(make_plan(v), excess.device)) + " GB of " + what + " memory per rank";
+  } catch (const UserError&) {
+    return std::string("no layout fits");
+  }
+}
+
 }  // namespace
+
+const char* name(Phase phase) {
+  switch (phase) {
+    case Phase::kEmbed:
+      return "embed";
+    case Phase::kInputs:
+      return "inputs";
+    case Phase::kHessian:
+      return "hessian";
+    case Phase::kSolve:
+      return "solve";
+    case Phase::kCheck:
+      return "check";
+    case Phase::kPropagate:
+      return "propagate";
+  }
+  return "?";
+}
+
+int64_t samples_per_rank(int64_t samples, int ranks) {
+  const int64_t chunks = (samples + kHessianChunk - 1) / kHessianChunk;
+  int64_t most = 0;
+  for (int m = 0; m < ranks; ++m) {
+    const int64_t c0 = chunks * m / ranks, c1 = chunks * (m + 1) / ranks;
+    most = std::max(most, std::min(samples, c1 * kHessianChunk) - std::min(samples, c0 * kHessianChunk));
+  }
+  return most;
+}
+
+std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& plan, const StagePlan& s) {
+  const io::ModelConfig& c = in.config;
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  const uint64_t d = u(in.ranks_per_stage);
+  const bool fp = in.fp_propagation, resident = s.fp_blocks == "resident", streamed = s.fp_blocks == "streamed";
+  const uint64_t hidden = u(c.hidden_size), inter = u(c.intermediate_size);
+  const uint64_t q_width = u(c.num_heads * c.head_dim), kv_width = u(c.num_kv_heads * c.head_dim);
+  const uint64_t k = std::max({hidden, inter, q_width});  // the widest Hessian: the largest in_features
+  const int64_t samples = samples_per_rank(in.samples, in.ranks_per_stage);
+  const uint64_t tokens = u(samples * in.seq_len);                             // this rank's
+  const uint64_t mb_rows = u(std::min(in.micro_batch, samples) * in.seq_len);  // one micro-batch
+  // one block's tensors
+  uint64_t linear_elems = 0, bias_elems = 0, largest_linear = 0, largest_in = 0;
+  for (int i = 0; i < kLinearCount; ++i) {
+    const auto [out, cols] = linear_shape(c, i);
+    linear_elems += u(out * cols);
+    if (has_bias(c, i)) bias_elems += u(out);
+    largest_linear = std::max(largest_linear, u(out * cols));
+    largest_in = std::max(largest_in, u(cols));
+  }
+  const uint64_t block_f32 = 4 * (linear_elems + 2 * hidden + bias_elems);
+  const uint64_t runner_weights =
+      (plan.half_weights ? 2 : 4) * linear_elems + 4 * (2 * hidden + bias_elems) + 4 * u(c.head_dim / 2);
+  const uint64_t runner_scratch = 4 * mb_rows * (3 * hidden + 2 * q_width + 2 * kv_width + 2 * inter);
+  uint64_t stage_source = 0;
+  for (int64_t b = s.first_block; b < s.first_block + s.blocks; ++b)
+    stage_source += in.block_bytes[static_cast<size_t>(b)];
+
+  // The solves, group by group (src/quant.cpp). A group's GPTQ factor R [in, in] is held through its linears' solves
+  // and checks. With a --gpu-mem budget, the cuda backend puts on its host fallback what does not fit beside the
+  // runner: a group's factor with its largest solve (and R held through the error check), the RTN baseline by its
+  // own size. A solve sent to the host is counted beside the largest that stays (an upper bound).
+  const double room = static_cast<double>(plan.backend == BackendKind::kCuda ? in.budgets.device_gb * 1e9 : 0.0) -
+                      static_cast<double>(runner_weights + runner_scratch);
+  const bool budget = plan.backend == BackendKind::kCuda && in.budgets.device_gb > 0;
+  const auto on_host = [&](uint64_t need) { return budget && static_cast<double>(need) > room; };
+  struct Placed {  // the largest of some buffers on the backend, and on the host
+    uint64_t backend = 0, host = 0;
+    void add(bool to_host, uint64_t bytes) { (to_host ? host : backend) = std::max(to_host ? host : backend, bytes); }
+  };
+  Placed factor, loop, check;
+  uint64_t results = 0, staging = 0;
+  for (int g = 0; g < kLinearGroups; ++g) {
+    uint64_t cols = 0, max_rows = 0;
+    for (int i = 0; i < kLinearCount; ++i)
+      if (kLinears[static_cast<size_t>(i)].group == g) {
+        const auto [out, in_f] = linear_shape(c, i);
+        cols = u(in_f);
+        max_rows = std::max(max_rows, (u(out) + d - 1) / d);
+      }
+    const uint64_t groups = in.group_size > 0 ? (cols + u(in.group_size) - 1) / u(in.group_size) : 1;
+    // quant.cpp solve_bytes: R, w, wc, res and one more [rows, cols] for the error check, codes, tables
+    const auto solve_bytes = [&](uint64_t rows) {
+      return 4 * (cols * cols + 4 * rows * cols + 2 * rows * groups + rows + cols) + rows * cols;
+    };
+    // relative_output_error on `rows` rows: H [in, in], the [W; W - Q] row chunk and its product
+    const auto error_bytes = [&](uint64_t rows) {
+      const uint64_t chunk = std::clamp<uint64_t>(u(kErrorChunkFloats) / (2 * cols), 1, rows);
+      return 4 * (cols * cols + 2 * 2 * chunk * cols);
+    };
+    const bool factor_on_host = on_host(solve_bytes(max_rows) + 4 * cols * cols);
+    factor.add(factor_on_host, 4 * cols * cols);
+    for (int i = 0; i < kLinearCount; ++i) {
+      if (kLinears[static_cast<size_t>(i)].group != g) continue;
+      const auto [out_f, in_f] = linear_shape(c, i);
+      const uint64_t out = u(out_f), rows = (out + d - 1) / d;
+      // the column loop: w, wc, res [rows, in] fp32, codes u8, tables [rows, groups] x 2, err2, param_of
+      loop.add(factor_on_host, 4 * (3 * rows * cols + 2 * rows * groups + rows + cols) + rows * cols);
+      check.add(factor_on_host, error_bytes(rows));  // GPTQ's error check, beside R
+      // the RTN baseline (weights fp32, codes, tables), then its error check
+      check.add(on_host(solve_bytes(rows)),
+                std::max(4 * (rows * cols + 2 * rows * groups + cols) + rows * cols, error_bytes(rows)));
+      if (d >= 2) check.add(false, error_bytes(out));  // the gathered whole linear, measured on the run's backend
+      results = std::max(results, (d >= 2 ? 10 : 6) * out * cols);
+      staging = std::max(staging, error_bytes(out) - 4 * cols * cols + 16 * out);
+    }
+  }
+
+  const unsigned all = [] {
+    unsigned m = 0;
+    for (const Phase p : kPhases) m |= phase_bit(p);
+    return m;
+  }();
+  const unsigned after_embed = all & ~phase_bit(Phase::kEmbed);
+  const unsigned per_block =
+      phase_bit(Phase::kHessian) | phase_bit(Phase::kSolve) | phase_bit(Phase::kCheck) | phase_bit(Phase::kPropagate);
+  const unsigned inputs = phase_bit(Phase::kInputs), hessian = phase_bit(Phase::kHessian);
+  const unsigned solve = phase_bit(Phase::kSolve), checks = phase_bit(Phase::kCheck);
+  const unsigned prefetch = resident   ? 0u
+                            : streamed ? (s.blocks > 1 ? inputs | per_block : 0u)
+                                       : inputs | (s.blocks > 1 ? per_block : 0u);
+  std::vector<MemoryTerm> t;
+  const auto add = [&t](const char* name, uint64_t bytes, bool backend, unsigned phases) {
+    if (bytes > 0 && phases != 0) t.push_back({name, bytes, backend, phases});
+  };
+  // ---- host memory
+  // StageWorker::x_: this rank's activations [samples * seq, hidden] fp32, from the start of obtain_inputs on
+  add("activations", 4 * tokens * hidden, false, all);
+  // propagate(): the block's outputs [samples * seq, hidden] fp32 beside its inputs
+  add("propagate_outputs", 4 * tokens * hidden, false, phase_bit(Phase::kPropagate));
+  // fp propagation: the outputs sent on [samples * seq, hidden] fp32, kept until the sends complete (the streamed
+  // strategy's last stage sends nothing)
+  add("fp_sent", fp && (resident || !s.has_head) ? 4 * tokens * hidden : 0, false, after_embed);
+  // embed_inputs(): the embedding table [vocab, hidden] in fp32, on the first stage
+  add("embedding_fp32", s.has_embedding ? 4 * u(c.vocab_size) * hidden : 0, false, phase_bit(Phase::kEmbed));
+  // the checkpoint pages read through the mmap count in the resident set while mapped (page cache the kernel may
+  // drop under pressure): the embedding, read first and again at the end ...
+  add("mapped_embedding", s.has_embedding ? in.embedding_bytes : 0, false, all);
+  // ... and the stage's blocks once read (fp propagation reads them all for its inputs)
+  add("mapped_blocks", stage_source, false, per_block | (fp ? inputs : 0u));
+  // the block being quantized (BlockWeights: linears, norms, biases in fp32); the streamed strategy also holds one
+  // while it forwards the inputs
+  add("block_weights_fp32", block_f32, false, per_block | (streamed ? inputs : 0u));
+  // BlockPrefetcher: the next block, read on a helper thread while this one is quantized (the first block while the
+  // inputs are awaited)
+  add("prefetched_block_fp32", block_f32, false, prefetch);
+  // fp resident: every block of the stage in fp32
+  add("fp_resident_blocks_fp32", resident ? u(s.blocks) * block_f32 : 0, false, after_embed);
+  // HessianAccumulator of the widest group: the fp64 sum of the finished chunks [K, K] ...
+  add("hessian_sum_fp64", 8 * k * k, false, hessian);
+  // ... the fp32 staging each chunk's partial is downloaded into [K, K] ...
+  add("hessian_staging_fp32", 4 * k * k, false, hessian);
+  // ... and H [K, K] fp32, made at the end of the sum and kept through the group's solves and checks
+  add("hessian_fp32", 4 * k * k, false, hessian | solve | checks);
+  // StageGroup::sum (D >= 2): the group root receives the members' fp64 partials in pieces of kDefaultMaxCount at most
+  add("group_sum_piece_fp64", d >= 2 ? 8 * std::min(k * k, u(comm::kDefaultMaxCount)) : 0, false, hessian);
+  // after a solve: the codes of GPTQ and of the RTN baseline [out, in] u8 and the dequantized weights fp32 of the
+  // largest linear (D >= 2: of the whole linear, gathered, and RTN's dequantized weights too, for its error)
+  add("linear_results", results, false, checks);
+  // relative_output_error's host side: the [W; W - Q] row chunk, its product with H, the row sums
+  add("error_check_staging", staging, false, checks);
+  // what --gpu-mem sends to the host backend (see above)
+  add("gptq_factor_host", factor.host, false, solve | checks);
+  add("solve_working_set_host", loop.host, false, solve);
+  add("error_check_host", check.host, false, checks);
+  // ---- backend memory (host memory on the CPU backend)
+  // BlockRunner: the block's weights (the linears 16-bit when the forward's GEMMs are), norms, biases, rope
+  // frequencies; fp propagation loads them for its inputs too
+  add("runner_weights", runner_weights, true, per_block | (fp ? inputs : 0u));
+  // BlockRunner: one micro-batch's scratch: x, xn, h [rows, hidden]; q, attn [rows, heads * head_dim]; k, v
+  // [rows, kv_heads * head_dim]; gate, up [rows, intermediate] (all fp32), from open_stage on
+  add("runner_scratch", runner_scratch, true, all);
+  // the CPU backend's 16-bit GEMM widens one linear's weights and its input rows to fp32 for each call
+  add("half_gemm_widening",
+      plan.backend == BackendKind::kCpu && plan.half_weights ? 4 * (largest_linear + mb_rows * largest_in) : 0, true,
+      hessian | phase_bit(Phase::kPropagate) | (fp ? inputs : 0u));
+  // HessianAccumulator: the fp32 partial sum of the current chunk [K, K]
+  add("hessian_partial_fp32", 4 * k * k, true, hessian);
+  // the GPTQ factor R [in, in] fp32 of the widest group, held through its linears' solves and checks
+  add("gptq_factor", factor.backend, true, solve | checks);
+  // the column loop of this rank's rows of the largest linear (w, wc, res fp32, codes, tables)
+  add("solve_working_set", loop.backend, true, solve);
+  // the largest of the error checks (H, the row chunk and its product) and the RTN baseline's working set
+  add("error_check", check.backend, true, checks);
+  return t;
+}
 
 Plan make_plan(const PlanInputs& in) {
   const int64_t blocks = static_cast<int64_t>(in.block_bytes.size());
   PQ_REQUIRE(in.ranks_per_stage > 0, "--ranks-per-stage must be positive, got ", in.ranks_per_stage);
+  PQ_REQUIRE(in.world > 0, "the job must have at least one rank, got ", in.world);
   PQ_REQUIRE(in.world % in.ranks_per_stage == 0, "the job has ", in.world,
              " ranks, which is not a multiple of --ranks-per-stage ", in.ranks_per_stage);
   const int parts = in.world / in.ranks_per_stage;
@@ -98,6 +430,12 @@ Plan make_plan(const PlanInputs& in) {
              " per stage) but the model has only ", blocks, " blocks: use fewer ranks or more --ranks-per-stage");
   PQ_REQUIRE(in.samples >= in.ranks_per_stage, "each of the ", in.ranks_per_stage,
              " ranks of a stage needs at least one calibration sample; there are ", in.samples);
+  const int64_t chunks = (in.samples + kHessianChunk - 1) / kHessianChunk;
+  PQ_REQUIRE(chunks >= in.ranks_per_stage, "--ranks-per-stage ", in.ranks_per_stage, ": the ", in.samples,
+             " calibration samples form ", chunks, " Hessian chunk(s) of up to ", kHessianChunk,
+             " samples and each rank of a stage needs one; use at least ", kHessianChunk * (in.ranks_per_stage - 1) + 1,
+             " samples (--nsamples) or fewer ranks per stage");
+  PQ_REQUIRE(in.seq_len > 0 && in.micro_batch > 0, "--seq-len and --micro-batch must be positive");
   // balanced by the blocks' bytes alone: quantization time follows them, while the embedding (first stage) and
   // the head (last stage) cost memory, not solve time
   const std::vector<int64_t> counts = in.blocks_per_stage.empty() ? balanced_split(in.block_bytes, parts)
@@ -105,14 +443,10 @@ Plan make_plan(const PlanInputs& in) {
   Plan plan;
   plan.world = in.world;
   plan.ranks_per_stage = in.ranks_per_stage;
-  const auto& c = in.config;
-  const int64_t samples_per_rank = (in.samples + in.ranks_per_stage - 1) / in.ranks_per_stage;
-  const uint64_t act_bytes = static_cast<uint64_t>(samples_per_rank * in.seq_len * c.hidden_size) * 4u;
-  const int64_t widest = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
-  const uint64_t hessian_bytes = static_cast<uint64_t>(widest * widest) * 4u;
-  const uint64_t mb_rows = static_cast<uint64_t>(in.micro_batch * in.seq_len);
-  const uint64_t scratch =
-      mb_rows * static_cast<uint64_t>(4 * c.hidden_size + 2 * c.intermediate_size + 2 * c.num_heads * c.head_dim) * 4u;
+  plan.inputs = in;
+  plan.backend = plan.inputs.backend = decide_backend(in.backend);
+  plan.half_weights = decide_half(in.compute_dtype, plan.backend, in.config);
+  const bool cpu = plan.backend == BackendKind::kCpu;
   int64_t first = 0;
   for (int p = 0; p < parts; ++p) {
     StagePlan s;
@@ -121,30 +455,60 @@ Plan make_plan(const PlanInputs& in) {
     s.ranks = in.ranks_per_stage;
     s.first_block = first;
     s.blocks = counts[static_cast<size_t>(p)];
-    uint64_t largest_block = 0;
-    for (int64_t b = first; b < first + s.blocks; ++b) {
-      s.weight_bytes += in.block_bytes[static_cast<size_t>(b)];
-      largest_block = std::max(largest_block, in.block_bytes[static_cast<size_t>(b)]);
-    }
+    for (int64_t b = first; b < first + s.blocks; ++b) s.weight_bytes += in.block_bytes[static_cast<size_t>(b)];
     s.has_embedding = p == 0;
     s.has_head = p == parts - 1;
-    // fp32 copies of one block's weights (the source may be 16-bit: at most 2x), the Hessian and its
-    // factor, the GPTQ work matrices of the largest linear, the stage's activations twice (in and out)
-    const uint64_t block_f32 = largest_block * 2u;
-    s.device_bytes = block_f32 + 2 * hessian_bytes + scratch + block_f32;
     if (in.fp_propagation)
       s.fp_blocks = fp_blocks_resident(s.weight_bytes, in.fp_resident_bytes) ? "resident" : "streamed";
-    s.host_bytes = 2 * act_bytes + block_f32 * 2 + 2 * hessian_bytes + (s.has_embedding ? in.embedding_bytes * 2 : 0) +
-                   (s.fp_blocks == "resident" ? s.weight_bytes * 2 : 0);  // fp mode: every block of the stage, fp32
+    s.terms = stage_memory_terms(plan.inputs, plan, s);
+    for (const Phase phase : kPhases) {
+      PhasePeak peak{phase, 0, 0};
+      for (const auto& term : s.terms) {
+        if (!term.live_in(phase)) continue;
+        if (term.backend) peak.device_bytes += term.bytes;
+        if (!term.backend || cpu) peak.host_bytes += term.bytes;  // the CPU backend's memory is host memory
+      }
+      s.host_bytes = std::max(s.host_bytes, peak.host_bytes);
+      s.device_bytes = std::max(s.device_bytes, peak.device_bytes);
+      s.phases.push_back(peak);
+    }
     if (s.has_embedding) s.weight_bytes += in.embedding_bytes;
     if (s.has_head) s.weight_bytes += in.head_bytes;
-    plan.stages.push_back(s);
-    first += s.blocks;
+    plan.stages.push_back(std::move(s));
+    first += counts[static_cast<size_t>(p)];
   }
   return plan;
 }
 
-void print_plan(std::ostream& os, const Plan& plan) {
+void add_checkpoint_sizes(PlanInputs& in, const io::Checkpoint& ckpt) {
+  const int64_t blocks = in.config.num_layers;
+  in.block_bytes.assign(static_cast<size_t>(blocks), 0);
+  const std::string layers = "model.layers.";
+  for (const auto& name : ckpt.names()) {
+    if (name.rfind(layers, 0) != 0) continue;
+    const size_t dot = name.find('.', layers.size());
+    if (dot == std::string::npos) continue;
+    const std::string index = name.substr(layers.size(), dot - layers.size());
+    if (index.empty() || index.find_first_not_of("0123456789") != std::string::npos) continue;
+    const int64_t b = std::stoll(index);
+    if (b < blocks) in.block_bytes[static_cast<size_t>(b)] += ckpt.info(name).nbytes;
+  }
+  in.embedding_bytes = ckpt.info("model.embed_tokens.weight").nbytes;
+  in.head_bytes =
+      ckpt.info("model.norm.weight").nbytes +
+      (ckpt.has("lm_head.weight") && !in.config.tie_word_embeddings ? ckpt.info("lm_head.weight").nbytes : 0);
+}
+
+std::string plan_refusal(const Plan& plan) {
+  const auto excess = worst_excess(plan);
+  if (!excess) return "";
+  return "stage " + std::to_string(excess->stage) + " needs " + gb_short(static_cast<double>(excess->need)) +
+         " GB of " + (excess->device ? "device" : "host") + " memory, " +
+         (excess->device ? "--gpu-mem" : "--host-mem") + " is " + number(excess->budget_gb) + ": " +
+         what_would_fit(plan, *excess);
+}
+
+void print_plan(std::ostream& os, const Plan& plan, bool verbose) {
   os << "plan: " << plan.world << " ranks = " << plan.stages.size() << " stages x " << plan.ranks_per_stage
      << " ranks per stage (GB = 1e9 bytes)\n";
   os << std::left << std::setw(7) << "stage" << std::setw(10) << "ranks" << std::setw(12) << "blocks" << std::right
@@ -161,6 +525,141 @@ void print_plan(std::ostream& os, const Plan& plan) {
        << std::setw(12) << gb(s.weight_bytes) << std::setw(14) << gb(s.host_bytes) << std::setw(13)
        << gb(s.device_bytes) << " " << extra << "\n";
   }
+  // below the table (whose lines scripts read): the peaks by phase, the backend, the budgets
+  os << "peak per rank by phase, GB host/device:\n" << std::left << std::setw(7) << "stage" << std::right;
+  for (const Phase phase : kPhases) os << std::setw(16) << name(phase);
+  os << "\n";
+  for (const auto& s : plan.stages) {
+    os << std::left << std::setw(7) << s.stage << std::right;
+    for (const auto& p : s.phases) os << std::setw(16) << gb(p.host_bytes) + "/" + gb(p.device_bytes);
+    os << "\n";
+  }
+  if (plan.backend == BackendKind::kCpu)
+    os << "backend cpu: its memory is host memory, counted in host GB (dev GB: the backend's part)\n";
+  else
+    os << "backend cuda, forward weights " << (plan.half_weights ? "16-bit" : "fp32")
+       << ": dev GB counts the allocations within --gpu-mem (the CUDA context and library workspaces come on top)\n";
+  if (verbose)
+    for (const auto& s : plan.stages) {
+      os << "stage " << s.stage << " memory terms per rank, GB (phases: e embed, i inputs, h hessian, s solve, "
+         << "c check, p propagate):\n";
+      for (const auto& term : s.terms) {
+        std::string phases;
+        for (const Phase phase : kPhases) phases += term.live_in(phase) ? name(phase)[0] : '.';
+        os << "  " << std::left << std::setw(26) << term.name << std::setw(8) << (term.backend ? "backend" : "host")
+           << std::right << std::setw(12) << gb_fine(term.bytes) << "  " << phases << "\n";
+      }
+    }
+}
+
+void print_fit(std::ostream& os, const Plan& plan) {
+  const MemoryBudgets& b = plan.inputs.budgets;
+  if (b.host_gb <= 0 && b.device_gb <= 0) return;
+  const std::string refusal = plan_refusal(plan);
+  if (!refusal.empty()) {
+    os << "fits: no: " << refusal << "\n";
+    return;
+  }
+  os << "fits: yes:";
+  if (b.host_gb > 0) os << " host peaks within --host-mem " << number(b.host_gb);
+  if (b.device_gb > 0)
+    os << (b.host_gb > 0 ? "," : "")
+       << (plan.backend == BackendKind::kCuda ? " device peaks within --gpu-mem " + number(b.device_gb)
+                                              : std::string(" --gpu-mem not checked (backend cpu)"));
+  os << "\n";
+}
+
+nlohmann::json plan_json(const Plan& plan) {
+  nlohmann::json j;
+  j["world"] = plan.world;
+  j["ranks_per_stage"] = plan.ranks_per_stage;
+  j["backend"] = name(plan.backend);
+  j["budgets"] = {{"host_mem_gb", plan.inputs.budgets.host_gb}, {"gpu_mem_gb", plan.inputs.budgets.device_gb}};
+  j["stages"] = nlohmann::json::array();
+  const bool cpu = plan.backend == BackendKind::kCpu;
+  for (const auto& s : plan.stages) {
+    nlohmann::json st;
+    st["stage"] = s.stage;
+    st["ranks"] = s.ranks;
+    st["blocks"] = {s.first_block, s.first_block + s.blocks - 1};
+    st["host_peak_gb"] = to_gb(s.host_bytes);
+    st["device_peak_gb"] = to_gb(s.device_bytes);
+    st["weights_gb"] = to_gb(s.weight_bytes);
+    if (!s.fp_blocks.empty()) st["fp_blocks"] = s.fp_blocks;
+    st["phases"] = nlohmann::json::object();
+    for (const auto& p : s.phases)
+      st["phases"][name(p.phase)] = {{"host_gb", to_gb(p.host_bytes)}, {"device_gb", to_gb(p.device_bytes)}};
+    // host memory: the CPU backend's terms are host memory too
+    st["host_terms_gb"] = nlohmann::json::object();
+    st["device_terms_gb"] = nlohmann::json::object();
+    for (const auto& term : s.terms) {
+      if (!term.backend || cpu) st["host_terms_gb"][term.name] = to_gb(term.bytes);
+      if (term.backend) st["device_terms_gb"][term.name] = to_gb(term.bytes);
+    }
+    j["stages"].push_back(std::move(st));
+  }
+  const std::string refusal = plan_refusal(plan);
+  j["fits"] = refusal.empty();
+  if (!refusal.empty()) j["refusal"] = refusal;
+  return j;
+}
+
+void check_plan_fits(const Plan& run) {
+  const MemoryBudgets& budgets = run.inputs.budgets;
+  if (budgets.host_gb <= 0 && budgets.device_gb <= 0) return;
+  const std::string refusal = plan_refusal(run);
+  PQ_REQUIRE(refusal.empty(), refusal);
+  if (world_rank() != 0) return;
+  uint64_t host = 0, device = 0;
+  for (const auto& s : run.stages) {
+    host = std::max(host, s.host_bytes);
+    device = std::max(device, s.device_bytes);
+  }
+  if (budgets.host_gb > 0)
+    std::printf("memory: every stage fits --host-mem %s (largest host peak %s GB per rank)\n",
+                number(budgets.host_gb).c_str(), gb_short(static_cast<double>(host)).c_str());
+  if (budgets.device_gb > 0 && run.backend == BackendKind::kCuda)
+    std::printf("memory: every stage fits --gpu-mem %s (largest device peak %s GB per rank)\n",
+                number(budgets.device_gb).c_str(), gb_short(static_cast<double>(device)).c_str());
+  std::fflush(stdout);
+}
+
+int run_plan(const PlanOptions& o, std::ostream& os) {
+  const io::ModelConfig config = io::ModelConfig::load(o.model_dir);
+  config.check_seq_len(o.seq_len);
+  const io::Checkpoint ckpt = io::Checkpoint::open(o.model_dir);  // headers only
+  validate_checkpoint(ckpt, config);
+  PlanInputs in;
+  in.config = config;
+  add_checkpoint_sizes(in, ckpt);
+  in.world = o.world;
+  in.ranks_per_stage = o.ranks_per_stage;
+  in.blocks_per_stage = o.blocks_per_stage;
+  in.samples = o.nsamples;
+  in.seq_len = o.seq_len;
+  in.micro_batch = o.run.micro_batch;
+  in.fp_propagation = o.propagation == Propagation::kFp;
+  in.fp_resident_bytes = o.fp_resident_bytes;
+  in.backend = o.run.backend;
+  in.compute_dtype = o.run.compute_dtype;
+  in.budgets = {o.host_mem_gb, o.run.gpu_mem_gb};
+  const Plan plan = make_plan(in);
+  // planning reads headers: a checkpoint larger than memory (or a sparse one) plans in a second
+  PQ_ASSERT(ckpt.mapped_files().empty(), "plan mapped tensor data of ", ckpt.mapped_files().front());
+  const std::string refusal = plan_refusal(plan);
+  if (world_rank() == 0) {
+    if (o.json) {
+      os << plan_json(plan).dump() << "\n";
+    } else {
+      os << "pipequant plan: " << o.model_dir << ", " << config.num_layers << " blocks, " << o.nsamples << " samples x "
+         << o.seq_len << " tokens, micro-batch " << o.run.micro_batch << ", propagation " << name(o.propagation)
+         << "\n";
+      print_plan(os, plan, o.verbose);
+      print_fit(os, plan);
+    }
+    os.flush();
+  }
+  return refusal.empty() ? 0 : 1;
 }
 
 }  // namespace pipequant

@@ -106,28 +106,28 @@ size_t solve_bytes(int64_t rows, int64_t cols, int64_t groups) {
   return sizeof(float) * (c * c + 4 * r * c + 2 * r * g + r + c) + r * c;
 }
 
-// The backend that runs a solve of this size: `backend` when it fits its budget (or there is no budget or no
-// host fallback), its host fallback otherwise, with a line for the log.
-Backend& solve_backend(Backend& backend, int64_t rows, int64_t cols, int64_t groups, const std::string& label,
-                       std::vector<std::string>& log) {
+// The backend that runs work needing `need` bytes: `backend` when it fits its free budget (or there is no budget
+// or no host fallback), its host fallback otherwise, with a line (without a linear's name) for the log.
+Backend& solve_backend(Backend& backend, size_t need, std::vector<std::string>& log) {
   Backend* host = backend.host_fallback();
-  const size_t need = solve_bytes(rows, cols, groups), room = backend.free_budget_bytes();
+  const size_t room = backend.free_budget_bytes();
   if (host == nullptr || need <= room) return backend;
   std::ostringstream os;
-  os << label << ": the solve needs " << need / 1e9 << " GB of " << backend.name() << " memory, " << room / 1e9
+  os << "the solve needs " << need / 1e9 << " GB of " << backend.name() << " memory, " << room / 1e9
      << " GB of the budget are free: solved on the " << host->name();
   log.push_back(os.str());
   return *host;
 }
 
-// Where each column goes: dead inputs, the processing order, and the table entry of each position.
-struct ColumnPlan {
-  std::vector<float> diag;        // diag(H) with the dead entries set to 1
-  std::vector<char> dead;         // [cols]: 1 for an input never active in the calibration data
-  std::vector<int64_t> perm;      // processing position -> input column
-  std::vector<int32_t> param_of;  // processing position -> table entry
-  bool tables_up_front = false;   // per-row or static-group tables, computed before the column loop
-};
+// A factor's log lines as one linear reports them: "<label>: <line>".
+std::vector<std::string> labelled(const std::vector<std::string>& lines, const std::string& label) {
+  std::vector<std::string> out;
+  out.reserve(lines.size());
+  for (const auto& line : lines) out.push_back(label + ": " + line);
+  return out;
+}
+
+using ColumnPlan = GptqColumnPlan;
 
 // Dead inputs: H[i, i] = 1 and W[:, i] = 0, as the reference does. Act-order: columns by decreasing diag(H); a
 // stable sort keeps ties in input order (deterministic). Static groups keep the natural group of each column.
@@ -200,28 +200,23 @@ auto rows_in_processing_order(const float* w, int64_t cols, const ColumnPlan& pl
   };
 }
 
-// Backend memory of one GPTQ solve. The weights and tables live through the whole solve, R from the
-// factorization on, the rest during the column loop.
+// Backend memory of one linear's GPTQ solve (R is the factor's). The weights and tables live through the whole
+// solve, the rest during the column loop.
 struct GptqBuffers {
   GptqBuffers(Backend& backend, int64_t rows, int64_t cols, int64_t groups)
       : w(backend, rows * cols),
         wc(backend, rows * cols),
         scales(backend, rows * groups),
         zeros(backend, rows * groups) {}
-  void release() { *this = GptqBuffers(); }
 
   Buffer<float> w;           // original weights, processing order, dead columns zeroed
   Buffer<float> wc;          // running weights (see GptqBlockArgs::wc)
   Buffer<float> scales;      // scale table [rows, groups]
   Buffer<float> zeros;       // zero table [rows, groups]
-  Buffer<float> r;           // H_damped, then R [cols, cols]
   Buffer<float> res;         // w - dequant(q), processing order
   Buffer<uint8_t> q;         // codes, processing order
   Buffer<float> err2;        // per-row loss [rows]
   Buffer<int32_t> param_of;  // [cols]
-
- private:
-  GptqBuffers() = default;
 };
 
 // The per-row or static-group tables, before the column loop (wc serves as scratch). Static groups come from the
@@ -248,18 +243,18 @@ struct Damping {
   bool factored = false;
 };
 
-// Fallback (1): factors H (processing order, dead diagonal fixed, damped) into buf.r = R, raising the damping x10
-// after each failure, at most config.damp_retries times; every failure gets a line in `log`.
+// Fallback (1): factors H (processing order, dead diagonal fixed, damped) into r = R, raising the damping x10
+// after each failure, at most config.damp_retries times; every failure gets a line (without a name) in `log`.
 Damping factor_with_damping(Backend& backend, const float* h, int64_t cols, const QuantConfig& config,
-                            const ColumnPlan& plan, const std::string& label, GptqBuffers& buf,
-                            std::vector<float>& staging, std::vector<std::string>& log) {
+                            const ColumnPlan& plan, Buffer<float>& r, std::vector<std::string>& log) {
   const double mean = diag_mean(plan);
-  buf.r = Buffer<float>(backend, cols * cols);
+  r = Buffer<float>(backend, cols * cols);
+  std::vector<float> staging;
   Damping d{config.damp, false};
   for (int attempt = 0; attempt <= config.damp_retries; ++attempt) {
     // built from h on every try: the factorization overwrites it
     const float add = static_cast<float>(d.damp * mean);
-    upload_rows(backend, buf.r.data(), cols, cols, staging, [&](int64_t a0, int64_t a1, float* dst) {
+    upload_rows(backend, r.data(), cols, cols, staging, [&](int64_t a0, int64_t a1, float* dst) {
 #pragma omp parallel for schedule(static)
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t pa = plan.perm[static_cast<size_t>(a)];
@@ -269,35 +264,41 @@ Damping factor_with_damping(Backend& backend, const float* h, int64_t cols, cons
         row[a] = plan.diag[static_cast<size_t>(pa)] + add;
       }
     });
-    if (backend.reverse_cholesky(buf.r.data(), cols)) {
+    if (backend.reverse_cholesky(r.data(), cols)) {
       d.factored = true;
       return d;
     }
     if (attempt < config.damp_retries) {
-      log.push_back(label + ": Cholesky failed with damp " + format_damp(d.damp) + ", retrying with " +
+      log.push_back("Cholesky failed with damp " + format_damp(d.damp) + ", retrying with " +
                     format_damp(d.damp * 10.0));
       d.damp *= 10.0;
     } else {
-      log.push_back(label + ": Cholesky failed with damp " + format_damp(d.damp) + " after " +
+      log.push_back("Cholesky failed with damp " + format_damp(d.damp) + " after " +
                     std::to_string(config.damp_retries) + " retries, falling back to round-to-nearest");
     }
   }
   return d;
 }
 
-// wc[:, j] = w[:, j] * R[j, j], the running weights before the first block. The diagonal is fetched element by
-// element: K tiny copies instead of the whole K x K factor, which matters on a device backend.
-void start_running_weights(Backend& backend, const float* w, int64_t rows, int64_t cols, const ColumnPlan& plan,
-                           GptqBuffers& buf, std::vector<float>& staging) {
+// diag(R), fetched element by element: K tiny copies instead of the whole K x K factor, which matters on a device
+// backend.
+std::vector<float> factor_diagonal(Backend& backend, const Buffer<float>& r, int64_t cols) {
   std::vector<float> rdiag(static_cast<size_t>(cols));
   for (int64_t j = 0; j < cols; ++j)
-    backend.download(&rdiag[static_cast<size_t>(j)], buf.r.data() + j * cols + j, sizeof(float));
-  upload_rows(backend, buf.wc.data(), rows, cols, staging, rows_in_processing_order(w, cols, plan, rdiag.data()));
+    backend.download(&rdiag[static_cast<size_t>(j)], r.data() + j * cols + j, sizeof(float));
+  return rdiag;
+}
+
+// wc[:, j] = w[:, j] * R[j, j], the running weights before the first block.
+void start_running_weights(Backend& backend, const float* w, int64_t rows, const GptqFactor& factor, GptqBuffers& buf,
+                           std::vector<float>& staging) {
+  upload_rows(backend, buf.wc.data(), rows, factor.cols, staging,
+              rows_in_processing_order(w, factor.cols, factor.plan, factor.r_diag.data()));
 }
 
 // The column loop over all columns (Backend::gptq_columns): codes, residuals and tables in processing order.
 void solve_columns(Backend& backend, int64_t rows, int64_t cols, int64_t groups, const QuantConfig& config,
-                   const ColumnPlan& plan, GptqBuffers& buf) {
+                   const ColumnPlan& plan, const float* r, GptqBuffers& buf) {
   buf.res = Buffer<float>(backend, rows * cols);
   buf.q = Buffer<uint8_t>(backend, rows * cols);
   buf.err2 = Buffer<float>(backend, rows);
@@ -309,7 +310,7 @@ void solve_columns(Backend& backend, int64_t rows, int64_t cols, int64_t groups,
   kernels::GptqBlockArgs args;
   args.rows = rows;
   args.cols = cols;
-  args.r = buf.r.data();
+  args.r = r;
   args.w = buf.w.data();
   args.wc = buf.wc.data();
   args.res = buf.res.data();
@@ -350,15 +351,20 @@ QuantizedLinear rtn_fallback(Backend& backend, const float* w, int64_t rows, int
   return out;
 }
 
-// GPTQ on `backend` with a finite Hessian: plan the columns, factor with the damping retries, run the column
-// loop, return the result in natural column order.
-QuantizedLinear gptq_solve(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
-                           const QuantConfig& config, const std::string& label) {
-  const ColumnPlan plan = plan_columns(h, cols, config);
+// The column loop of one linear with a factor that holds R: codes, tables, g_idx, damping, fallback and log;
+// relative_error is left for the caller (R may be freed first). The solve's buffers are freed on return.
+QuantizedLinear solve_with_factor(const GptqFactor& factor, const float* w, int64_t rows, const std::string& label) {
+  Backend& backend = *factor.backend;
+  const QuantConfig& config = factor.config;
+  const ColumnPlan& plan = factor.plan;
+  const int64_t cols = factor.cols;
   QuantizedLinear out = empty_result(rows, cols, group_count(cols, config.group_size), config.bits);
   out.g_idx.resize(static_cast<size_t>(cols));
   for (int64_t j = 0; j < cols; ++j)
     out.g_idx[static_cast<size_t>(plan.perm[static_cast<size_t>(j)])] = plan.param_of[static_cast<size_t>(j)];
+  out.damp_used = factor.damp_used;
+  out.fallback = factor.fallback;
+  out.log = labelled(factor.log, label);
 
   GptqBuffers buf(backend, rows, cols, out.groups);
   std::vector<float> staging;
@@ -366,22 +372,74 @@ QuantizedLinear gptq_solve(Backend& backend, const float* w, int64_t rows, int64
   upload_rows(backend, buf.w.data(), rows, cols, staging, rows_in_processing_order(w, cols, plan, nullptr));
 
   const auto t_solve = std::chrono::steady_clock::now();
-  const Damping d = factor_with_damping(backend, h, cols, config, plan, label, buf, staging, out.log);
-  if (!d.factored) {
-    buf.release();
-    return rtn_fallback(backend, w, rows, cols, h, config, d.damp, std::move(out.log));
-  }
-  out.damp_used = d.damp;
-  out.fallback = d.damp != config.damp ? Fallback::kDamp : Fallback::kNone;
-  start_running_weights(backend, w, rows, cols, plan, buf, staging);
+  start_running_weights(backend, w, rows, factor, buf, staging);
   staging = std::vector<float>();
-  solve_columns(backend, rows, cols, out.groups, config, plan, buf);
+  solve_columns(backend, rows, cols, out.groups, config, plan, factor.r.data(), buf);
   collect_result(backend, plan, buf, out);
   out.solve_seconds = seconds_since(t_solve);
-  buf.release();
-  const std::vector<float> wq = out.dequantize();
-  out.relative_error = relative_output_error(backend, w, wq.data(), rows, cols, h);
   return out;
+}
+
+// ||(W - Q) X||^2 / ||W X||^2 of a solved linear, on the backend that solved it.
+void measure_error(Backend& backend, const float* w, const float* h, QuantizedLinear& out) {
+  const std::vector<float> wq = out.dequantize();
+  out.relative_error = relative_output_error(backend, w, wq.data(), out.rows, out.cols, h);
+}
+
+// The factor of h for solves of at most max_rows rows, placed for `held_through_check`: whether R stays allocated
+// while each solve measures its error (a shared factor) or is freed before (gptq_quantize: one linear alone, the
+// same placement as the solve without a factor).
+GptqFactor make_factor(Backend& primary, const float* h, int64_t cols, int64_t max_rows, const QuantConfig& config,
+                       bool held_through_check) {
+  validate(config);
+  PQ_REQUIRE(cols > 0 && max_rows > 0, "factor_hessian: the Hessian width and the rows must be positive, got ", cols,
+             " and ", max_rows);
+  PQ_REQUIRE(h != nullptr, "factor_hessian: no Hessian given");
+  GptqFactor f;
+  f.config = config;
+  f.cols = cols;
+  f.max_rows = max_rows;
+  f.damp_used = config.damp;
+  // fallback (3): a solve that does not fit the device budget runs on the host backend
+  size_t need = solve_bytes(max_rows, cols, group_count(cols, config.group_size));
+  if (held_through_check) need += sizeof(float) * static_cast<size_t>(cols) * static_cast<size_t>(cols);
+  f.backend = &solve_backend(primary, need, f.log);
+  if (f.backend != &primary) f.fallback = Fallback::kCpu;  // a damping or RTN fallback says more
+  // A non-finite Hessian cannot be fixed by damping: round to nearest right away.
+  if (!all_finite(h, cols * cols)) {
+    f.fallback = Fallback::kRtn;
+    f.log.push_back("Hessian has non-finite values, falling back to round-to-nearest");
+    return f;
+  }
+  f.plan = plan_columns(h, cols, config);
+  const auto t0 = std::chrono::steady_clock::now();
+  const Damping d = factor_with_damping(*f.backend, h, cols, config, f.plan, f.r, f.log);
+  f.damp_used = d.damp;
+  if (!d.factored) {
+    f.r.reset();
+    f.fallback = Fallback::kRtn;
+    f.seconds = seconds_since(t0);
+    return f;
+  }
+  f.r_diag = factor_diagonal(*f.backend, f.r, cols);
+  f.seconds = seconds_since(t0);
+  if (d.damp != config.damp) f.fallback = Fallback::kDamp;
+  return f;
+}
+
+// The checks of gptq_solve that gptq_quantize's own inputs pass by construction.
+void check_factor_matches(const GptqFactor& factor, int64_t rows, const float* h, const std::string& label) {
+  PQ_REQUIRE(h != nullptr, "gptq_solve: ", label, ": no Hessian given");
+  PQ_REQUIRE(rows <= factor.max_rows, "gptq_solve: ", label, ": ", rows,
+             " rows, but the factor was placed for at most ", factor.max_rows, " (factor_hessian's max_rows)");
+  // a cheap guard against a factor of another Hessian: diag(H) must be the one the plan was made from
+  const ColumnPlan& plan = factor.plan;
+  bool same = true;
+  for (int64_t i = 0; i < static_cast<int64_t>(plan.diag.size()) && same; ++i) {
+    const float d = h[i * factor.cols + i];
+    same = plan.dead[static_cast<size_t>(i)] ? d == 0.0f : d == plan.diag[static_cast<size_t>(i)];
+  }
+  PQ_REQUIRE(same, "gptq_solve: ", label, ": the Hessian is not the one the factor was made from (diagonals differ)");
 }
 
 }  // namespace
@@ -488,7 +546,7 @@ QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int
   const QuantGrid grid{config.bits, config.sym};
   const int64_t groups = group_count(cols, config.group_size);
   std::vector<std::string> moved;  // RTN is the baseline: where it ran is not a fallback of the layer
-  Backend& backend = solve_backend(primary, rows, cols, groups, "rtn", moved);
+  Backend& backend = solve_backend(primary, solve_bytes(rows, cols, groups), moved);
   QuantizedLinear out = empty_result(rows, cols, groups, config.bits);
   out.g_idx.resize(static_cast<size_t>(cols));
   for (int64_t k = 0; k < cols; ++k)
@@ -520,25 +578,37 @@ QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int
   return out;
 }
 
+GptqFactor factor_hessian(Backend& backend, const float* h, int64_t cols, int64_t max_rows, const QuantConfig& config) {
+  return make_factor(backend, h, cols, max_rows, config, true);
+}
+
+QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const float* h,
+                           const std::string& name) {
+  const std::string label = name.empty() ? std::string("linear") : name;
+  PQ_REQUIRE(factor.backend != nullptr, "gptq_solve: ", label, ": the factor is empty (moved from?)");
+  check_inputs(w, rows, factor.cols, factor.config);
+  check_factor_matches(factor, rows, h, label);
+  Backend& backend = *factor.backend;
+  if (factor.fallback == Fallback::kRtn)  // fallback (2)
+    return rtn_fallback(backend, w, rows, factor.cols, h, factor.config, factor.damp_used, labelled(factor.log, label));
+  QuantizedLinear out = solve_with_factor(factor, w, rows, label);
+  measure_error(backend, w, h, out);
+  return out;
+}
+
 QuantizedLinear gptq_quantize(Backend& primary, const float* w, int64_t rows, int64_t cols, const float* h,
                               const QuantConfig& config, const std::string& name) {
   check_inputs(w, rows, cols, config);
   PQ_REQUIRE(h != nullptr, "gptq_quantize: ", name, ": no Hessian given");
+  GptqFactor factor = make_factor(primary, h, cols, rows, config, false);
+  if (factor.fallback == Fallback::kRtn) return gptq_solve(factor, w, rows, h, name);
   const std::string label = name.empty() ? std::string("linear") : name;
-  // fallback (3): a solve that does not fit the device budget runs on the host backend
-  std::vector<std::string> moved;
-  Backend& backend = solve_backend(primary, rows, cols, group_count(cols, config.group_size), label, moved);
-  if (&backend != &primary) {
-    QuantizedLinear out = gptq_quantize(backend, w, rows, cols, h, config, name);
-    out.log.insert(out.log.begin(), moved.begin(), moved.end());
-    if (out.fallback == Fallback::kNone) out.fallback = Fallback::kCpu;  // a damping or RTN fallback says more
-    return out;
-  }
-  // A non-finite Hessian cannot be fixed by damping: round to nearest right away.
-  if (!all_finite(h, cols * cols))
-    return rtn_fallback(backend, w, rows, cols, h, config, config.damp,
-                        {label + ": Hessian has non-finite values, falling back to round-to-nearest"});
-  return gptq_solve(backend, w, rows, cols, h, config, label);
+  QuantizedLinear out = solve_with_factor(factor, w, rows, label);
+  out.solve_seconds += factor.seconds;
+  Backend& backend = *factor.backend;
+  factor.r.reset();  // one linear alone: R goes before the error check, as make_factor's placement counted
+  measure_error(backend, w, h, out);
+  return out;
 }
 
 }  // namespace pipequant

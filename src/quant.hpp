@@ -49,15 +49,58 @@ struct QuantizedLinear {
   double damp_used = 0.0;      // relative damping finally used
   Fallback fallback = Fallback::kNone;
   double relative_error = 0.0;   // ||(W - Q) X||^2 / ||W X||^2, from the undamped Hessian
-  double solve_seconds = 0.0;    // time inside the quantizer proper (factorization + column loop)
+  double solve_seconds = 0.0;    // time inside the quantizer proper: the column loop, plus the factorization when
+                                 // gptq_quantize made it for this linear alone (a shared GptqFactor has its own)
   std::vector<std::string> log;  // one line per fallback step taken
   // W~ [rows, cols] = scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n])
   std::vector<float> dequantize() const;
 };
 
+// Where each input column goes in a GPTQ solve; a function of diag(H) and the QuantConfig.
+struct GptqColumnPlan {
+  std::vector<float> diag;        // [cols] diag(H) with the dead entries set to 1
+  std::vector<char> dead;         // [cols]: 1 for an input never active in the calibration data (H[i, i] = 0)
+  std::vector<int64_t> perm;      // [cols] processing position -> input column (act-order: decreasing diag(H))
+  std::vector<int32_t> param_of;  // [cols] processing position -> scale/zero table entry
+  bool tables_up_front = false;   // per-row or static-group tables, computed from W before the column loop
+};
+
+// Everything GPTQ derives from one Hessian alone, computed once for the linears that share it (a linear group:
+// {q,k,v}, {o}, {gate,up}, {down}): the column plan, the damped factor with its retries, the fallback, and the
+// backend it lives on. What depends on W (the tables of per-row and static groups, W's dead columns zeroed) is
+// done per linear by gptq_solve. Move-only: R is backend memory, freed with the factor.
+struct GptqFactor {
+  QuantConfig config;                   // the settings it was made with; the solves use them
+  int64_t cols = 0;                     // K: H is [cols, cols]
+  int64_t max_rows = 0;                 // the most rows a solve with it may have (its placement counted on them)
+  kernels::Backend* backend = nullptr;  // where R lives and the solves run: the given backend or its host fallback
+  GptqColumnPlan plan;                  // empty when H is not finite
+  kernels::Buffer<float> r;             // R [cols, cols] upper triangular, H_damped = R R^T in processing order
+                                        // (Backend::reverse_cholesky); empty when fallback is kRtn
+  std::vector<float> r_diag;            // [cols] R[j, j]
+  double damp_used = 0.0;               // the relative damping that worked (kRtn: the last one tried)
+  Fallback fallback = Fallback::kNone;  // kDamp, kRtn; else kCpu when placed on the host fallback; else kNone
+  std::vector<std::string> log;         // the fallback steps taken, each without a linear's name ("Cholesky ...");
+                                        // every solve logs them as "<its name>: <line>"
+  double seconds = 0.0;                 // damping, upload and factorization, all tries
+};
+
+// The factor of h [cols, cols] (undamped; not modified) for solves of at most max_rows rows each, run one after
+// another while the factor is held. It is placed on `backend` when R, the largest solve and its error check fit
+// the backend's free budget, on its host fallback otherwise (fallback 3). A non-finite H or a Cholesky that fails
+// after config.damp_retries retries gives fallback kRtn and no R. Throws UserError for a bad config or shape.
+GptqFactor factor_hessian(kernels::Backend& backend, const float* h, int64_t cols, int64_t max_rows,
+                          const QuantConfig& config);
+// GPTQ of W [rows, factor.cols] with a factor of h (the same Hessian, for the error check and the RTN fallback):
+// bit-identical to gptq_quantize on the same inputs. `log` holds the factor's lines, each labelled `name`.
+QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const float* h,
+                           const std::string& name = "");
+
 // h: the Hessian [cols, cols] = (2/n) sum x x^T over calibration tokens (undamped; not modified).
 // Handles dead columns, act-order, static groups, ragged last group, and the damping fallback chain
 // (damp x10 retries, then RTN), each step logged in `log`. `name` labels log lines.
+// factor_hessian and gptq_solve for one linear; R is freed before the error check, so the placement needs no
+// more than the solve of this one linear.
 QuantizedLinear gptq_quantize(kernels::Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
                               const QuantConfig& config, const std::string& name = "");
 // Round to nearest with the same grid and groups; h (may be null) is only used for relative_error.

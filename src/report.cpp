@@ -54,7 +54,9 @@ void stage_fields(Metrics& m, F&& f) {
   f("transport_bytes", m.transport_bytes);
   f("transport_s", m.transport_seconds);
   f("hdf5_bytes", m.hdf5_bytes);
+  f("hdf5_rank_bytes", m.hdf5_rank_bytes);
   f("peak_host_bytes", m.peak_host_bytes);
+  f("planned_host_peak_bytes", m.planned_host_peak_bytes);
   f("peak_device_bytes", m.peak_device_bytes);
   f("peak_device_forward_bytes", m.peak_device_forward_bytes);
   f("peak_device_solve_bytes", m.peak_device_solve_bytes);
@@ -79,7 +81,8 @@ std::string sci(double v) {
 }
 
 // The metrics file's record of a stage: its figures with the transport and HDF5 rates; its linears have records
-// of their own, and the rate stands for the transport seconds (as the file has always had it).
+// of their own, and the rate stands for the transport seconds (as the file has always had it). The measured host peak
+// and the plan's estimate of it also in GB, side by side.
 nlohmann::json stage_record(const StageMetrics& s) {
   nlohmann::json j = to_json(s);
   j.erase("linears");
@@ -87,6 +90,8 @@ nlohmann::json stage_record(const StageMetrics& s) {
   j["record"] = "stage";
   j["transport_GBps"] = transport_gbps(s);
   j["hdf5_GBps"] = hdf5_gbps(s);
+  j["host_peak_gb"] = s.peak_host_bytes / 1e9;
+  j["planned_host_peak_gb"] = s.planned_host_peak_bytes / 1e9;
   return j;
 }
 
@@ -131,21 +136,34 @@ void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, con
   os << "\n== pipequant report: method " << method << ", propagation " << propagation << ", backend " << backend
      << " (seconds; GB = 1e9 bytes) ==\n";
   // one column per figure, each as wide as its widest cell
-  const std::vector<std::string> head = {"stage",        "ranks",       "blocks",     "load",        "fwd+hess",
-                                         "solve",        "pack+write",  "wait",       "total",       "busy from",
-                                         "busy until",   "xport GB",    "xport GB/s", "h5 GB",       "h5 GB/s",
-                                         "host peak GB", "dev peak GB", "dev fwd GB", "dev solve GB"};
+  const std::vector<std::string> head = {"stage",        "ranks",        "blocks",      "load",       "fwd+hess",
+                                         "solve",        "pack+write",   "wait",        "total",      "busy from",
+                                         "busy until",   "xport GB",     "xport GB/s",  "h5 GB",      "h5 GB/s",
+                                         "host peak GB", "host plan GB", "dev peak GB", "dev fwd GB", "dev solve GB"};
   std::vector<std::vector<std::string>> rows;
   for (const auto& s : stages) {
     const std::string blocks = s.blocks == 0
                                    ? std::string("-")
                                    : std::to_string(s.first_block) + "-" + std::to_string(s.first_block + s.blocks - 1);
-    rows.push_back({std::to_string(s.stage), std::to_string(s.ranks), blocks, fixed(s.load_seconds, 2),
-                    fixed(s.forward_seconds, 2), fixed(s.solve_seconds, 2), fixed(s.write_seconds, 2),
-                    fixed(s.wait_seconds, 2), fixed(s.total_seconds, 2), fixed(s.busy_from_seconds, 2),
-                    fixed(s.busy_until_seconds, 2), fixed(s.transport_bytes / 1e9, 4), fixed(transport_gbps(s), 2),
-                    fixed(s.hdf5_bytes / 1e9, 4), fixed(hdf5_gbps(s), 3), fixed(s.peak_host_bytes / 1e9, 3),
-                    fixed(s.peak_device_bytes / 1e9, 3), fixed(s.peak_device_forward_bytes / 1e9, 3),
+    rows.push_back({std::to_string(s.stage),
+                    std::to_string(s.ranks),
+                    blocks,
+                    fixed(s.load_seconds, 2),
+                    fixed(s.forward_seconds, 2),
+                    fixed(s.solve_seconds, 2),
+                    fixed(s.write_seconds, 2),
+                    fixed(s.wait_seconds, 2),
+                    fixed(s.total_seconds, 2),
+                    fixed(s.busy_from_seconds, 2),
+                    fixed(s.busy_until_seconds, 2),
+                    fixed(s.transport_bytes / 1e9, 4),
+                    fixed(transport_gbps(s), 2),
+                    fixed(s.hdf5_bytes / 1e9, 4),
+                    fixed(hdf5_gbps(s), 3),
+                    fixed(s.peak_host_bytes / 1e9, 3),
+                    fixed(s.planned_host_peak_bytes / 1e9, 3),
+                    fixed(s.peak_device_bytes / 1e9, 3),
+                    fixed(s.peak_device_forward_bytes / 1e9, 3),
                     fixed(s.peak_device_solve_bytes / 1e9, 3)});
   }
   std::vector<size_t> width(head.size());

@@ -44,7 +44,9 @@ struct StageMetrics {
   uint64_t transport_bytes = 0;
   double transport_seconds = 0.0;
   uint64_t hdf5_bytes = 0;
+  std::vector<uint64_t> hdf5_rank_bytes;  // what each rank of the stage group wrote of them, in member order
   uint64_t peak_host_bytes = 0;
+  uint64_t planned_host_peak_bytes = 0;  // the planner's estimate of peak_host_bytes (src/planner.hpp)
   uint64_t peak_device_bytes = 0;
   // the backend's high-water marks in the forward + Hessian phase and in the solve (GPTQ/RTN, errors)
   uint64_t peak_device_forward_bytes = 0;

@@ -22,14 +22,6 @@ std::string shard_file(int stage, int stages) {
   return buf;
 }
 
-uint64_t block_source_bytes(const io::Checkpoint& ckpt, int64_t block) {
-  uint64_t bytes = 0;
-  const std::string prefix = block_prefix(block);
-  for (const auto& name : ckpt.names())
-    if (name.rfind(prefix, 0) == 0) bytes += ckpt.info(name).nbytes;
-  return bytes;
-}
-
 Samples load_calibration(const QuantizeOptions& opt, const io::ModelConfig& config) {
   const io::TokenFile file = io::read_tokens(opt.calib_path);
   check_vocab(file, config.vocab_size, config.path);
@@ -46,10 +38,7 @@ Plan make_quantize_plan(const QuantizeOptions& opt, const io::ModelConfig& confi
                         const Samples& calib) {
   PlanInputs in;
   in.config = config;
-  for (int64_t b = 0; b < config.num_layers; ++b) in.block_bytes.push_back(block_source_bytes(ckpt, b));
-  in.embedding_bytes = ckpt.info("model.embed_tokens.weight").nbytes;
-  in.head_bytes = ckpt.info("model.norm.weight").nbytes +
-                  (ckpt.has("lm_head.weight") && !config.tie_word_embeddings ? ckpt.info("lm_head.weight").nbytes : 0);
+  add_checkpoint_sizes(in, ckpt);
   in.world = world_size();
   in.ranks_per_stage = opt.ranks_per_stage;
   in.blocks_per_stage = opt.blocks_per_stage;
@@ -58,6 +47,10 @@ Plan make_quantize_plan(const QuantizeOptions& opt, const io::ModelConfig& confi
   in.micro_batch = opt.run.micro_batch;
   in.fp_propagation = opt.propagation == Propagation::kFp;
   in.fp_resident_bytes = opt.fp_resident_bytes;
+  in.backend = opt.run.backend;
+  in.compute_dtype = opt.run.compute_dtype;
+  in.group_size = opt.quant.group_size;
+  in.budgets = {opt.host_mem_gb, opt.run.gpu_mem_gb};
   return make_plan(in);
 }
 
@@ -119,6 +112,7 @@ StageWorker::StageWorker(const QuantizeOptions& options)
   validate(opt_.quant);
   PQ_REQUIRE(opt_.run.micro_batch > 0, "--micro-batch must be positive");
   validate_checkpoint(ckpt_, config_);
+  config_.check_seq_len(opt_.seq_len);
   calib_ = load_calibration(opt_, config_);
   plan_ = make_quantize_plan(opt_, config_, ckpt_, calib_);
 }
@@ -142,6 +136,7 @@ bool StageWorker::prepare() {
     std::fputs(os.str().c_str(), stdout);
     std::fflush(stdout);
   }
+  check_plan_fits(plan_);  // --host-mem, --gpu-mem: a plan that does not fit is refused before any work
   if (opt_.dry_run) return false;
   group_ = std::make_unique<comm::StageGroup>(opt_.ranks_per_stage);
   decide_resume();
@@ -194,6 +189,7 @@ void StageWorker::open_stage() {
   metrics_.ranks = group_->size();
   metrics_.first_block = sp.first_block;
   metrics_.blocks = sp.blocks;
+  metrics_.planned_host_peak_bytes = sp.host_bytes;
 }
 
 StageContext StageWorker::context() {
@@ -255,13 +251,14 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b, const BlockWeights&
   GroupErrors errors{};
   shard_->begin_block(b);
   for (int g = 0; g < kLinearGroups; ++g) {
-    auto t0 = Clock::now();
+    const auto t0 = Clock::now();
     const std::vector<float> h = group_hessian(g);
     metrics_.forward_seconds += seconds_since(t0);
     note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
+    const std::optional<GptqFactor> factor = group_factor(g, weights, h);
     for (int i = 0; i < kLinearCount; ++i) {
       if (kLinears[static_cast<size_t>(i)].group != g) continue;
-      const double e = quantize_linear(b, i, weights.linears[static_cast<size_t>(i)], h);
+      const double e = quantize_linear(b, i, weights.linears[static_cast<size_t>(i)], h, factor ? &*factor : nullptr);
       errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], e);
     }
   }
@@ -270,6 +267,24 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b, const BlockWeights&
   shard_->mark_complete(b);
   metrics_.write_seconds += seconds_since(t0);
   return errors;
+}
+
+// GPTQ: the group's linears share H, so they share its factor, made once (sized for the most rows this rank solves
+// of one of them) and freed when the group is done. RTN needs none.
+std::optional<GptqFactor> StageWorker::group_factor(int g, const BlockWeights& weights, const std::vector<float>& h) {
+  if (opt_.quant.method != Method::kGptq) return std::nullopt;
+  const auto t0 = Clock::now();
+  int64_t cols = 0, rows = 0;
+  for (int i = 0; i < kLinearCount; ++i) {
+    if (kLinears[static_cast<size_t>(i)].group != g) continue;
+    const Linear& lin = weights.linears[static_cast<size_t>(i)];
+    const auto [r0, r1] = group_->owned_range(lin.out);
+    cols = lin.in;
+    rows = std::max(rows, r1 - r0);
+  }
+  std::optional<GptqFactor> factor = factor_hessian(*backend_, h.data(), cols, rows, opt_.quant);
+  metrics_.solve_seconds += seconds_since(t0);
+  return factor;
 }
 
 // H of linear group g over the whole stage group's samples (each rank accumulates its own, in global sample order).
@@ -286,8 +301,10 @@ std::vector<float> StageWorker::group_hessian(int g) {
 }
 
 // Quantizes linear `index` of block b (this rank's rows, then gathered), writes it, records it and, with quantized
-// propagation, puts its quantized weights into the block. Returns its relative error.
-double StageWorker::quantize_linear(int64_t b, int index, const Linear& lin, const std::vector<float>& h) {
+// propagation, puts its quantized weights into the block. `factor`: its group's GPTQ factor of h (null with RTN).
+// Returns its relative error.
+double StageWorker::quantize_linear(int64_t b, int index, const Linear& lin, const std::vector<float>& h,
+                                   const GptqFactor* factor) {
   const char* module = kLinears[static_cast<size_t>(index)].module;
   const QuantConfig& q = opt_.quant;
   auto t0 = Clock::now();
@@ -295,7 +312,8 @@ double StageWorker::quantize_linear(int64_t b, int index, const Linear& lin, con
   const auto [r0, r1] = group_->owned_range(lin.out);
   const float* w_rows = lin.w.data() + r0 * lin.in;
   const bool gptq = q.method == Method::kGptq;
-  QuantizedLinear ql = gptq ? gptq_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q, block_prefix(b) + module)
+  PQ_ASSERT(!gptq || factor != nullptr, "quantize_linear: GPTQ without its group's factor");
+  QuantizedLinear ql = gptq ? gptq_solve(*factor, w_rows, r1 - r0, h.data(), block_prefix(b) + module)
                             : rtn_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q);
   QuantizedLinear rtn = gptq ? rtn_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q) : ql;
   const double solve_s = ql.solve_seconds;
@@ -369,6 +387,7 @@ std::vector<StageMetrics> StageWorker::finish() {
   write_model_tensors();
   shard_->close();
   metrics_.hdf5_bytes = shard_->bytes_written();
+  metrics_.hdf5_rank_bytes = bytes_per_member(shard_->rank_bytes_written());
   metrics_.write_seconds += seconds_since(t0);
   metrics_.peak_device_bytes = std::max<uint64_t>(metrics_.peak_device_bytes, backend_->peak_bytes());
   metrics_.peak_host_bytes = peak_host_bytes();
@@ -378,6 +397,14 @@ std::vector<StageMetrics> StageWorker::finish() {
   const std::vector<StageMetrics> stages = gather_metrics();
   if (world_root_) report(stages);
   return stages;
+}
+
+// Each member's value, in member order, on every member.
+std::vector<uint64_t> StageWorker::bytes_per_member(uint64_t mine) const {
+  std::vector<int64_t> all(static_cast<size_t>(group_->size()), 0);
+  all[static_cast<size_t>(group_->index())] = static_cast<int64_t>(mine);
+  group_->sum(all.data(), static_cast<int64_t>(all.size()));
+  return {all.begin(), all.end()};
 }
 
 // Every stage root's metrics, on world rank 0 in stage order.

@@ -66,11 +66,14 @@ class StageWorker {
   GroupErrors solve_block(int64_t b, const BlockWeights& weights);
   GroupErrors replay_resumed_block(int64_t b);
   std::vector<float> group_hessian(int group);
-  double quantize_linear(int64_t b, int index, const Linear& linear, const std::vector<float>& h);
+  std::optional<GptqFactor> group_factor(int group, const BlockWeights& weights, const std::vector<float>& h);
+  double quantize_linear(int64_t b, int index, const Linear& linear, const std::vector<float>& h,
+                         const GptqFactor* factor);
   void write_block_tensors(int64_t b);
   void post_progress(int64_t b, double seconds, const GroupErrors& errors);
 
   void write_model_tensors();
+  std::vector<uint64_t> bytes_per_member(uint64_t mine) const;
   std::vector<StageMetrics> gather_metrics() const;
   void report(const std::vector<StageMetrics>& stages);
 

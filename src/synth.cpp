@@ -119,6 +119,8 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
   c.rope_theta = 10000.0;
   c.rms_norm_eps = 1e-5;
   c.tie_word_embeddings = o.tie_word_embeddings;
+  c.attention_bias = o.attention_bias;
+  c.mlp_bias = o.mlp_bias;
   c.torch_dtype = dt.torch_dtype;
   const std::string config_path = (fs::path(o.out_dir) / "config.json").string();
   {
@@ -152,6 +154,22 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
   }
   add("model.norm.weight", {h}, 1.0, 0.02);
   if (!o.tie_word_embeddings) add("lm_head.weight", {o.vocab_size, h}, 0.0, lin_h);
+  // Biases come last, so that each weight keeps its stream (the same weights as without biases for a seed); a std
+  // of 0.1 against outputs of O(1) moves the model measurably.
+  for (int64_t b = 0; b < o.num_layers; ++b) {
+    const std::string p = "model.layers." + std::to_string(b) + ".";
+    if (o.attention_bias) {
+      add(p + "self_attn.q_proj.bias", {q_out}, 0.0, 0.1);
+      add(p + "self_attn.k_proj.bias", {kv_out}, 0.0, 0.1);
+      add(p + "self_attn.v_proj.bias", {kv_out}, 0.0, 0.1);
+      add(p + "self_attn.o_proj.bias", {h}, 0.0, 0.1);
+    }
+    if (o.mlp_bias) {
+      add(p + "mlp.gate_proj.bias", {inter}, 0.0, 0.1);
+      add(p + "mlp.up_proj.bias", {inter}, 0.0, 0.1);
+      add(p + "mlp.down_proj.bias", {h}, 0.0, 0.1);
+    }
+  }
 
   std::vector<io::TensorSpec> specs;
   for (const auto& t : tensors) specs.push_back(t.spec);

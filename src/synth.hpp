@@ -18,6 +18,8 @@ struct SynthOptions {
   std::string dtype = "bf16";  // bf16 | fp16 | fp32
   uint64_t seed = 0;
   bool tie_word_embeddings = false;
+  bool attention_bias = false;  // q, k, v and o_proj get random biases (config attention_bias true)
+  bool mlp_bias = false;        // gate, up and down_proj get random biases (config mlp_bias true)
 };
 
 // Writes out_dir/config.json and out_dir/model.safetensors (creating out_dir). The same options give the

@@ -111,6 +111,36 @@ cases.append(("config with fewer layers than the checkpoint", quantize_args(m),
               ["model.layers.4.", "num_hidden_layers", "config.json"]))
 m = model_copy("config-bad-field", edit_config=lambda c: c.update(num_attention_heads="eight"))
 cases.append(("config field of the wrong type", quantize_args(m), ["config.json", "num_attention_heads"]))
+
+
+def add_tensor(name, shape):  # the checkpoint with one more F32 tensor of 0.5s at the end of its data
+    def f(h, d):
+        h = dict(h)
+        h[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(d), len(d) + 4 * int(np.prod(shape))]}
+        raw = json.dumps(h).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + d + np.full(shape, 0.5, np.float32).tobytes()
+    return f
+
+
+# models the forward does not compute exactly are refused, never run as Llama
+QNORM = "model.layers.2.self_attn.q_norm.weight"
+m = model_copy("qwen3-q-norm", raw=add_tensor(QNORM, [8]))
+cases.append(("a tensor the block does not use (Qwen3 q_norm)", quantize_args(m), ["model.safetensors", QNORM,
+                                                                                  "not used"]))
+m = model_copy("unannounced-bias", raw=add_tensor("model.layers.0.self_attn.o_proj.bias", [64]))
+cases.append(("a bias the config does not announce", quantize_args(m),
+              ["model.layers.0.self_attn.o_proj.bias", "config.json", "attention_bias"]))
+m = model_copy("sliding-window", edit_config=lambda c: c.update(sliding_window=64))
+cases.append(("sliding_window below --seq-len", quantize_args(m), ["config.json", "sliding_window", "--seq-len 128"]))
+cases.append(("eval: sliding_window below --seq-len", ["eval", "--model", m, "--tokens",
+                                                       pq.testdata("text/tinystories_eval.tok512.npy"), "--seq-len",
+                                                       256], ["config.json", "sliding_window", "--seq-len 256"]))
+m = model_copy("unknown-architecture", edit_config=lambda c: c.update(architectures=["Qwen3ForCausalLM"]))
+cases.append(("unknown architecture", quantize_args(m), ["config.json", "architectures", "Qwen3ForCausalLM"]))
+m = model_copy("no-architectures-qwen3", edit_config=lambda c: (c.pop("architectures"), c.update(model_type="qwen3")))
+cases.append(("no architectures, model_type of another model", quantize_args(m),
+              ["config.json", "architectures", "model_type", "qwen3"]))
 bad_ids = calib_ids.copy()
 bad_ids[100] = 600
 cases.append(("token id >= vocab", quantize_args(calib=tokens("ids-too-big.npy", bad_ids)),

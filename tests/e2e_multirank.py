@@ -51,6 +51,11 @@ for mode in ("quantized", "fp"):
             results.append((f"{mode} np {ranks} stage {st['stage']}: device peaks forward {fwd}, solve {solve} "
                             f"(>= {4 * widest ** 2}), overall {peak}",
                             fwd > 0 and solve >= 4 * widest ** 2 and peak == max(fwd, solve)))
+            # parallel HDF5: every rank of the stage group writes its own slice of the shard
+            parts = st["hdf5_rank_bytes"]
+            results.append((f"{mode} np {ranks} stage {st['stage']}: HDF5 bytes per rank {parts} add up to "
+                            f"{st['hdf5_bytes']}, every rank wrote", len(parts) == per_stage
+                            and sum(parts) == st["hdf5_bytes"] and min(parts) > 0))
     ref = outs[(1, 1, True)]
     for key, out in outs.items():
         if key == (1, 1, True):
@@ -72,6 +77,13 @@ for mode in ("quantized", "fp"):
 p = pq.run(["bench", "transport", "--min-bytes", 1024, "--max-bytes", 1 << 20, "--iters", 5, "--warmup", 1], np=2)
 rows = [l for l in p.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+float", l)]
 results.append((f"bench transport: {len(rows)} size rows, validation OK", len(rows) == 11 and "OK" in p.stdout))
+print(p.stdout)
+
+# the HDF5 benchmark: each rank writes its slice through the shard writer, rank 0 reads it back and checks it
+p = pq.run(["bench", "hdf5", "--dir", work, "--mib", 8, "--reps", 2], np=2)
+rows = [l.split() for l in p.stdout.splitlines() if re.match(r"^(write|read)\s+\d", l)]
+results.append((f"bench hdf5: {len(rows)} rows (write/read x 2), validation OK, positive bandwidths",
+                len(rows) == 4 and "OK" in p.stdout and all(float(r[1]) > 0 for r in rows)))
 print(p.stdout)
 
 # the Hessian benchmark checks its own result (H[0, 0]) and prints a row per width next to the sgemm rate

@@ -88,7 +88,8 @@ TEST(Cli, RunOptionsAndInputPathsLeaveTheFingerprintAlone) {
                                      {"--metrics", "m.jsonl"},
                                      {"--overwrite"},
                                      {"--dry-run"},
-                                     {"--fp-resident-gb", "1"}};
+                                     {"--fp-resident-gb", "1"},
+                                     {"--host-mem", "64"}};
   for (const Args& change : changes) {
     const QuantizeOptions o = parse(quantize_args(change));
     EXPECT_EQ(o.fingerprint_args_json, base.fingerprint_args_json) << change[0];
@@ -122,6 +123,8 @@ TEST(Cli, TypedOptions) {
   EXPECT_TRUE(o.quant.sym);
   EXPECT_EQ(o.run.threads, 5);
   EXPECT_EQ(o.fp_resident_bytes, uint64_t{2000000000});
+  EXPECT_EQ(o.host_mem_gb, 0.0) << "not checked unless given";
+  EXPECT_EQ(parse(quantize_args({"--host-mem", "96.5"})).host_mem_gb, 96.5);
   EXPECT_FALSE(parse_quantize_options({"--help"}).has_value());  // help: nothing to run, no option required
 }
 
@@ -155,6 +158,51 @@ TEST(Cli, OtherBadOptionsSayWhatWasExpected) {
   EXPECT_NE(error_of({"--model", "m", "--calib", "c", "--out", "o"}).find("'--seq-len' is required"),
             std::string::npos);
   EXPECT_NE(error_of(quantize_args({"--transport", "mpi"})).find("transport"), std::string::npos);  // no such option
+  EXPECT_NE(error_of(quantize_args({"--host-mem", "-1"})).find("--host-mem must be >= 0"), std::string::npos);
+}
+
+std::string plan_error_of(const Args& args) {
+  try {
+    parse_plan_options(args);
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Cli, PlanOptions) {
+  const auto o = parse_plan_options(
+      {"--model",    "/models/m", "--world",       "64", "--ranks-per-stage", "2",   "--seq-len",        "2048",
+       "--nsamples", "256",       "--micro-batch", "2",  "--propagation",     "fp",  "--fp-resident-gb", "8",
+       "--backend",  "cuda",      "--gpu-mem",     "80", "--host-mem",        "512", "--json",           "--verbose"});
+  ASSERT_TRUE(o.has_value());
+  EXPECT_EQ(o->model_dir, "/models/m");
+  EXPECT_EQ(o->world, 64);
+  EXPECT_EQ(o->ranks_per_stage, 2);
+  EXPECT_EQ(o->seq_len, 2048);
+  EXPECT_EQ(o->nsamples, 256);
+  EXPECT_EQ(o->run.micro_batch, 2);
+  EXPECT_EQ(o->propagation, Propagation::kFp);
+  EXPECT_EQ(o->fp_resident_bytes, uint64_t{8000000000});
+  EXPECT_EQ(o->run.backend, BackendKind::kCuda);
+  EXPECT_EQ(o->run.gpu_mem_gb, 80.0);
+  EXPECT_EQ(o->host_mem_gb, 512.0);
+  EXPECT_TRUE(o->json);
+  EXPECT_TRUE(o->verbose);
+  // the defaults: the ranks running it (1 here), quantize's 128 samples at most, no budget, the table
+  const auto d = parse_plan_options({"--model", "m", "--seq-len", "128"});
+  ASSERT_TRUE(d.has_value());
+  EXPECT_EQ(d->world, 1);
+  EXPECT_EQ(d->nsamples, 128);
+  EXPECT_EQ(d->host_mem_gb, 0.0);
+  EXPECT_FALSE(d->json);
+  EXPECT_FALSE(parse_plan_options({"--help"}).has_value());
+  EXPECT_NE(plan_error_of({"--model", "m"}).find("'--seq-len' is required"), std::string::npos);
+  EXPECT_NE(plan_error_of({"--seq-len", "8"}).find("'--model' is required"), std::string::npos);
+  EXPECT_NE(plan_error_of({"--model", "m", "--seq-len", "8", "--world", "0"}).find("--world must be positive"),
+            std::string::npos);
+  EXPECT_EQ(plan_error_of({"--model", "m", "--seq-len", "8", "--backend", "tpu"}),
+            "--backend: expected auto, cpu or cuda, got 'tpu'");
 }
 
 }  // namespace

@@ -229,6 +229,88 @@ TEST(ModelConfigBad, WrongArchitecture) {
   expect_bad(j, "architectures", {"a list"});
 }
 
+TEST(ModelConfigBad, ArchitectureListNamingAnotherModel) {
+  json j = base();
+  // every entry counts, not the first known one
+  j["architectures"] = json::array({"LlamaForCausalLM", "Qwen3ForCausalLM"});
+  expect_bad(j, "architectures", {"LlamaForCausalLM", "Qwen3ForCausalLM"});
+  j["architectures"] = json::array();
+  expect_bad(j, "architectures", {"a list such as"});
+  // Mixtral's blocks are experts, not the Llama MLP (the shared checkpoint keeps this message)
+  expect_user_error([] { ModelConfig::load(testdata("mixtral-tiny")); },
+                    {"mixtral-tiny/config.json", "field architectures", "a Llama-layout model", "MixtralForCausalLM"});
+}
+
+TEST(ModelConfig, ModelTypeWithoutArchitectures) {
+  json j = base();
+  j.erase("architectures");
+  j["model_type"] = "llama";
+  EXPECT_EQ(ModelConfig::from_json(j, "cfg.json").architecture, "LlamaForCausalLM");
+  j["model_type"] = "mistral";
+  EXPECT_EQ(ModelConfig::from_json(j, "cfg.json").architecture, "MistralForCausalLM");
+}
+
+TEST(ModelConfigBad, ModelTypeOfAnotherModel) {
+  json j = base();
+  j.erase("architectures");
+  j["model_type"] = "qwen3";  // a relabelled Qwen3 without architectures is not taken for Llama
+  expect_bad(j, "architectures", {"missing", "field model_type \"qwen3\"", "\"llama\""});
+  j = base();
+  j["model_type"] = "qwen3";  // architectures says Llama, model_type another model: the loaders disagree
+  expect_bad(j, "model_type", {"\"llama\"", "LlamaForCausalLM", "got \"qwen3\""});
+  j["architectures"] = {"MistralForCausalLM"};
+  j["model_type"] = "llama";
+  expect_bad(j, "model_type", {"\"mistral\"", "MistralForCausalLM"});
+}
+
+TEST(ModelConfig, BiasesAsTransformersReadsThem) {
+  json j = base();
+  j["attention_bias"] = true;
+  j["mlp_bias"] = true;
+  ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_TRUE(c.attention_bias);
+  EXPECT_TRUE(c.mlp_bias);
+  EXPECT_TRUE(ModelConfig::from_json(c.to_json(), "out.json").attention_bias);
+  // Mistral's linears have no bias whatever the file says; bias tensors are then refused by the checkpoint check
+  j["architectures"] = {"MistralForCausalLM"};
+  c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_FALSE(c.mlp_bias);
+}
+
+TEST(ModelConfig, SlidingWindow) {
+  json j = base();
+  ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_NO_THROW(c.check_seq_len(1 << 20));
+  j["sliding_window"] = nullptr;  // Mistral v0.2 and later
+  EXPECT_EQ(ModelConfig::from_json(j, "cfg.json").sliding_window, 0);
+  j["sliding_window"] = 4096;  // Mistral v0.1
+  c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.sliding_window, 4096);
+  EXPECT_NO_THROW(c.check_seq_len(4096));  // every position still sees the whole sequence
+  EXPECT_NO_THROW(c.check_seq_len(2048));
+  expect_user_error([&] { c.check_seq_len(4097); },
+                    {"cfg.json", "field sliding_window", "--seq-len 4097", "got 4096", "--seq-len 4096 or less"});
+  j["use_sliding_window"] = false;  // Qwen2-style switch: the window is off
+  c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_NO_THROW(c.check_seq_len(8192));
+  j["use_sliding_window"] = true;
+  EXPECT_EQ(ModelConfig::from_json(j, "cfg.json").sliding_window, 4096);
+}
+
+TEST(ModelConfigBad, SlidingWindowFields) {
+  json j = base();
+  j["sliding_window"] = "4096";
+  expect_bad(j, "sliding_window", {"positive integer", "got \"4096\""});
+  j["sliding_window"] = 0;
+  expect_bad(j, "sliding_window", {"positive integer", "got 0"});
+  j["sliding_window"] = 64;
+  j["use_sliding_window"] = "no";
+  expect_bad(j, "use_sliding_window", {"true or false"});
+}
+
 TEST(ModelConfigBad, HiddenActNotSilu) {
   json j = base();
   j["hidden_act"] = "gelu";

@@ -273,6 +273,41 @@ TEST(ShardIo, WritesAreCollectiveAndTheCauseIsQueried) {
   expect_same(r.read_linear(0, f.linears[0][1].module), f.linears[0][1]);
 }
 
+// Every rank of the communicator writes its own contiguous slice of the rows of every dataset: the slices add up to
+// the whole, each rank's is its share (within a row of each dataset), and with 2 or more ranks no rank writes it all.
+TEST(ShardIo, EachRankWritesItsOwnSlice) {
+  const SharedDir scratch("slices");
+  const std::string& dir = scratch;
+  const Fixture f = make_fixture();
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  uint64_t mine = 0, total = 0;
+  {
+    ShardWriter w(dir + "/shard.h5", MPI_COMM_WORLD, false);
+    write_fixture(w, f, 0, 2, true);
+    mine = w.rank_bytes_written();
+    total = w.bytes_written();
+    w.close();
+  }
+  EXPECT_EQ(total, fixture_bytes(f));
+  uint64_t sum = 0, largest = 0;
+  MPI_Allreduce(&mine, &sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(&mine, &largest, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD);
+  EXPECT_EQ(sum, total);
+  EXPECT_GT(mine, 0u) << "rank " << rank << " wrote nothing";
+  if (size > 1) {
+    EXPECT_LT(largest, total) << "one rank wrote everything";
+  }
+  barrier();
+  ShardReader r(dir + "/shard.h5");
+  for (int64_t b = 0; b < 2; ++b) {
+    for (const auto& l : f.linears[static_cast<size_t>(b)]) expect_same(r.read_linear(b, l.module), l);
+    EXPECT_EQ(r.verify_block(b), std::vector<std::string>{});
+  }
+  EXPECT_EQ(r.verify_tensors(), std::vector<std::string>{});
+}
+
 TEST(ShardIo, BlockWithoutMarkCompleteReadsIncompleteAndResumeReplacesIt) {
   const SharedDir scratch("incomplete");
   const std::string& dir = scratch;

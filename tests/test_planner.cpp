@@ -1,13 +1,17 @@
 // The planner: contiguous blocks per stage balanced by bytes (minimizing the largest stage), given per stage,
-// the stage groups of ranks, the memory estimate, and one clear error for each impossible layout.
+// the stage groups of ranks, the memory estimate term by term and phase by phase, the budgets and what would make a
+// plan fit them, the JSON of `pipequant plan`, and one clear error for each impossible layout.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "base/error.hpp"
+#include "comm/stage_group.hpp"
 #include "src/planner.hpp"
 
 namespace pipequant {
@@ -20,16 +24,31 @@ PlanInputs inputs(std::vector<uint64_t> block_bytes, int world, int ranks_per_st
   in.config.num_heads = 8;
   in.config.num_kv_heads = 4;
   in.config.head_dim = 32;
+  in.config.vocab_size = 1000;
   in.config.num_layers = static_cast<int64_t>(block_bytes.size());
   in.block_bytes = std::move(block_bytes);
   in.embedding_bytes = 1000;
   in.head_bytes = 10;
   in.world = world;
   in.ranks_per_stage = ranks_per_stage;
-  in.samples = 8;
+  in.samples = 16;
   in.seq_len = 128;
   in.micro_batch = 2;
+  in.backend = BackendKind::kCpu;
   return in;
+}
+
+// The bytes of a stage's term, or nothing when the stage has no such term.
+std::optional<uint64_t> term(const StagePlan& s, const std::string& name) {
+  for (const auto& t : s.terms)
+    if (t.name == name) return t.bytes;
+  return std::nullopt;
+}
+
+const MemoryTerm* find_term(const StagePlan& s, const std::string& name) {
+  for (const auto& t : s.terms)
+    if (t.name == name) return &t;
+  return nullptr;
 }
 
 std::vector<int64_t> counts(const Plan& p) {
@@ -102,6 +121,12 @@ TEST(Planner, BlocksPerStageGivenByTheUser) {
   EXPECT_EQ(counts(make_plan(in)), (std::vector<int64_t>{3, 3, 4}));
 }
 
+// The small config of inputs(): the seven linears' elements (q, o [256, 256]; k, v [128, 256]; gate, up [688, 256];
+// down [256, 688]) and one block's tensors in fp32 (the linears and two norms of 256).
+constexpr uint64_t kLinearElems = 2 * 256 * 256 + 2 * 128 * 256 + 3 * 688 * 256;
+constexpr uint64_t kBlockF32 = 4 * (kLinearElems + 2 * 256);
+constexpr uint64_t kK = 688;  // the widest Hessian: down_proj's in_features
+
 TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
   auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
   const Plan quantized = make_plan(in);
@@ -109,10 +134,14 @@ TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
   in.fp_resident_bytes = uint64_t{1} << 40;
   const Plan fp = make_plan(in);
   for (size_t s = 0; s < 2; ++s) {
-    EXPECT_EQ(fp.stages[s].host_bytes - quantized.stages[s].host_bytes, 2u * 3u * 1000000u)
-        << "fp32 copies of the stage's three blocks";
+    EXPECT_EQ(term(fp.stages[s], "fp_resident_blocks_fp32"), 3 * kBlockF32) << "fp32 copies of the stage's 3 blocks";
+    EXPECT_EQ(term(fp.stages[s], "fp_sent"), term(fp.stages[s], "activations")) << "the outputs sent on";
+    EXPECT_FALSE(term(fp.stages[s], "prefetched_block_fp32")) << "resident blocks are not read again";
+    EXPECT_FALSE(term(quantized.stages[s], "fp_resident_blocks_fp32"));
+    EXPECT_FALSE(term(quantized.stages[s], "fp_sent"));
+    EXPECT_EQ(term(quantized.stages[s], "prefetched_block_fp32"), kBlockF32);
+    EXPECT_GT(fp.stages[s].host_bytes, quantized.stages[s].host_bytes);
     EXPECT_EQ(fp.stages[s].device_bytes, quantized.stages[s].device_bytes);
-    EXPECT_GT(quantized.stages[s].host_bytes, 2u * 1000000u) << "at least two blocks' weights in fp32";
   }
   std::ostringstream os;
   print_plan(os, fp);
@@ -124,16 +153,252 @@ TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
 
 TEST(Planner, FpPropagationStreamsBlocksThatDoNotFit) {
   auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
-  const Plan quantized = make_plan(in);
   in.fp_propagation = true;
-  in.fp_resident_bytes = 2u * 3u * 1000000u - 1;  // one byte short of the stage's three blocks in fp32
+  in.fp_resident_bytes = 2u * 3u * 1000000u - 1;  // one byte short of the stage's three blocks counted in fp32
   const Plan fp = make_plan(in);
   for (size_t s = 0; s < 2; ++s) {
     EXPECT_EQ(fp.stages[s].fp_blocks, "streamed");
-    EXPECT_EQ(fp.stages[s].host_bytes, quantized.stages[s].host_bytes) << "one block at a time, as quantized mode";
+    EXPECT_FALSE(term(fp.stages[s], "fp_resident_blocks_fp32"));
+    EXPECT_EQ(term(fp.stages[s], "prefetched_block_fp32"), kBlockF32) << "one block read ahead, as quantized mode";
   }
+  EXPECT_TRUE(term(fp.stages[0], "fp_sent"));
+  EXPECT_FALSE(term(fp.stages[1], "fp_sent")) << "the streamed last stage sends nothing";
   in.fp_resident_bytes += 1;
   EXPECT_EQ(make_plan(in).stages[0].fp_blocks, "resident");
+}
+
+// quant.cpp's column loop of `rows` rows of a linear with `cols` inputs and groups of 128: w, wc, res fp32, codes,
+// the two tables, err2, param_of.
+uint64_t loop_bytes(uint64_t rows, uint64_t cols) {
+  const uint64_t groups = (cols + 127) / 128;
+  return 4 * (3 * rows * cols + 2 * rows * groups + rows + cols) + rows * cols;
+}
+
+TEST(PlannerMemory, EachTermIsSizedByItsFormula) {
+  const Plan p = make_plan(inputs(std::vector<uint64_t>(6, 1000000), 2));  // 2 stages x 3 blocks, D = 1
+  const StagePlan& s0 = p.stages[0];
+  const StagePlan& s1 = p.stages[1];
+  const uint64_t tokens = 16 * 128, mb_rows = 2 * 128;
+  for (const StagePlan* s : {&s0, &s1}) {
+    EXPECT_EQ(term(*s, "activations"), 4 * tokens * 256) << "x [samples * seq, hidden] fp32";
+    EXPECT_EQ(term(*s, "propagate_outputs"), 4 * tokens * 256);
+    EXPECT_EQ(term(*s, "hessian_sum_fp64"), 8 * kK * kK);
+    EXPECT_EQ(term(*s, "hessian_staging_fp32"), 4 * kK * kK);
+    EXPECT_EQ(term(*s, "hessian_fp32"), 4 * kK * kK);
+    EXPECT_EQ(term(*s, "hessian_partial_fp32"), 4 * kK * kK);
+    EXPECT_EQ(term(*s, "gptq_factor"), 4 * kK * kK) << "R of the widest group";
+    EXPECT_EQ(term(*s, "block_weights_fp32"), kBlockF32);
+    EXPECT_EQ(term(*s, "prefetched_block_fp32"), kBlockF32);
+    EXPECT_EQ(term(*s, "mapped_blocks"), 3000000u) << "the source bytes of the stage's blocks";
+    EXPECT_EQ(term(*s, "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16) << "fp32 linears, norms, rope";
+    EXPECT_EQ(term(*s, "runner_scratch"), 4 * mb_rows * (3 * 256 + 2 * 256 + 2 * 128 + 2 * 688));
+    // the largest column loop is down_proj's [256, 688] (gate and up [688, 256] hold a little less)
+    EXPECT_EQ(term(*s, "solve_working_set"), loop_bytes(256, kK));
+    EXPECT_GT(loop_bytes(256, kK), loop_bytes(688, 256));
+    // the largest error check: H [688, 688] with the stacked [W; W - Q] rows of down_proj (one chunk) and its product
+    EXPECT_EQ(term(*s, "error_check"), 4 * (kK * kK + 4 * 256 * kK));
+    EXPECT_EQ(term(*s, "error_check_staging"), 16 * 688 * 256 + 16 * 688) << "gate's chunk, product and row sums";
+    EXPECT_EQ(term(*s, "linear_results"), 6 * 688 * 256) << "two codes u8 and a dequantized fp32 of the largest";
+    for (const char* absent : {"group_sum_piece_fp64", "fp_sent", "fp_resident_blocks_fp32", "gptq_factor_host",
+                               "solve_working_set_host", "error_check_host", "half_gemm_widening"})
+      EXPECT_FALSE(term(*s, absent)) << absent;
+  }
+  EXPECT_EQ(term(s0, "embedding_fp32"), 4 * 1000 * 256u) << "the first stage embeds";
+  EXPECT_EQ(term(s0, "mapped_embedding"), 1000u);
+  EXPECT_FALSE(term(s1, "embedding_fp32"));
+  EXPECT_FALSE(term(s1, "mapped_embedding"));
+  // where the terms live
+  EXPECT_TRUE(find_term(s0, "hessian_partial_fp32")->backend);
+  EXPECT_FALSE(find_term(s0, "hessian_sum_fp64")->backend);
+  EXPECT_TRUE(find_term(s0, "hessian_fp32")->live_in(Phase::kSolve));
+  EXPECT_FALSE(find_term(s0, "hessian_sum_fp64")->live_in(Phase::kSolve));
+  EXPECT_TRUE(find_term(s0, "embedding_fp32")->live_in(Phase::kEmbed));
+  EXPECT_FALSE(find_term(s0, "embedding_fp32")->live_in(Phase::kInputs));
+}
+
+TEST(PlannerMemory, PhasePeaksSumTheLiveTermsAndTheCpuBackendIsHostMemory) {
+  auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  for (const BackendKind backend : {BackendKind::kCpu, BackendKind::kCuda}) {
+    in.backend = backend;
+    const Plan p = make_plan(in);
+    EXPECT_EQ(p.backend, backend);
+    for (const auto& s : p.stages) {
+      ASSERT_EQ(s.phases.size(), kPhases.size());
+      uint64_t host_peak = 0, device_peak = 0;
+      for (const auto& peak : s.phases) {
+        uint64_t host = 0, device = 0;
+        for (const auto& t : s.terms) {
+          if (!t.live_in(peak.phase)) continue;
+          (t.backend ? device : host) += t.bytes;
+        }
+        if (backend == BackendKind::kCpu) host += device;
+        EXPECT_EQ(peak.host_bytes, host) << name(peak.phase);
+        EXPECT_EQ(peak.device_bytes, device) << name(peak.phase);
+        host_peak = std::max(host_peak, host);
+        device_peak = std::max(device_peak, device);
+      }
+      EXPECT_EQ(s.host_bytes, host_peak);
+      EXPECT_EQ(s.device_bytes, device_peak);
+      EXPECT_GT(s.host_bytes, 0u);
+      EXPECT_GT(s.device_bytes, 0u);
+    }
+  }
+  in.backend = BackendKind::kCpu;
+  const Plan cpu = make_plan(in);
+  in.backend = BackendKind::kCuda;
+  const Plan cuda = make_plan(in);
+  const auto hessian = static_cast<size_t>(Phase::kHessian);
+  EXPECT_EQ(cpu.stages[0].phases[hessian].host_bytes,
+            cuda.stages[0].phases[hessian].host_bytes + cuda.stages[0].phases[hessian].device_bytes);
+  EXPECT_EQ(cpu.stages[0].device_bytes, cuda.stages[0].device_bytes) << "fp32 forward weights on both";
+}
+
+TEST(PlannerMemory, CudaHoldsTheForwardWeightsIn16BitsForA16BitCheckpoint) {
+  auto in = inputs(std::vector<uint64_t>(4, 1000), 1);
+  in.config.torch_dtype = "bfloat16";
+  in.backend = BackendKind::kCuda;
+  EXPECT_EQ(term(make_plan(in).stages[0], "runner_weights"), 2 * kLinearElems + 4 * 2 * 256 + 4 * 16);
+  in.compute_dtype = ComputeDtype::kFp32;
+  EXPECT_EQ(term(make_plan(in).stages[0], "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16);
+  in.backend = BackendKind::kCpu;  // the CPU backend is the fp32 reference (auto) ...
+  in.compute_dtype = ComputeDtype::kAuto;
+  EXPECT_EQ(term(make_plan(in).stages[0], "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16);
+  in.compute_dtype = ComputeDtype::kBf16;  // ... and widens 16-bit weights for each GEMM when asked for them
+  const Plan half_cpu = make_plan(in);
+  EXPECT_EQ(term(half_cpu.stages[0], "half_gemm_widening"), 4 * (688 * 256 + 2 * 128 * 688u));
+}
+
+TEST(PlannerMemory, StageGroupsSplitSamplesAndRowsAndSumInPieces) {
+  EXPECT_EQ(samples_per_rank(16, 1), 16);
+  EXPECT_EQ(samples_per_rank(16, 2), 8);
+  EXPECT_EQ(samples_per_rank(20, 2), 12) << "3 chunks of 8: 8 + 12";
+  EXPECT_EQ(samples_per_rank(17, 3), 8);
+  const Plan p = make_plan(inputs(std::vector<uint64_t>(6, 1000000), 4, 2));  // 2 stages x 2 ranks
+  const StagePlan& s = p.stages[0];
+  EXPECT_EQ(term(s, "activations"), 4 * 8 * 128 * 256u) << "8 of the 16 samples";
+  EXPECT_EQ(term(s, "group_sum_piece_fp64"), 8 * kK * kK) << "H fits one piece";
+  EXPECT_EQ(term(s, "solve_working_set"), loop_bytes(128, kK)) << "half of down_proj's rows";
+  EXPECT_EQ(term(s, "linear_results"), 10 * 688 * 256) << "the gathered linear, with RTN's dequantized weights";
+  auto wide = inputs(std::vector<uint64_t>(2, 1), 2, 2);
+  wide.config.intermediate_size = 5000;  // 5000^2 elements: more than one piece
+  EXPECT_EQ(term(make_plan(wide).stages[0], "group_sum_piece_fp64"), 8 * static_cast<uint64_t>(comm::kDefaultMaxCount));
+}
+
+TEST(PlannerMemory, AGpuBudgetSendsTheSolvesThatDoNotFitToTheHost) {
+  auto in = inputs(std::vector<uint64_t>(4, 1000), 1);
+  in.backend = BackendKind::kCuda;
+  const Plan unbounded = make_plan(in);
+  EXPECT_FALSE(term(unbounded.stages[0], "gptq_factor_host"));
+  // beside the runner (about 5.9 MB) 10 MB leave room for the {gate, up} factor and solve (3.5 MB), not for down's
+  // (6.8 MB): down's factor, solve and error check go to the host
+  in.budgets.device_gb = 0.01;
+  const Plan p = make_plan(in);
+  const StagePlan& s = p.stages[0];
+  EXPECT_EQ(term(s, "gptq_factor_host"), 4 * kK * kK);
+  EXPECT_EQ(term(s, "gptq_factor"), 4 * 256 * 256u);
+  EXPECT_EQ(term(s, "solve_working_set_host"), loop_bytes(256, kK));
+  EXPECT_EQ(term(s, "solve_working_set"), loop_bytes(688, 256));
+  EXPECT_LT(s.device_bytes, unbounded.stages[0].device_bytes);
+  EXPECT_GT(s.host_bytes, unbounded.stages[0].host_bytes);
+}
+
+std::string refusal_of(const PlanInputs& in) { return plan_refusal(make_plan(in)); }
+
+uint64_t host_peak(const PlanInputs& in) {
+  uint64_t most = 0;
+  for (const auto& s : make_plan(in).stages) most = std::max(most, s.host_bytes);
+  return most;
+}
+
+TEST(PlannerBudgets, ARefusalNamesTheStageTheNeedTheBudgetAndWhatWouldFit) {
+  auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  EXPECT_EQ(refusal_of(in), "") << "no budget: nothing to refuse";
+  in.budgets.host_gb = 1000;
+  EXPECT_EQ(refusal_of(in), "");
+  in.budgets.device_gb = 1e-6;  // the CPU backend's memory is host memory: --gpu-mem is not checked
+  EXPECT_EQ(refusal_of(in), "");
+
+  // the scratch of long micro-batches dominates: a smaller micro-batch fits
+  auto mb = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  mb.seq_len = 2048;
+  mb.micro_batch = 8;
+  auto smaller = mb;
+  smaller.micro_batch = 3;
+  auto larger = mb;
+  larger.micro_batch = 4;
+  mb.budgets.host_gb = static_cast<double>(host_peak(smaller) + host_peak(larger)) / 2e9;
+  const std::string r = refusal_of(mb);
+  EXPECT_EQ(r.find("stage 0 needs "), 0u) << r;
+  EXPECT_NE(r.find(" GB of host memory, --host-mem is "), std::string::npos) << r;
+  EXPECT_NE(r.find(": use --micro-batch 3"), std::string::npos) << r;
+
+  // the activations dominate: more ranks per stage split them
+  auto acts = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  acts.samples = 256;
+  acts.seq_len = 2048;
+  acts.micro_batch = 1;
+  auto split = acts;
+  split.ranks_per_stage = 2;
+  split.world = 4;
+  acts.budgets.host_gb = static_cast<double>(host_peak(acts) + host_peak(split)) / 2e9;
+  EXPECT_NE(refusal_of(acts).find(": use --ranks-per-stage 2 (2 stages x 2 = 4 ranks)"), std::string::npos)
+      << refusal_of(acts);
+
+  // the device: a cuda budget below one block's runner and Hessian fits no layout
+  auto dev = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  dev.backend = BackendKind::kCuda;
+  dev.budgets.device_gb = 0.001;
+  const std::string d = refusal_of(dev);
+  EXPECT_NE(d.find(" GB of device memory, --gpu-mem is 0.001: no layout fits: even --micro-batch 1"), std::string::npos)
+      << d;
+}
+
+TEST(PlanJson, TheDocumentedShape) {
+  auto in = inputs(std::vector<uint64_t>(6, 1000000), 4, 2);
+  const Plan p = make_plan(in);
+  const nlohmann::json j = plan_json(p);
+  EXPECT_EQ(j.at("world"), 4);
+  EXPECT_EQ(j.at("ranks_per_stage"), 2);
+  EXPECT_EQ(j.at("fits"), true);
+  EXPECT_FALSE(j.contains("refusal"));
+  ASSERT_EQ(j.at("stages").size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& st = j["stages"][i];
+    const StagePlan& s = p.stages[i];
+    EXPECT_EQ(st.at("stage"), s.stage);
+    EXPECT_EQ(st.at("ranks"), 2);
+    EXPECT_EQ(st.at("blocks"), nlohmann::json::array({s.first_block, s.first_block + s.blocks - 1})) << "inclusive";
+    EXPECT_EQ(st.at("host_peak_gb"), static_cast<double>(s.host_bytes) / 1e9);
+    EXPECT_EQ(st.at("device_peak_gb"), static_cast<double>(s.device_bytes) / 1e9);
+    EXPECT_EQ(st.at("host_terms_gb").at("hessian_sum_fp64"), 8.0 * kK * kK / 1e9);
+    EXPECT_EQ(st.at("host_terms_gb").at("runner_scratch"), st.at("device_terms_gb").at("runner_scratch"))
+        << "the CPU backend's terms are host memory";
+    EXPECT_EQ(st.at("phases").size(), kPhases.size());
+  }
+  EXPECT_EQ(j["stages"][0]["blocks"], nlohmann::json::array({0, 2}));
+  in.budgets.host_gb = 1e-6;
+  const nlohmann::json refused = plan_json(make_plan(in));
+  EXPECT_EQ(refused.at("fits"), false);
+  EXPECT_NE(refused.at("refusal").get<std::string>().find("--host-mem is 1e-06"), std::string::npos);
+  EXPECT_EQ(nlohmann::json::parse(refused.dump()), refused) << "one JSON object, as printed";
+}
+
+TEST(PlanTable, TheTableThenThePhasesTheBackendAndTheBudgets) {
+  auto in = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  std::ostringstream plain, verbose, budget;
+  print_plan(plain, make_plan(in));
+  print_plan(verbose, make_plan(in), true);
+  in.budgets.host_gb = 1000;
+  print_plan(budget, make_plan(in));
+  print_fit(budget, make_plan(in));
+  const std::string t = plain.str();
+  EXPECT_EQ(t.find("plan: 2 ranks = 2 stages x 1 ranks per stage (GB = 1e9 bytes)\nstage  ranks     blocks"), 0u) << t;
+  EXPECT_LT(t.find("0      0-0       0-2 "), t.find("peak per rank by phase")) << "the phases below the table";
+  EXPECT_NE(t.find("backend cpu: its memory is host memory"), std::string::npos);
+  EXPECT_EQ(t.find("fits:"), std::string::npos) << "the table alone has no verdict";
+  EXPECT_EQ(t.find("hessian_sum_fp64"), std::string::npos);
+  EXPECT_NE(verbose.str().find("hessian_sum_fp64"), std::string::npos);
+  EXPECT_NE(budget.str().find("fits: yes: host peaks within --host-mem 1000"), std::string::npos) << budget.str();
 }
 
 TEST(Planner, ImpossibleLayoutsAreOneClearError) {

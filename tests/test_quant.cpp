@@ -517,10 +517,9 @@ TEST(Gptq, NegativeDefiniteHessianExhaustsRetriesThenRtn) {
   EXPECT_EQ(ql.q, rtn_quantize(*backend, w.data(), rows, cols, nullptr, cfg).q);
 }
 
-TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
-  // H = Q diag(lambda) Q^T with eigenvalues in [0.5, 1.5] except one at -0.004: damping 1e-3 * mean(diag)
-  // (about 1e-3) leaves it negative, 1e-2 makes it positive, so exactly one retry
-  const int64_t rows = 16, cols = 64;
+// H = Q diag(lambda) Q^T with eigenvalues in [0.5, 1.5] except one at -0.004: damping 1e-3 * mean(diag) (about
+// 1e-3) leaves it negative, 1e-2 makes it positive, so exactly one retry.
+std::vector<float> slightly_indefinite_hessian(int64_t cols) {
   const auto a = normal(static_cast<size_t>(cols * cols), 1.0f, 51);
   std::vector<double> qm(a.begin(), a.end());
   for (int64_t i = 0; i < cols; ++i) {  // Gram-Schmidt on the rows
@@ -551,7 +550,12 @@ TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
     }
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = 0; j < i; ++j) h[static_cast<size_t>(i * cols + j)] = h[static_cast<size_t>(j * cols + i)];
+  return h;
+}
 
+TEST(Gptq, SlightlyIndefiniteHessianNeedsMoreDamping) {
+  const int64_t rows = 16, cols = 64;
+  const auto h = slightly_indefinite_hessian(cols);
   const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 52);
   auto backend = cpu();
   QuantConfig cfg;
@@ -656,6 +660,205 @@ TEST(Gptq, SolveThatDoesNotFitTheBudgetRunsOnTheHostFallback) {
   EXPECT_GT(roomy->peak_bytes(), sizeof(float) * static_cast<size_t>(cols * cols));
   EXPECT_EQ(roomy->host_fallback()->peak_bytes(), 0u);
   EXPECT_EQ(stay.q, want.q);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// (g) one factor per linear group: the linears that share a Hessian share its factor
+
+void expect_same_linear(const QuantizedLinear& got, const QuantizedLinear& want) {
+  EXPECT_EQ(got.rows, want.rows);
+  EXPECT_EQ(got.cols, want.cols);
+  EXPECT_EQ(got.groups, want.groups);
+  EXPECT_EQ(got.bits, want.bits);
+  EXPECT_EQ(got.q, want.q);
+  EXPECT_EQ(got.scales, want.scales);
+  EXPECT_EQ(got.zeros, want.zeros);
+  EXPECT_EQ(got.g_idx, want.g_idx);
+  EXPECT_EQ(got.damp_used, want.damp_used);
+  EXPECT_EQ(got.fallback, want.fallback);
+  // bit for bit: same backend, same arithmetic (a non-finite Hessian gives NaN both ways)
+  EXPECT_TRUE(got.relative_error == want.relative_error ||
+              (std::isnan(got.relative_error) && std::isnan(want.relative_error)))
+      << got.relative_error << " vs " << want.relative_error;
+  EXPECT_EQ(got.log, want.log);
+}
+
+enum class SharedHessian { kDeadColumn, kSlightlyIndefinite, kNegativeDefinite, kNonFinite };
+
+// One row: a Hessian, the settings, and the fallback the group takes.
+struct SharedCase {
+  const char* name;
+  SharedHessian hessian;
+  int64_t group_size;
+  bool act_order;
+  bool static_groups;
+  double damp;
+  Fallback fallback;
+};
+
+const SharedCase kSharedCases[] = {
+    {"natural", SharedHessian::kDeadColumn, 32, false, false, 0.01, Fallback::kNone},
+    {"static", SharedHessian::kDeadColumn, 32, false, true, 0.01, Fallback::kNone},
+    {"act", SharedHessian::kDeadColumn, 32, true, false, 0.01, Fallback::kNone},
+    {"act_static", SharedHessian::kDeadColumn, 32, true, true, 0.01, Fallback::kNone},
+    {"perrow_act", SharedHessian::kDeadColumn, -1, true, false, 0.01, Fallback::kNone},
+    {"damp_retry_act", SharedHessian::kSlightlyIndefinite, 16, true, false, 1e-3, Fallback::kDamp},
+    {"rtn_after_retries", SharedHessian::kNegativeDefinite, 32, true, true, 0.01, Fallback::kRtn},
+    {"rtn_non_finite", SharedHessian::kNonFinite, 32, false, false, 0.01, Fallback::kRtn},
+};
+
+class SharedFactor : public testing::TestWithParam<SharedCase> {
+ protected:
+  static constexpr int64_t kCols = 64;
+  static constexpr int64_t kDead = 37;  // an input never active in kDeadColumn's calibration data
+  static std::vector<float> hessian(SharedHessian kind) {
+    switch (kind) {
+      case SharedHessian::kDeadColumn:
+        return correlated_hessian(600, kCols, 71, kDead);
+      case SharedHessian::kSlightlyIndefinite:
+        return slightly_indefinite_hessian(kCols);
+      case SharedHessian::kNegativeDefinite: {
+        auto h = low_rank_spd(kCols, 16, 72);
+        for (auto& v : h) v = -v;
+        return h;
+      }
+      case SharedHessian::kNonFinite: {
+        auto h = low_rank_spd(kCols, 16, 73);
+        h[static_cast<size_t>(5 * kCols + 9)] = std::nanf("");
+        return h;
+      }
+    }
+    return {};
+  }
+};
+
+TEST_P(SharedFactor, EachSolveEqualsGptqQuantizeOfItsLinear) {
+  const SharedCase c = GetParam();
+  QuantConfig cfg;
+  cfg.group_size = c.group_size;
+  cfg.act_order = c.act_order;
+  cfg.static_groups = c.static_groups;
+  cfg.damp = c.damp;
+  cfg.damp_retries = 3;
+  const auto h = hessian(c.hessian);
+  // two linears of one group, q- and k-like: different weights and row counts, one Hessian
+  const int64_t rows_q = 48, rows_k = 16;
+  const auto wq = normal(static_cast<size_t>(rows_q * kCols), 0.05f, 74);
+  const auto wk = normal(static_cast<size_t>(rows_k * kCols), 0.05f, 75);
+  auto backend = cpu();
+
+  const GptqFactor factor = factor_hessian(*backend, h.data(), kCols, rows_q, cfg);
+  EXPECT_EQ(factor.fallback, c.fallback);
+  EXPECT_EQ(factor.backend, backend.get());
+  EXPECT_EQ(factor.r.size() > 0, c.fallback != Fallback::kRtn) << "R is held exactly when GPTQ can run";
+  const QuantizedLinear q = gptq_solve(factor, wq.data(), rows_q, h.data(), "layers.0.self_attn.q_proj");
+  const QuantizedLinear k = gptq_solve(factor, wk.data(), rows_k, h.data(), "layers.0.self_attn.k_proj");
+  {
+    SCOPED_TRACE("q_proj");
+    expect_same_linear(q,
+                       gptq_quantize(*backend, wq.data(), rows_q, kCols, h.data(), cfg, "layers.0.self_attn.q_proj"));
+  }
+  {
+    SCOPED_TRACE("k_proj");
+    expect_same_linear(k,
+                       gptq_quantize(*backend, wk.data(), rows_k, kCols, h.data(), cfg, "layers.0.self_attn.k_proj"));
+  }
+  // non-trivial: the two linears differ, and each result is a real quantization
+  EXPECT_EQ(q.fallback, c.fallback);
+  EXPECT_NE(std::vector<uint8_t>(q.q.begin(), q.q.begin() + rows_k * kCols), k.q);
+  for (const QuantizedLinear* x : {&q, &k}) {
+    if (c.hessian != SharedHessian::kNonFinite) {  // NaN there: measured on H
+      EXPECT_GT(x->relative_error, 0.0);
+    }
+    EXPECT_TRUE(all_finite(x->dequantize()));
+  }
+  // the group's fallback lines appear in each linear's log, under its own name
+  EXPECT_EQ(q.log.size(), factor.log.size());
+  EXPECT_EQ(k.log.size(), factor.log.size());
+  for (size_t i = 0; i < factor.log.size(); ++i) {
+    EXPECT_EQ(q.log[i], "layers.0.self_attn.q_proj: " + factor.log[i]);
+    EXPECT_EQ(k.log[i], "layers.0.self_attn.k_proj: " + factor.log[i]);
+  }
+  if (c.fallback == Fallback::kNone) {
+    EXPECT_TRUE(factor.log.empty());
+  }
+  if (c.fallback == Fallback::kDamp) {
+    EXPECT_NEAR(q.damp_used, 1e-2, 1e-12);
+    ASSERT_EQ(k.log.size(), 1u);
+    EXPECT_EQ(k.log[0], "layers.0.self_attn.k_proj: Cholesky failed with damp 0.001, retrying with 0.01");
+  }
+  if (c.fallback == Fallback::kRtn) {
+    EXPECT_TRUE(log_mentions(k, "layers.0.self_attn.k_proj"));
+    EXPECT_TRUE(log_mentions(k, "round-to-nearest"));
+    EXPECT_EQ(k.q, rtn_quantize(*backend, wk.data(), rows_k, kCols, nullptr, cfg).q);
+  }
+  if (c.hessian == SharedHessian::kDeadColumn) {  // W's dead column is zeroed per linear: its codes are the zeros
+    for (const QuantizedLinear* x : {&q, &k}) {
+      const int64_t g = x->g_idx[static_cast<size_t>(kDead)];
+      for (int64_t r = 0; r < x->rows; ++r) {
+        EXPECT_EQ(static_cast<float>(x->q[static_cast<size_t>(r * kCols + kDead)]),
+                  x->zeros[static_cast<size_t>(g * x->rows + r)]);
+      }
+    }
+  }
+}
+
+std::string shared_case_name(const testing::TestParamInfo<SharedCase>& info) { return info.param.name; }
+
+INSTANTIATE_TEST_SUITE_P(Cases, SharedFactor, testing::ValuesIn(kSharedCases), shared_case_name);
+
+TEST(FactorHessian, SolveChecksItsInputsAgainstTheFactor) {
+  const int64_t rows = 16, cols = 64;
+  const auto h = low_rank_spd(cols, 16, 81);
+  const auto w = normal(static_cast<size_t>((rows + 1) * cols), 0.05f, 82);
+  auto backend = cpu();
+  const GptqFactor factor = factor_hessian(*backend, h.data(), cols, rows, QuantConfig{});
+  EXPECT_THROW(gptq_solve(factor, w.data(), rows + 1, h.data(), "big"), UserError) << "more rows than placed for";
+  auto other = h;
+  other[static_cast<size_t>(3 * cols + 3)] *= 2.0f;
+  EXPECT_THROW(gptq_solve(factor, w.data(), rows, other.data(), "other"), UserError) << "another Hessian";
+  EXPECT_THROW(gptq_solve(factor, w.data(), rows, nullptr, "none"), UserError);
+  EXPECT_THROW(factor_hessian(*backend, h.data(), cols, 0, QuantConfig{}), UserError);
+  EXPECT_NO_THROW(gptq_solve(factor, w.data(), rows, h.data(), "fits"));
+}
+
+TEST(FactorHessian, PlacementCountsTheFactorHeldThroughEveryErrorCheck) {
+  // budgets from "R alone" to "everything at once": wherever factor_hessian puts the factor, the solves that
+  // follow while it is held never exceed the budget, and give the unbounded backend's results
+  const int64_t rows_q = 32, rows_k = 8, cols = 256;
+  const auto wq = normal(static_cast<size_t>(rows_q * cols), 0.05f, 91);
+  const auto wk = normal(static_cast<size_t>(rows_k * cols), 0.05f, 92);
+  const auto h = correlated_hessian(1000, cols, 93);
+  QuantConfig cfg;
+  cfg.group_size = 64;
+  auto unbounded = cpu();
+  const QuantizedLinear want_q = gptq_quantize(*unbounded, wq.data(), rows_q, cols, h.data(), cfg, "q");
+  const QuantizedLinear want_k = gptq_quantize(*unbounded, wk.data(), rows_k, cols, h.data(), cfg, "k");
+  const size_t r_bytes = sizeof(float) * static_cast<size_t>(cols * cols);
+  int stayed = 0, moved = 0;
+  for (size_t budget = r_bytes; budget <= 4 * r_bytes; budget += r_bytes / 8) {
+    SCOPED_TRACE("budget " + std::to_string(budget));
+    auto bounded = kernels::make_cpu_backend(0, budget);
+    bounded->set_host_fallback(kernels::make_cpu_backend(0));
+    const GptqFactor factor = factor_hessian(*bounded, h.data(), cols, rows_q, cfg);
+    const bool on_host = factor.backend == bounded->host_fallback();
+    EXPECT_EQ(factor.fallback, on_host ? Fallback::kCpu : Fallback::kNone);
+    (on_host ? moved : stayed) += 1;
+    QuantizedLinear q, k;
+    ASSERT_NO_THROW(q = gptq_solve(factor, wq.data(), rows_q, h.data(), "q"));
+    ASSERT_NO_THROW(k = gptq_solve(factor, wk.data(), rows_k, h.data(), "k"));
+    EXPECT_EQ(q.fallback, factor.fallback);
+    if (on_host) {
+      EXPECT_TRUE(log_mentions(k, "k: the solve needs"));
+    }
+    EXPECT_EQ(q.q, want_q.q);
+    EXPECT_EQ(k.q, want_k.q);
+    EXPECT_EQ(q.scales, want_q.scales);
+    EXPECT_EQ(k.relative_error, want_k.relative_error);
+    EXPECT_EQ(bounded->peak_bytes() > 0, !on_host);
+  }
+  EXPECT_GT(stayed, 0);
+  EXPECT_GT(moved, 0);
 }
 
 }  // namespace

@@ -47,7 +47,9 @@ StageMetrics sample_stage() {
   m.transport_bytes = uint64_t{5} << 33;  // past 32 bits
   m.transport_seconds = 4.0;
   m.hdf5_bytes = 123456789012;
+  m.hdf5_rank_bytes = {41152263004, 41152263004, 41152263004};
   m.peak_host_bytes = 987654321098;
+  m.planned_host_peak_bytes = 876543210987;
   m.peak_device_bytes = 80000000001;
   m.peak_device_forward_bytes = 70000000002;
   m.peak_device_solve_bytes = 60000000003;
@@ -103,8 +105,12 @@ const std::set<std::string> kStageRecordKeys = {"record",
                                                 "transport_bytes",
                                                 "transport_GBps",
                                                 "hdf5_bytes",
+                                                "hdf5_rank_bytes",
                                                 "hdf5_GBps",
                                                 "peak_host_bytes",
+                                                "planned_host_peak_bytes",
+                                                "host_peak_gb",
+                                                "planned_host_peak_gb",
                                                 "peak_device_bytes",
                                                 "peak_device_forward_bytes",
                                                 "peak_device_solve_bytes"};
@@ -125,6 +131,9 @@ TEST(Report, MetricsFileKeepsItsRecordsAndKeys) {
   EXPECT_EQ(records[0]["transport_GBps"], m.transport_bytes / m.transport_seconds / 1e9);
   EXPECT_EQ(records[0]["hdf5_GBps"], m.hdf5_bytes / m.write_seconds / 1e9);
   EXPECT_EQ(records[0]["transport_bytes"], m.transport_bytes);
+  // the plan beside the measured peak, in GB (1e9 bytes)
+  EXPECT_EQ(records[0]["host_peak_gb"], m.peak_host_bytes / 1e9);
+  EXPECT_EQ(records[0]["planned_host_peak_gb"], m.planned_host_peak_bytes / 1e9);
   for (size_t i = 1; i < 3; ++i) {
     EXPECT_EQ(keys(records[i]), kLinearRecordKeys);
     EXPECT_EQ(records[i]["record"], "linear");

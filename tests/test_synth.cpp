@@ -96,6 +96,47 @@ TEST(Synth, TiedEmbeddingsWriteNoLmHead) {
   EXPECT_EQ(ckpt.info("model.norm.weight").dtype, io::DType::kF16);
 }
 
+TEST(Synth, BiasesAreAddedLastAndLeaveTheWeightsAsTheyWere) {
+  const std::string plain = testing::scratch_dir("synth-nobias"), biased = testing::scratch_dir("synth-bias");
+  write_synthetic_checkpoint(small(plain, 9));
+  SynthOptions o = small(biased, 9);
+  o.attention_bias = true;
+  o.mlp_bias = true;
+  write_synthetic_checkpoint(o);
+  const io::ModelConfig c = io::ModelConfig::load(biased);
+  EXPECT_TRUE(c.attention_bias);
+  EXPECT_TRUE(c.mlp_bias);
+  const io::Checkpoint a = io::Checkpoint::open(plain), b = io::Checkpoint::open(biased);
+  EXPECT_NO_THROW(validate_checkpoint(b, c));
+  EXPECT_EQ(b.names().size(), a.names().size() + 2 * 7);
+  for (const auto& name : a.names()) EXPECT_EQ(a.read_f32(name), b.read_f32(name)) << name;
+  const std::map<std::string, int64_t> widths = {
+      {"self_attn.q_proj", 64}, {"self_attn.k_proj", 32}, {"self_attn.v_proj", 32}, {"self_attn.o_proj", 64},
+      {"mlp.gate_proj", 96},    {"mlp.up_proj", 96},      {"mlp.down_proj", 64}};
+  for (const auto& [module, out] : widths) {
+    const std::string name = "model.layers.1." + module + ".bias";
+    ASSERT_TRUE(b.has(name)) << name;
+    EXPECT_EQ(b.info(name).shape, (std::vector<int64_t>{out}));
+    const auto v = b.read_f32(name);
+    double sum2 = 0.0;
+    for (float x : v) sum2 += static_cast<double>(x) * x;
+    const double rms = std::sqrt(sum2 / static_cast<double>(v.size()));
+    EXPECT_GT(rms, 0.03) << name;  // non-zero, std 0.1
+    EXPECT_LT(rms, 0.3) << name;
+  }
+  EXPECT_NE(b.read_f32("model.layers.0.self_attn.o_proj.bias"), b.read_f32("model.layers.1.self_attn.o_proj.bias"));
+
+  // only one kind asked for: only those tensors
+  const std::string mlp_only = testing::scratch_dir("synth-mlpbias");
+  o = small(mlp_only, 9);
+  o.mlp_bias = true;
+  write_synthetic_checkpoint(o);
+  const io::Checkpoint m = io::Checkpoint::open(mlp_only);
+  EXPECT_TRUE(m.has("model.layers.0.mlp.down_proj.bias"));
+  EXPECT_FALSE(m.has("model.layers.0.self_attn.q_proj.bias"));
+  EXPECT_NO_THROW(validate_checkpoint(m, io::ModelConfig::load(mlp_only)));
+}
+
 TEST(Synth, BadOptionsNameTheField) {
   const std::string dir = testing::scratch_dir("synth-bad");
   SynthOptions o = small(dir, 1);
