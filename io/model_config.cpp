@@ -159,15 +159,12 @@ ModelConfig ModelConfig::load(const std::string& path) {
   return from_json(j, file);
 }
 
-ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
-  PQ_REQUIRE(j.is_object(), origin, ": expected a JSON object of model fields, got a JSON ", j.type_name());
-  const Fields f(j, origin);
-  ModelConfig c;
-  c.path = origin;
-  c.raw = j;
+namespace {
 
-  // architectures and model_type name the model whose forward a loader runs; both, where given, must name one that
-  // pipequant computes exactly. Unknown ones are refused rather than run as Llama.
+// architectures and model_type name the model whose forward a loader runs; both, where given, must name one that
+// pipequant computes exactly. Unknown ones are refused rather than run as Llama. Returns the architecture.
+std::string parse_architecture(const json& j, const Fields& f, const std::string& origin) {
+  std::string architecture;
   std::string model_type;
   f.string("model_type", &model_type);
   if (f.present("architectures")) {
@@ -177,29 +174,33 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
       bool known = false;
       for (const auto& k : kArchitectures) {
         if (name.is_string() && name.get<std::string>() == k.architecture) {
-          c.architecture = std::string(k.architecture);
+          architecture = std::string(k.architecture);
           known = true;
         }
       }
       if (!known) f.bad("architectures", "a Llama-layout model (LlamaForCausalLM or MistralForCausalLM)");
     }
     // transformers' Auto classes build the model of model_type, vLLM the one of architectures: they must agree
-    const std::string expected_type = std::string(model_type_of(c.architecture));
+    const std::string expected_type = std::string(model_type_of(architecture));
     if (!model_type.empty() && model_type != expected_type)
-      f.bad("model_type", "\"" + expected_type + "\", the model_type of architectures " + c.architecture);
+      f.bad("model_type", "\"" + expected_type + "\", the model_type of architectures " + architecture);
   } else if (!model_type.empty()) {
     if (!known_model_type(model_type))
       fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
            " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\" or "
            "\"mistral\")");
     for (const auto& k : kArchitectures)
-      if (model_type == k.model_type) c.architecture = std::string(k.architecture);
+      if (model_type == k.model_type) architecture = std::string(k.architecture);
   }
   if (f.present("hidden_act")) {
     if (!(j["hidden_act"].is_string() && j["hidden_act"].get<std::string>() == "silu"))
       f.bad("hidden_act", "\"silu\" (the SwiGLU MLP of Llama)");
   }
+  return architecture;
+}
 
+// The sizes: widths, layers, heads (GQA groups) and head_dim (given, or hidden_size / heads; even, for RoPE).
+void parse_sizes(const Fields& f, const std::string& origin, ModelConfig& c) {
   c.hidden_size = f.positive_int("hidden_size");
   c.intermediate_size = f.positive_int("intermediate_size");
   c.num_layers = f.positive_int("num_hidden_layers");
@@ -224,7 +225,10 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
   if (c.head_dim % 2 != 0)
     fail(origin, ": field head_dim: expected an even number (RoPE rotates pairs of channels), got ", c.head_dim,
          f.present("head_dim") ? "" : " (hidden_size / num_attention_heads)");
+}
 
+// The fields with defaults: positions, RoPE, norm epsilon, tying, biases, the sliding window, dtype, rope scaling.
+void parse_optional_fields(const json& j, const Fields& f, const std::string& origin, ModelConfig& c) {
   f.positive_int("max_position_embeddings", &c.max_position_embeddings);
   f.positive_number("rope_theta", &c.rope_theta);
   f.positive_number("rms_norm_eps", &c.rms_norm_eps);
@@ -240,6 +244,20 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
   if (use_window) f.positive_int("sliding_window", &c.sliding_window);
   f.string("torch_dtype", &c.torch_dtype);
   if (j.contains("rope_scaling")) c.rope_scaling = parse_rope_scaling(j["rope_scaling"], origin);
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
+  PQ_REQUIRE(j.is_object(), origin, ": expected a JSON object of model fields, got a JSON ", j.type_name());
+  const Fields f(j, origin);
+  ModelConfig c;
+  c.path = origin;
+  c.raw = j;
+  const std::string architecture = parse_architecture(j, f, origin);
+  if (!architecture.empty()) c.architecture = architecture;
+  parse_sizes(f, origin, c);
+  parse_optional_fields(j, f, origin, c);
   return c;
 }
 

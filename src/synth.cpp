@@ -85,7 +85,10 @@ void require_positive(int64_t v, const char* flag) {
 
 }  // namespace
 
-void write_synthetic_checkpoint(const SynthOptions& o) {
+namespace {
+
+// Checks the options; returns head_dim.
+int64_t check_synth_options(const SynthOptions& o) {
   PQ_REQUIRE(!o.out_dir.empty(), "synth: --out (the output directory) is required");
   require_positive(o.hidden_size, "--hidden-size");
   require_positive(o.intermediate_size, "--intermediate-size");
@@ -100,13 +103,10 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
   const int64_t head_dim = o.hidden_size / o.num_heads;
   PQ_REQUIRE(head_dim % 2 == 0, "synth: head_dim = --hidden-size / --num-heads = ", head_dim,
              " must be even (RoPE rotates pairs of channels)");
-  const DTypeChoice dt = parse_synth_dtype(o.dtype);
+  return head_dim;
+}
 
-  std::error_code ec;
-  fs::create_directories(o.out_dir, ec);
-  PQ_REQUIRE(!ec, "synth: cannot create the output directory ", o.out_dir, ": ", ec.message());
-  PQ_REQUIRE(fs::is_directory(o.out_dir), "synth: --out ", o.out_dir, " exists and is not a directory");
-
+io::ModelConfig synth_config(const SynthOptions& o, int64_t head_dim, const DTypeChoice& dt) {
   io::ModelConfig c;
   c.hidden_size = o.hidden_size;
   c.intermediate_size = o.intermediate_size;
@@ -122,15 +122,24 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
   c.attention_bias = o.attention_bias;
   c.mlp_bias = o.mlp_bias;
   c.torch_dtype = dt.torch_dtype;
-  const std::string config_path = (fs::path(o.out_dir) / "config.json").string();
-  {
-    std::ofstream f(config_path, std::ios::trunc);
-    PQ_REQUIRE(f.good(), "synth: cannot write ", config_path, ": ", std::strerror(errno));
-    f << c.to_json().dump(2) << "\n";
-    f.flush();
-    PQ_REQUIRE(f.good(), "synth: write to ", config_path, " failed: ", std::strerror(errno));
-  }
+  return c;
+}
 
+void write_config(const io::ModelConfig& c, const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  PQ_REQUIRE(!ec, "synth: cannot create the output directory ", dir, ": ", ec.message());
+  PQ_REQUIRE(fs::is_directory(dir), "synth: --out ", dir, " exists and is not a directory");
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  std::ofstream f(config_path, std::ios::trunc);
+  PQ_REQUIRE(f.good(), "synth: cannot write ", config_path, ": ", std::strerror(errno));
+  f << c.to_json().dump(2) << "\n";
+  f.flush();
+  PQ_REQUIRE(f.good(), "synth: write to ", config_path, " failed: ", std::strerror(errno));
+}
+
+// Every tensor with its distribution, in file order: tensor i draws from the random stream mix_seed(seed, i).
+std::vector<SynthTensor> synth_tensors(const SynthOptions& o, int64_t head_dim, const DTypeChoice& dt) {
   // Shapes are [out, in] as in nn.Linear; a linear's std 1/sqrt(in) keeps its outputs O(1) for O(1) inputs.
   const int64_t h = o.hidden_size, inter = o.intermediate_size;
   const int64_t q_out = o.num_heads * head_dim, kv_out = o.num_kv_heads * head_dim;
@@ -170,15 +179,17 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
       add(p + "mlp.down_proj.bias", {h}, 0.0, 0.1);
     }
   }
+  return tensors;
+}
 
+// One tensor at a time is generated and written, so memory stays at the largest tensor.
+void write_synth_tensors(const std::string& path, const std::vector<SynthTensor>& tensors, uint64_t seed) {
   std::vector<io::TensorSpec> specs;
   for (const auto& t : tensors) specs.push_back(t.spec);
-  const std::string model_path = (fs::path(o.out_dir) / "model.safetensors").string();
-  // One tensor at a time is generated and written, so memory stays at the largest tensor.
-  io::write_safetensors(model_path, specs,
+  io::write_safetensors(path, specs,
                         [&](size_t i, std::span<std::byte> out) {
                           const SynthTensor& t = tensors[i];
-                          Rng rng(mix_seed(o.seed, i));
+                          Rng rng(mix_seed(seed, i));
                           const size_t item = io::dtype_size(t.spec.dtype);
                           const size_t n = out.size() / item;
                           for (size_t k = 0; k < n; ++k) {
@@ -193,7 +204,16 @@ void write_synthetic_checkpoint(const SynthOptions& o) {
                             }
                           }
                         },
-                        {{"format", "pt"}, {"generator", "pipequant synth"}, {"seed", std::to_string(o.seed)}});
+                        {{"format", "pt"}, {"generator", "pipequant synth"}, {"seed", std::to_string(seed)}});
+}
+
+}  // namespace
+
+void write_synthetic_checkpoint(const SynthOptions& o) {
+  const int64_t head_dim = check_synth_options(o);
+  const DTypeChoice dt = parse_synth_dtype(o.dtype);
+  write_config(synth_config(o, head_dim, dt), o.out_dir);
+  write_synth_tensors((fs::path(o.out_dir) / "model.safetensors").string(), synth_tensors(o, head_dim, dt), o.seed);
 }
 
 void write_synthetic_tokens(const std::string& path, int64_t count, int64_t vocab, uint64_t seed) {
