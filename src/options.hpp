@@ -100,6 +100,7 @@ struct PlanOptions {
   uint64_t fp_resident_bytes = uint64_t{16} * 1000 * 1000 * 1000;  // as QuantizeOptions::fp_resident_bytes
   RunOptions run;            // backend, micro_batch, gpu_mem_gb and compute_dtype (threads are not planned)
   double host_mem_gb = 0.0;  // as QuantizeOptions::host_mem_gb
+  int64_t group_size = 128;  // quantization groups (the solve's tables)
   bool json = false;         // one JSON object instead of the table
   bool verbose = false;      // each stage's memory terms too
 };

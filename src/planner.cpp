@@ -624,11 +624,7 @@ void check_plan_fits(const Plan& run) {
   std::fflush(stdout);
 }
 
-int run_plan(const PlanOptions& o, std::ostream& os) {
-  const io::ModelConfig config = io::ModelConfig::load(o.model_dir);
-  config.check_seq_len(o.seq_len);
-  const io::Checkpoint ckpt = io::Checkpoint::open(o.model_dir);  // headers only
-  validate_checkpoint(ckpt, config);
+PlanInputs plan_inputs(const PlanOptions& o, const io::ModelConfig& config, const io::Checkpoint& ckpt) {
   PlanInputs in;
   in.config = config;
   add_checkpoint_sizes(in, ckpt);
@@ -642,8 +638,17 @@ int run_plan(const PlanOptions& o, std::ostream& os) {
   in.fp_resident_bytes = o.fp_resident_bytes;
   in.backend = o.run.backend;
   in.compute_dtype = o.run.compute_dtype;
+  in.group_size = o.group_size;
   in.budgets = {o.host_mem_gb, o.run.gpu_mem_gb};
-  const Plan plan = make_plan(in);
+  return in;
+}
+
+int run_plan(const PlanOptions& o, std::ostream& os) {
+  const io::ModelConfig config = io::ModelConfig::load(o.model_dir);
+  config.check_seq_len(o.seq_len);
+  const io::Checkpoint ckpt = io::Checkpoint::open(o.model_dir);  // headers only
+  validate_checkpoint(ckpt, config);
+  const Plan plan = make_plan(plan_inputs(o, config, ckpt));
   // planning reads headers: a checkpoint larger than memory (or a sparse one) plans in a second
   PQ_ASSERT(ckpt.mapped_files().empty(), "plan mapped tensor data of ", ckpt.mapped_files().front());
   const std::string refusal = plan_refusal(plan);

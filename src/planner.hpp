@@ -122,6 +122,10 @@ Plan make_plan(const PlanInputs& in);
 // The block sizes, embedding and head of a checkpoint, from its headers only (no tensor data is read).
 void add_checkpoint_sizes(PlanInputs& in, const io::Checkpoint& checkpoint);
 
+// The inputs of a plan from the options `plan` takes (quantize fills a PlanOptions from its own): the checkpoint's
+// sizes, the layout, the calibration shape, the backend and the budgets.
+PlanInputs plan_inputs(const PlanOptions& options, const io::ModelConfig& config, const io::Checkpoint& checkpoint);
+
 // The table quantize prints (a row per stage: ranks, blocks, weights, host and device peaks), below it each stage's
 // peak by phase, a line on the backend, and, when plan.inputs has budgets, whether the plan fits them. verbose: each
 // stage's memory terms too.

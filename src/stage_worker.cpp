@@ -36,22 +36,19 @@ Samples load_calibration(const QuantizeOptions& opt, const io::ModelConfig& conf
 
 Plan make_quantize_plan(const QuantizeOptions& opt, const io::ModelConfig& config, const io::Checkpoint& ckpt,
                         const Samples& calib) {
-  PlanInputs in;
-  in.config = config;
-  add_checkpoint_sizes(in, ckpt);
-  in.world = world_size();
-  in.ranks_per_stage = opt.ranks_per_stage;
-  in.blocks_per_stage = opt.blocks_per_stage;
-  in.samples = calib.count;
-  in.seq_len = calib.seq;
-  in.micro_batch = opt.run.micro_batch;
-  in.fp_propagation = opt.propagation == Propagation::kFp;
-  in.fp_resident_bytes = opt.fp_resident_bytes;
-  in.backend = opt.run.backend;
-  in.compute_dtype = opt.run.compute_dtype;
-  in.group_size = opt.quant.group_size;
-  in.budgets = {opt.host_mem_gb, opt.run.gpu_mem_gb};
-  return make_plan(in);
+  PlanOptions p;
+  p.model_dir = opt.model_dir;
+  p.world = world_size();
+  p.ranks_per_stage = opt.ranks_per_stage;
+  p.blocks_per_stage = opt.blocks_per_stage;
+  p.seq_len = calib.seq;
+  p.nsamples = calib.count;
+  p.propagation = opt.propagation;
+  p.fp_resident_bytes = opt.fp_resident_bytes;
+  p.run = opt.run;
+  p.host_mem_gb = opt.host_mem_gb;
+  p.group_size = opt.quant.group_size;
+  return make_plan(plan_inputs(p, config, ckpt));
 }
 
 // model.h5's contents: the source config, the arguments, the fingerprint, which shard holds what.
