@@ -446,6 +446,34 @@ void Checkpoint::read_f32(const std::string& name, float* out) const {
   }
 }
 
+std::vector<uint16_t> Checkpoint::read_u16(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  PQ_REQUIRE(t.dtype == DType::kF16 || t.dtype == DType::kBF16, t.file, ": tensor ", name, " has dtype ",
+             dtype_name(t.dtype), ", expected F16 or BF16");
+  const std::span<const std::byte> bytes = raw(name);
+  std::vector<uint16_t> out(static_cast<size_t>(t.numel()));
+  if (!out.empty()) std::memcpy(out.data(), bytes.data(), out.size() * sizeof(uint16_t));
+  return out;
+}
+
+void Checkpoint::release(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  std::shared_ptr<MappedFile> map;
+  {
+    std::lock_guard<std::mutex> lock(*mutex_);
+    const auto it = maps_.find(t.file);
+    if (it == maps_.end() || !it->second) return;
+    map = it->second;
+  }
+  if (t.nbytes == 0 || map->data() == nullptr) return;
+  // whole pages inside the file: the mapping starts on a page boundary
+  const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t begin = t.offset / page * page;
+  const uint64_t end = std::min<uint64_t>(map->size(), t.offset + t.nbytes);
+  if (end > begin)
+    ::madvise(const_cast<std::byte*>(map->data()) + begin, static_cast<size_t>(end - begin), MADV_DONTNEED);
+}
+
 std::vector<std::string> Checkpoint::mapped_files() const {
   std::lock_guard<std::mutex> lock(*mutex_);
   std::vector<std::string> out;

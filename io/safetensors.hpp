@@ -51,6 +51,11 @@ class Checkpoint {
   std::vector<float> read_f32(const std::string& name) const;
   // Same, into caller memory of info(name).numel() floats.
   void read_f32(const std::string& name, float* out) const;
+  // The raw 16-bit values of an F16 or BF16 tensor (others throw UserError naming the dtype).
+  std::vector<uint16_t> read_u16(const std::string& name) const;
+  // Drops the tensor's mapped pages from this process's memory (they count in its resident set once read; the
+  // page cache keeps them). Reading the tensor again maps them back in.
+  void release(const std::string& name) const;
   // Paths of the files mapped so far (tests check that a rank maps only what it needs).
   std::vector<std::string> mapped_files() const;
 

@@ -72,6 +72,8 @@ class Backend {
   virtual void reset_peak() = 0;
   virtual size_t live_bytes() const = 0;    // allocated now
   virtual size_t budget_bytes() const = 0;  // what allocate() may hold at once; 0: no budget
+  // Whether backend memory is host memory (host pointers may be passed where backend pointers are expected).
+  virtual bool host_memory() const { return false; }
   // What the budget leaves for more allocations now (SIZE_MAX without a budget).
   size_t free_budget_bytes() const {
     const size_t budget = budget_bytes(), live = live_bytes();
@@ -122,7 +124,8 @@ class Backend {
   // h[k, k] += x^T x for x [rows, k] (the full symmetric matrix is written). Deterministic: fixed order.
   virtual void hessian_accumulate(const float* x, int64_t rows, int64_t k, float* h) = 0;
   // In place: h [n, n] SPD -> R upper triangular with h = R R^T (lower triangle zeroed).
-  // Returns false when the factorization fails or produces a non-finite value.
+  // Returns false when the factorization fails or produces a non-finite value; on a host-memory backend the strict
+  // lower triangle then still holds the input's (a retry rebuilds the input from it).
   virtual bool reverse_cholesky(float* h, int64_t n) = 0;
   // Per row of w[rows, cols] (leading dimension ld), min/max -> scale (fp16-representable) and zero, as the
   // GPTQ reference quantizer does (range widened to include 0; all-zero rows get [-1, 1]).

@@ -17,6 +17,68 @@ namespace pipequant {
 
 std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
 
+Linear Linear::of(int64_t out, int64_t in, WeightValues values) {
+  Linear l;
+  l.out = out;
+  l.in = in;
+  l.values = std::make_shared<const WeightValues>(std::move(values));
+  return l;
+}
+
+namespace {
+
+// Rows [r0, r1) of a quantized linear in fp32, as QuantizedLinear::dequantize computes them.
+void dequantize_rows(const QuantizedLinear& ql, int64_t r0, int64_t r1, float* dst) {
+  const int64_t cols = ql.cols;
+#pragma omp parallel for schedule(static) if ((r1 - r0) * cols > (int64_t{1} << 16))
+  for (int64_t n = r0; n < r1; ++n)
+    for (int64_t k = 0; k < cols; ++k) {
+      const int64_t t = static_cast<int64_t>(ql.g_idx[static_cast<size_t>(k)]) * ql.rows + n;
+      const float code = static_cast<float>(ql.q[static_cast<size_t>(n * cols + k)]);
+      dst[(n - r0) * cols + k] = ql.scales[static_cast<size_t>(t)] * (code - ql.zeros[static_cast<size_t>(t)]);
+    }
+}
+
+void half_rows(const HalfValues& h, int64_t in, int64_t r0, int64_t r1, float* dst) {
+  const uint16_t* src = h.bits.data() + r0 * in;
+  const int64_t n = (r1 - r0) * in;
+  const bool bf16 = h.format == kernels::HalfFormat::kBF16;
+#pragma omp parallel for schedule(static) if (n > (int64_t{1} << 16))
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16 ? bf16_to_float(src[i]) : fp16_to_float(src[i]);
+}
+
+}  // namespace
+
+void Linear::rows_f32(int64_t r0, int64_t r1, float* dst) const {
+  PQ_ASSERT(values && 0 <= r0 && r0 <= r1 && r1 <= out, "Linear::rows_f32: rows [", r0, ", ", r1, ") of ", out);
+  if (const auto* f = std::get_if<std::vector<float>>(values.get()))
+    std::copy(f->data() + r0 * in, f->data() + r1 * in, dst);
+  else if (const auto* h = std::get_if<HalfValues>(values.get()))
+    half_rows(*h, in, r0, r1, dst);
+  else
+    dequantize_rows(std::get<QuantizedLinear>(*values), r0, r1, dst);
+}
+
+std::vector<float> Linear::to_f32() const {
+  if (const float* f = f32()) return {f, f + out * in};
+  std::vector<float> w(static_cast<size_t>(out * in));
+  rows_f32(0, out, w.data());
+  return w;
+}
+
+const float* Linear::f32() const {
+  const auto* f = values ? std::get_if<std::vector<float>>(values.get()) : nullptr;
+  return f ? f->data() : nullptr;
+}
+
+uint64_t Linear::held_bytes() const {
+  if (!values) return 0;
+  if (const auto* f = std::get_if<std::vector<float>>(values.get())) return f->size() * sizeof(float);
+  if (const auto* h = std::get_if<HalfValues>(values.get())) return h->bits.size() * sizeof(uint16_t);
+  const auto& q = std::get<QuantizedLinear>(*values);
+  return q.q.size() + (q.scales.size() + q.zeros.size()) * sizeof(float) + q.g_idx.size() * sizeof(int32_t);
+}
+
 Linear& BlockWeights::linear(const std::string& module) {
   for (size_t i = 0; i < kLinears.size(); ++i)
     if (module == kLinears[i].module) return linears[i];
@@ -100,11 +162,9 @@ class CheckpointSource final : public WeightSource {
     b.input_norm = ckpt_.read_f32(p + "input_layernorm.weight");
     b.post_norm = ckpt_.read_f32(p + "post_attention_layernorm.weight");
     for (int i = 0; i < kLinearCount; ++i) {
-      auto& l = b.linears[static_cast<size_t>(i)];
       const auto shape = linear_shape(config_, i);
-      l.out = shape[0];
-      l.in = shape[1];
-      l.w = ckpt_.read_f32(p + kLinears[static_cast<size_t>(i)].module + ".weight");
+      auto& l = b.linears[static_cast<size_t>(i)];
+      l = Linear::of(shape[0], shape[1], read_values(p + kLinears[static_cast<size_t>(i)].module + ".weight"));
       if (has_bias(config_, i)) l.bias = ckpt_.read_f32(p + kLinears[static_cast<size_t>(i)].module + ".bias");
     }
     return b;
@@ -118,6 +178,19 @@ class CheckpointSource final : public WeightSource {
   std::string describe() const override { return "checkpoint " + ckpt_.path(); }
 
  private:
+  // A weight as stored (16-bit kept as it is), its mapped pages released once copied.
+  WeightValues read_values(const std::string& name) const {
+    const io::TensorInfo& t = ckpt_.info(name);
+    WeightValues v;
+    if (t.dtype == io::DType::kBF16 || t.dtype == io::DType::kF16)
+      v = HalfValues{ckpt_.read_u16(name),
+                     t.dtype == io::DType::kBF16 ? kernels::HalfFormat::kBF16 : kernels::HalfFormat::kF16};
+    else
+      v = ckpt_.read_f32(name);
+    ckpt_.release(name);
+    return v;
+  }
+
   const io::Checkpoint& ckpt_;
   const io::ModelConfig& config_;
 };
@@ -170,9 +243,7 @@ class QuantizedSource final : public WeightSource {
       PQ_REQUIRE(packed.out_features == shape[0] && packed.in_features == shape[1], where, "/", module, ": shape [",
                  packed.out_features, ", ", packed.in_features, "] does not match the config's [", shape[0], ", ",
                  shape[1], "]");
-      l.out = shape[0];
-      l.in = shape[1];
-      l.w = unpack(packed).dequantize();
+      l = Linear::of(shape[0], shape[1], unpack(packed));
       if (has_bias(config_, i)) l.bias = dense_to_f32(shard.read_block_tensor(block, module + ".bias"), where);
     }
     return b;
@@ -300,7 +371,12 @@ std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const
 
 BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch,
                          std::optional<kernels::HalfFormat> half)
-    : backend_(backend), config_(config), seq_(seq), micro_batch_(micro_batch), half_(half) {
+    : backend_(backend),
+      config_(config),
+      seq_(seq),
+      micro_batch_(micro_batch),
+      half_(half),
+      expand_(!half && backend.host_memory()) {
   const auto inv = rope_inv_freq(config);
   inv_freq_ = kernels::Buffer<float>(backend, static_cast<int64_t>(inv.size()));
   backend.upload(inv_freq_.data(), inv.data(), inv.size() * sizeof(float));
@@ -343,18 +419,62 @@ void BlockRunner::set_block(const BlockWeights& block) {
   upload_vector(backend_, norm1_, block.input_norm);
   upload_vector(backend_, norm2_, block.post_norm);
   for (size_t i = 0; i < kLinears.size(); ++i) {
-    set_linear(static_cast<int>(i), block.linears[i].w);
+    held_[i] = block.linears[i];
+    upload_linear(static_cast<int>(i));
     has_bias_[i] = !block.linears[i].bias.empty();
     if (has_bias_[i]) upload_vector(backend_, bias_[i], block.linears[i].bias);
   }
 }
 
-void BlockRunner::set_linear(int module_index, const std::vector<float>& w) {
+void BlockRunner::set_linear(int module_index, const Linear& w) {
   const auto i = static_cast<size_t>(module_index);
+  PQ_ASSERT(w.out == held_[i].out && w.in == held_[i].in, "set_linear: shape [", w.out, ", ", w.in, "], expected [",
+            held_[i].out, ", ", held_[i].in, "]");
+  std::vector<float> bias = std::move(held_[i].bias);
+  held_[i] = w;
+  held_[i].bias = std::move(bias);
+  upload_linear(module_index);
+}
+
+void BlockRunner::set_linear(int module_index, std::vector<float> w) {
+  const Linear& h = held_[static_cast<size_t>(module_index)];
+  set_linear(module_index, Linear::of(h.out, h.in, std::move(w)));
+}
+
+// The backend's copy of a held linear: none when GEMMs expand tiles of it (expand_), else fp32 or 16-bit.
+void BlockRunner::upload_linear(int module_index) {
+  const auto i = static_cast<size_t>(module_index);
+  if (expand_) return;
+  const std::vector<float> w = held_[i].to_f32();
   if (half_)
     upload_half(backend_, wh_[i], w, *half_);
   else
     upload_vector(backend_, w_[i], w);
+}
+
+// out[rows, n] = in[rows, k] W^T (+ bias). With expand_, W in tiles of rows expanded from its held values: the
+// same products as one GEMM on the fp32 weights.
+void BlockRunner::run_linear(int module_index, const float* in, float* out, int64_t rows) {
+  const auto i = static_cast<size_t>(module_index);
+  const Linear& l = held_[i];
+  const int64_t n = l.out, k = l.in;
+  if (half_) {
+    backend_.linear_half(in, wh_[i].data(), *half_, out, rows, n, k);
+  } else if (!expand_) {
+    backend_.linear(in, w_[i].data(), out, rows, n, k);
+  } else if (const float* f = l.f32()) {
+    backend_.linear(in, f, out, rows, n, k);
+  } else {
+    const int64_t tile = std::min(n, expand_tile_rows(k));
+    tile_.resize(static_cast<size_t>(tile * k));
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t n1 = std::min(n, n0 + tile);
+      l.rows_f32(n0, n1, tile_.data());
+      backend_.gemm(kernels::Trans::kNo, kernels::Trans::kYes, rows, n1 - n0, k, 1.0f, in, k, tile_.data(), k, 0.0f,
+                    out + n0, n);
+    }
+  }
+  if (has_bias_[i]) backend_.add_bias(out, bias_[i].data(), rows, n);
 }
 
 int64_t BlockRunner::width(Until until) const {
@@ -377,36 +497,27 @@ const float* BlockRunner::forward(const float* x, int64_t samples, Until until) 
   const auto& c = config_;
   const int64_t rows = samples * seq_;
   const int64_t hsz = c.hidden_size;
-  const int64_t q_width = c.num_heads * c.head_dim;
-  const int64_t kv_width = c.num_kv_heads * c.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  auto lin = [&](int i, const float* in, float* out, int64_t n, int64_t k) {
-    if (half_)
-      be.linear_half(in, wh_[static_cast<size_t>(i)].data(), *half_, out, rows, n, k);
-    else
-      be.linear(in, w_[static_cast<size_t>(i)].data(), out, rows, n, k);
-    if (has_bias_[static_cast<size_t>(i)]) be.add_bias(out, bias_[static_cast<size_t>(i)].data(), rows, n);
-  };
 
   be.upload(x_.data(), x, static_cast<size_t>(rows * hsz) * sizeof(float));
   be.rms_norm(x_.data(), norm1_.data(), xn_.data(), rows, hsz, eps);
   if (until == Until::kQkvInput) return xn_.data();
-  lin(0, xn_.data(), q_.data(), q_width, hsz);
-  lin(1, xn_.data(), k_.data(), kv_width, hsz);
-  lin(2, xn_.data(), v_.data(), kv_width, hsz);
+  run_linear(0, xn_.data(), q_.data(), rows);
+  run_linear(1, xn_.data(), k_.data(), rows);
+  run_linear(2, xn_.data(), v_.data(), rows);
   be.rope(q_.data(), samples, seq_, c.num_heads, c.head_dim, inv_freq_.data());
   be.rope(k_.data(), samples, seq_, c.num_kv_heads, c.head_dim, inv_freq_.data());
   be.attention(q_.data(), k_.data(), v_.data(), attn_.data(), samples, seq_, c.num_heads, c.num_kv_heads, c.head_dim);
   if (until == Until::kOInput) return attn_.data();
-  lin(3, attn_.data(), h_.data(), hsz, q_width);
+  run_linear(3, attn_.data(), h_.data(), rows);
   be.add(h_.data(), x_.data(), rows * hsz);  // h = x + attention output
   be.rms_norm(h_.data(), norm2_.data(), xn_.data(), rows, hsz, eps);
   if (until == Until::kGateUpInput) return xn_.data();
-  lin(4, xn_.data(), g_.data(), c.intermediate_size, hsz);
-  lin(5, xn_.data(), u_.data(), c.intermediate_size, hsz);
+  run_linear(4, xn_.data(), g_.data(), rows);
+  run_linear(5, xn_.data(), u_.data(), rows);
   be.swiglu(g_.data(), u_.data(), g_.data(), rows * c.intermediate_size);
   if (until == Until::kDownInput) return g_.data();
-  lin(6, g_.data(), x_.data(), hsz, c.intermediate_size);
+  run_linear(6, g_.data(), x_.data(), rows);
   be.add(x_.data(), h_.data(), rows * hsz);  // out = h + mlp output
   return x_.data();
 }

@@ -7,12 +7,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "io/model_config.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
 #include "kernels/backend.hpp"
+#include "src/quant.hpp"
 
 namespace pipequant {
 
@@ -35,12 +37,29 @@ inline constexpr int kLinearCount = static_cast<int>(kLinears.size());
 
 std::string block_prefix(int64_t block);  // "model.layers.<block>."
 
-// A linear's weights [out, in] in fp32 and its optional bias [out].
+// The 16-bit values of a bf16 or fp16 checkpoint tensor: exact in fp32.
+struct HalfValues {
+  std::vector<uint16_t> bits;
+  kernels::HalfFormat format = kernels::HalfFormat::kBF16;
+};
+// A linear's weights as they are held, as compactly as they are exact: fp32, 16-bit, or quantized codes with
+// their tables. A 405B-class block is 6.4 GB in bf16 and 12.7 GB in fp32: only a range of rows is ever expanded.
+using WeightValues = std::variant<std::vector<float>, HalfValues, QuantizedLinear>;
+
+// A linear's weights [out, in] and its optional bias [out]. Copies share the values.
 struct Linear {
   int64_t out = 0;
   int64_t in = 0;
-  std::vector<float> w;
+  std::shared_ptr<const WeightValues> values;
   std::vector<float> bias;
+
+  static Linear of(int64_t out, int64_t in, WeightValues values);
+  // Rows [r0, r1) in fp32 into dst [r1 - r0, in]: bit for bit what the fp32 weights would hold.
+  void rows_f32(int64_t r0, int64_t r1, float* dst) const;
+  std::vector<float> to_f32() const;
+  // The fp32 values when held as such (no expansion needed), else null.
+  const float* f32() const;
+  uint64_t held_bytes() const;
 };
 
 struct BlockWeights {
@@ -87,10 +106,15 @@ class BlockRunner {
   // to it, fp32 accumulation and outputs); nullopt: fp32 GEMMs.
   BlockRunner(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch,
               std::optional<kernels::HalfFormat> half = std::nullopt);
-  // Uploads a block's weights (replacing the previous block's).
+  // Takes a block's weights (replacing the previous block's). On a backend whose memory is the host's, the
+  // linears stay as held (16-bit or quantized) and are expanded to fp32 a tile of rows at a time for each GEMM;
+  // otherwise they are uploaded in fp32 (or the 16-bit compute format).
   void set_block(const BlockWeights& block);
-  // Replaces one linear's weights (after it was quantized).
-  void set_linear(int module_index, const std::vector<float>& w);
+  // Replaces one linear's weights (after it was quantized); the bias stays.
+  void set_linear(int module_index, const Linear& w);
+  void set_linear(int module_index, std::vector<float> w);
+  // The weights the block holds now (the source's, or quantized where set_linear replaced them).
+  const Linear& linear(int module_index) const { return held_[static_cast<size_t>(module_index)]; }
   // x: host activations [samples * seq, hidden] of `samples` <= micro_batch samples. Runs until `until`
   // and returns the activations there (backend memory, [samples * seq, width(until)]), valid until the
   // next call.
@@ -108,13 +132,23 @@ class BlockRunner {
   kernels::Buffer<float> inv_freq_;
   kernels::Buffer<float> norm1_, norm2_;
   std::optional<kernels::HalfFormat> half_;
-  std::array<kernels::Buffer<float>, kLinearCount> w_;      // fp32 weights (half_ empty)
+  bool expand_ = false;                                     // GEMMs on tiles expanded from held_ (host backend)
+  std::array<Linear, kLinearCount> held_;                   // the block's linears as held
+  std::vector<float> tile_;                                 // one expanded tile of rows (expand_)
+  std::array<kernels::Buffer<float>, kLinearCount> w_;      // fp32 weights (half_ empty, !expand_)
   std::array<kernels::Buffer<uint16_t>, kLinearCount> wh_;  // 16-bit weights (half_ set)
   std::array<kernels::Buffer<float>, kLinearCount> bias_;
   std::array<bool, kLinearCount> has_bias_{};
   // scratch for one micro-batch
   kernels::Buffer<float> x_, xn_, q_, k_, v_, attn_, h_, g_, u_;
+
+  void upload_linear(int module_index);
+  void run_linear(int module_index, const float* in, float* out, int64_t rows);
 };
+
+// Rows per expanded tile of a linear with `in` inputs (BlockRunner, solves): at most kExpandTileFloats floats.
+inline constexpr int64_t kExpandTileFloats = int64_t{1} << 24;
+inline int64_t expand_tile_rows(int64_t in) { return std::max<int64_t>(1, kExpandTileFloats / std::max<int64_t>(in, 1)); }
 
 // The head: final norm and lm_head on the backend, for the loss and for logits.
 class Head {

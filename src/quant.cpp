@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <sstream>
 
@@ -243,17 +244,28 @@ struct Damping {
   bool factored = false;
 };
 
-// Fallback (1): factors H (processing order, dead diagonal fixed, damped) into r = R, raising the damping x10
-// after each failure, at most config.damp_retries times; every failure gets a line (without a name) in `log`.
+// One try of fallback (1) failed: a line for the log, and the damping of the next try.
+void damping_failed(const QuantConfig& config, int attempt, Damping& d, std::vector<std::string>& log) {
+  if (attempt < config.damp_retries) {
+    log.push_back("Cholesky failed with damp " + format_damp(d.damp) + ", retrying with " + format_damp(d.damp * 10.0));
+    d.damp *= 10.0;
+  } else {
+    log.push_back("Cholesky failed with damp " + format_damp(d.damp) + " after " + std::to_string(config.damp_retries) +
+                  " retries, falling back to round-to-nearest");
+  }
+}
+
+// Fallback (1) on a device backend: factors H (processing order, dead diagonal fixed, damped) into r = R, raising
+// the damping x10 after each failure, at most config.damp_retries times; every failure gets a line (without a
+// name) in `log`. R is built from h (host) on every try: the factorization overwrites it.
 Damping factor_with_damping(Backend& backend, const float* h, int64_t cols, const QuantConfig& config,
-                            const ColumnPlan& plan, Buffer<float>& r, std::vector<std::string>& log) {
+                            const ColumnPlan& plan, Buffer<float>& r, float& damp_add, std::vector<std::string>& log) {
   const double mean = diag_mean(plan);
   r = Buffer<float>(backend, cols * cols);
   std::vector<float> staging;
   Damping d{config.damp, false};
   for (int attempt = 0; attempt <= config.damp_retries; ++attempt) {
-    // built from h on every try: the factorization overwrites it
-    const float add = static_cast<float>(d.damp * mean);
+    damp_add = static_cast<float>(d.damp * mean);
     upload_rows(backend, r.data(), cols, cols, staging, [&](int64_t a0, int64_t a1, float* dst) {
 #pragma omp parallel for schedule(static)
       for (int64_t a = a0; a < a1; ++a) {
@@ -261,31 +273,85 @@ Damping factor_with_damping(Backend& backend, const float* h, int64_t cols, cons
         const float* src = h + pa * cols;
         float* row = dst + (a - a0) * cols;
         for (int64_t b = 0; b < cols; ++b) row[b] = src[plan.perm[static_cast<size_t>(b)]];
-        row[a] = plan.diag[static_cast<size_t>(pa)] + add;
+        row[a] = plan.diag[static_cast<size_t>(pa)] + damp_add;
       }
     });
     if (backend.reverse_cholesky(r.data(), cols)) {
       d.factored = true;
       return d;
     }
-    if (attempt < config.damp_retries) {
-      log.push_back("Cholesky failed with damp " + format_damp(d.damp) + ", retrying with " +
-                    format_damp(d.damp * 10.0));
-      d.damp *= 10.0;
-    } else {
-      log.push_back("Cholesky failed with damp " + format_damp(d.damp) + " after " +
-                    std::to_string(config.damp_retries) + " retries, falling back to round-to-nearest");
+    damping_failed(config, attempt, d, log);
+  }
+  return d;
+}
+
+// a [n, n] <- P a P^T in place: a[i][j] = a[perm[i]][perm[j]] (rows by following the permutation's cycles with one
+// row of scratch, then the columns of each row).
+void permute_symmetric(float* a, int64_t n, const std::vector<int64_t>& perm) {
+  std::vector<char> moved(static_cast<size_t>(n), 0);
+  std::vector<float> row(static_cast<size_t>(n));
+  const size_t row_bytes = sizeof(float) * static_cast<size_t>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (moved[static_cast<size_t>(i)] || perm[static_cast<size_t>(i)] == i) continue;
+    std::memcpy(row.data(), a + i * n, row_bytes);
+    int64_t j = i;
+    for (int64_t k = perm[static_cast<size_t>(j)]; k != i; j = k, k = perm[static_cast<size_t>(k)]) {
+      std::memcpy(a + j * n, a + k * n, row_bytes);
+      moved[static_cast<size_t>(j)] = 1;
     }
+    std::memcpy(a + j * n, row.data(), row_bytes);
+    moved[static_cast<size_t>(j)] = 1;
+  }
+#pragma omp parallel
+  {
+    std::vector<float> tmp(static_cast<size_t>(n));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      float* dst = a + r * n;
+      std::copy(dst, dst + n, tmp.begin());
+      for (int64_t c = 0; c < n; ++c) dst[c] = tmp[static_cast<size_t>(perm[static_cast<size_t>(c)])];
+    }
+  }
+}
+
+// The strict upper triangle of a [n, n] from its strict lower one, in tiles.
+void mirror_lower_to_upper(float* a, int64_t n) {
+  constexpr int64_t kTile = 64;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t i0 = 0; i0 < n; i0 += kTile)
+    for (int64_t j0 = i0; j0 < n; j0 += kTile)
+      for (int64_t i = i0; i < std::min(n, i0 + kTile); ++i)
+        for (int64_t j = std::max(j0, i + 1); j < std::min(n, j0 + kTile); ++j) a[i * n + j] = a[j * n + i];
+}
+
+// Fallback (1) on a host backend, in h's own memory: h is permuted to processing order once; each try sets the
+// damped diagonal and factors; after a failure the strict lower triangle, which the factorization leaves as it
+// was, gives the upper one back.
+Damping factor_in_place(Backend& backend, std::vector<float>& h, int64_t cols, const QuantConfig& config,
+                        const ColumnPlan& plan, float& damp_add, std::vector<std::string>& log) {
+  const double mean = diag_mean(plan);
+  if (config.act_order) permute_symmetric(h.data(), cols, plan.perm);
+  Damping d{config.damp, false};
+  for (int attempt = 0; attempt <= config.damp_retries; ++attempt) {
+    damp_add = static_cast<float>(d.damp * mean);
+    if (attempt > 0) mirror_lower_to_upper(h.data(), cols);
+    for (int64_t a = 0; a < cols; ++a)
+      h[static_cast<size_t>(a * cols + a)] = plan.diag[static_cast<size_t>(plan.perm[static_cast<size_t>(a)])] + damp_add;
+    if (backend.reverse_cholesky(h.data(), cols)) {
+      d.factored = true;
+      return d;
+    }
+    damping_failed(config, attempt, d, log);
   }
   return d;
 }
 
 // diag(R), fetched element by element: K tiny copies instead of the whole K x K factor, which matters on a device
 // backend.
-std::vector<float> factor_diagonal(Backend& backend, const Buffer<float>& r, int64_t cols) {
+std::vector<float> factor_diagonal(Backend& backend, const float* r, int64_t cols) {
   std::vector<float> rdiag(static_cast<size_t>(cols));
   for (int64_t j = 0; j < cols; ++j)
-    backend.download(&rdiag[static_cast<size_t>(j)], r.data() + j * cols + j, sizeof(float));
+    backend.download(&rdiag[static_cast<size_t>(j)], r + j * cols + j, sizeof(float));
   return rdiag;
 }
 
@@ -351,6 +417,34 @@ QuantizedLinear rtn_fallback(Backend& backend, const float* w, int64_t rows, int
   return out;
 }
 
+// tr(D H D^T) with the undamped H, from the column loop's loss: its per-row sums of e^2 add up to tr(D H_mod D^T),
+// where H_mod is H in processing order with the dead inputs' diagonal set to 1 and damp_add added to the whole
+// diagonal, and D is the dead-zeroed weights minus the quantized ones. Taking those two terms off costs rows x cols.
+double accounted_error2(Backend& backend, const float* w, const GptqFactor& factor, const GptqBuffers& buf,
+                        const QuantizedLinear& out) {
+  const int64_t rows = out.rows, cols = out.cols;
+  std::vector<float> err2(static_cast<size_t>(rows));
+  download(backend, err2.data(), buf.err2, rows);
+  const std::vector<char>& dead = factor.plan.dead;
+  std::vector<double> per_row(static_cast<size_t>(rows));
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    double d2 = 0.0, dead2 = 0.0;
+    for (int64_t k = 0; k < cols; ++k) {
+      const int64_t t = static_cast<int64_t>(out.g_idx[static_cast<size_t>(k)]) * rows + r;
+      const float code = static_cast<float>(out.q[static_cast<size_t>(r * cols + k)]);
+      const float deq = out.scales[static_cast<size_t>(t)] * (code - out.zeros[static_cast<size_t>(t)]);
+      const double d = static_cast<double>(dead[static_cast<size_t>(k)] ? 0.0f : w[r * cols + k]) - deq;
+      d2 += d * d;
+      if (dead[static_cast<size_t>(k)]) dead2 += d * d;
+    }
+    per_row[static_cast<size_t>(r)] = err2[static_cast<size_t>(r)] - static_cast<double>(factor.damp_add) * d2 - dead2;
+  }
+  double total = 0.0;
+  for (const double v : per_row) total += v;  // in row order, whatever the thread count
+  return std::max(total, 0.0);
+}
+
 // The column loop of one linear with a factor that holds R: codes, tables, g_idx, damping, fallback and log;
 // relative_error is left for the caller (R may be freed first). The solve's buffers are freed on return.
 QuantizedLinear solve_with_factor(const GptqFactor& factor, const float* w, int64_t rows, const std::string& label) {
@@ -374,8 +468,9 @@ QuantizedLinear solve_with_factor(const GptqFactor& factor, const float* w, int6
   const auto t_solve = std::chrono::steady_clock::now();
   start_running_weights(backend, w, rows, factor, buf, staging);
   staging = std::vector<float>();
-  solve_columns(backend, rows, cols, out.groups, config, plan, factor.r.data(), buf);
+  solve_columns(backend, rows, cols, out.groups, config, plan, factor.r_data(), buf);
   collect_result(backend, plan, buf, out);
+  out.error2 = accounted_error2(backend, w, factor, buf, out);
   out.solve_seconds = seconds_since(t_solve);
   return out;
 }
@@ -386,34 +481,35 @@ void measure_error(Backend& backend, const float* w, const float* h, QuantizedLi
   out.relative_error = relative_output_error(backend, w, wq.data(), out.rows, out.cols, h);
 }
 
-// The factor of h for solves of at most max_rows rows, placed for `held_through_check`: whether R stays allocated
-// while each solve measures its error (a shared factor) or is freed before (gptq_quantize: one linear alone, the
-// same placement as the solve without a factor).
-GptqFactor make_factor(Backend& primary, const float* h, int64_t cols, int64_t max_rows, const QuantConfig& config,
-                       bool held_through_check) {
+// The factor of h (taken over) for solves of at most max_rows rows: on a host backend made in h's memory, on a
+// device backend uploaded from it.
+GptqFactor make_factor(Backend& primary, std::vector<float> h, int64_t cols, int64_t max_rows,
+                       const QuantConfig& config) {
   validate(config);
   PQ_REQUIRE(cols > 0 && max_rows > 0, "factor_hessian: the Hessian width and the rows must be positive, got ", cols,
              " and ", max_rows);
-  PQ_REQUIRE(h != nullptr, "factor_hessian: no Hessian given");
+  PQ_REQUIRE(static_cast<int64_t>(h.size()) == cols * cols, "factor_hessian: the Hessian holds ", h.size(),
+             " values, expected ", cols, " x ", cols);
   GptqFactor f;
   f.config = config;
   f.cols = cols;
   f.max_rows = max_rows;
   f.damp_used = config.damp;
   // fallback (3): a solve that does not fit the device budget runs on the host backend
-  size_t need = solve_bytes(max_rows, cols, group_count(cols, config.group_size));
-  if (held_through_check) need += sizeof(float) * static_cast<size_t>(cols) * static_cast<size_t>(cols);
-  f.backend = &solve_backend(primary, need, f.log);
+  f.backend = &solve_backend(primary, solve_bytes(max_rows, cols, group_count(cols, config.group_size)), f.log);
   if (f.backend != &primary) f.fallback = Fallback::kCpu;  // a damping or RTN fallback says more
   // A non-finite Hessian cannot be fixed by damping: round to nearest right away.
-  if (!all_finite(h, cols * cols)) {
+  if (!all_finite(h.data(), cols * cols)) {
     f.fallback = Fallback::kRtn;
     f.log.push_back("Hessian has non-finite values, falling back to round-to-nearest");
     return f;
   }
-  f.plan = plan_columns(h, cols, config);
+  f.plan = plan_columns(h.data(), cols, config);
   const auto t0 = std::chrono::steady_clock::now();
-  const Damping d = factor_with_damping(*f.backend, h, cols, config, f.plan, f.r, f.log);
+  // a host backend with a budget stands in for a device in tests: R goes through its allocator there
+  const bool in_place = f.backend->host_memory() && f.backend->budget_bytes() == 0;
+  const Damping d = in_place ? factor_in_place(*f.backend, h, cols, config, f.plan, f.damp_add, f.log)
+                             : factor_with_damping(*f.backend, h.data(), cols, config, f.plan, f.r, f.damp_add, f.log);
   f.damp_used = d.damp;
   if (!d.factored) {
     f.r.reset();
@@ -421,25 +517,11 @@ GptqFactor make_factor(Backend& primary, const float* h, int64_t cols, int64_t m
     f.seconds = seconds_since(t0);
     return f;
   }
-  f.r_diag = factor_diagonal(*f.backend, f.r, cols);
+  if (in_place) f.r_host = std::move(h);
+  f.r_diag = factor_diagonal(*f.backend, f.r_data(), cols);
   f.seconds = seconds_since(t0);
   if (d.damp != config.damp) f.fallback = Fallback::kDamp;
   return f;
-}
-
-// The checks of gptq_solve that gptq_quantize's own inputs pass by construction.
-void check_factor_matches(const GptqFactor& factor, int64_t rows, const float* h, const std::string& label) {
-  PQ_REQUIRE(h != nullptr, "gptq_solve: ", label, ": no Hessian given");
-  PQ_REQUIRE(rows <= factor.max_rows, "gptq_solve: ", label, ": ", rows,
-             " rows, but the factor was placed for at most ", factor.max_rows, " (factor_hessian's max_rows)");
-  // a cheap guard against a factor of another Hessian: diag(H) must be the one the plan was made from
-  const ColumnPlan& plan = factor.plan;
-  bool same = true;
-  for (int64_t i = 0; i < static_cast<int64_t>(plan.diag.size()) && same; ++i) {
-    const float d = h[i * factor.cols + i];
-    same = plan.dead[static_cast<size_t>(i)] ? d == 0.0f : d == plan.diag[static_cast<size_t>(i)];
-  }
-  PQ_REQUIRE(same, "gptq_solve: ", label, ": the Hessian is not the one the factor was made from (diagonals differ)");
 }
 
 }  // namespace
@@ -495,11 +577,19 @@ std::vector<float> QuantizedLinear::dequantize() const {
   return w;
 }
 
-double relative_output_error(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
-                             const float* h) {
-  PQ_ASSERT(w && wq && h && rows > 0 && cols > 0, "relative_output_error: bad arguments");
-  Buffer<float> hb(backend, cols * cols);
-  upload(backend, hb, h, cols * cols);
+namespace {
+
+// h [cols, cols] (host) as backend memory: itself on a host backend, else an uploaded copy held by `copy`.
+const float* hessian_on_backend(Backend& backend, const float* h, int64_t cols, Buffer<float>& copy) {
+  if (backend.host_memory()) return h;
+  copy = Buffer<float>(backend, cols * cols);
+  upload(backend, copy, h, cols * cols);
+  return copy.data();
+}
+
+// tr(W H W^T) and tr(D H D^T), D = W - Wq, over the rows of w and wq [rows, cols] (host), H in backend memory.
+BaselineTerms quadratic_sums(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
+                             const float* hb) {
   const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * cols), 1, rows);
   std::vector<float> stacked(static_cast<size_t>(2 * chunk * cols));  // [W_chunk; D_chunk] [2 * chunk, cols]
   std::vector<float> product(stacked.size());                         // stacked @ H
@@ -513,8 +603,7 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
     for (int64_t i = 0; i < m * cols; ++i)
       stacked[static_cast<size_t>(m * cols + i)] = w[r0 * cols + i] - wq[r0 * cols + i];
     upload(backend, sb, stacked.data(), 2 * m * cols);
-    backend.gemm(Trans::kNo, Trans::kNo, 2 * m, cols, cols, 1.0f, sb.data(), cols, hb.data(), cols, 0.0f, pb.data(),
-                 cols);
+    backend.gemm(Trans::kNo, Trans::kNo, 2 * m, cols, cols, 1.0f, sb.data(), cols, hb, cols, 0.0f, pb.data(), cols);
     download(backend, product.data(), pb, 2 * m * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < m; ++r) {
@@ -532,12 +621,79 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
     }
   }
   // the totals in row order, whatever the thread count
-  double num = 0.0, den = 0.0;
+  BaselineTerms t;
   for (int64_t r = 0; r < rows; ++r) {
-    num += num_rows[static_cast<size_t>(r)];
-    den += den_rows[static_cast<size_t>(r)];
+    t.weight2 += den_rows[static_cast<size_t>(r)];
+    t.rtn_error2 += num_rows[static_cast<size_t>(r)];
   }
-  return den == 0.0 ? 0.0 : num / den;
+  return t;
+}
+
+// Rows [0, rows) of w and their round-to-nearest dequantized values, in chunks of at most `chunk` rows:
+// visit(r0, m, w_chunk, wq_chunk).
+template <typename Visit>
+void for_each_rtn_chunk(Backend& backend, const float* w, int64_t rows, int64_t cols, int64_t chunk,
+                        const QuantConfig& config, Visit&& visit) {
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t m = std::min(chunk, rows - r0);
+    const std::vector<float> wq = rtn_quantize(backend, w + r0 * cols, m, cols, nullptr, config).dequantize();
+    visit(r0, m, w + r0 * cols, wq.data());
+  }
+}
+
+}  // namespace
+
+double relative_output_error(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
+                             const float* h) {
+  PQ_ASSERT(w && wq && h && rows > 0 && cols > 0, "relative_output_error: bad arguments");
+  Buffer<float> copy;
+  const BaselineTerms t = quadratic_sums(backend, w, wq, rows, cols, hessian_on_backend(backend, h, cols, copy));
+  return t.weight2 == 0.0 ? 0.0 : t.rtn_error2 / t.weight2;
+}
+
+BaselineTerms baseline_terms(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+                             const QuantConfig& config) {
+  PQ_ASSERT(w && h && rows > 0 && cols > 0, "baseline_terms: bad arguments");
+  Buffer<float> copy;
+  const float* hb = hessian_on_backend(backend, h, cols, copy);
+  BaselineTerms total;
+  const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * cols), 1, rows);
+  for_each_rtn_chunk(backend, w, rows, cols, chunk, config, [&](int64_t, int64_t m, const float* wc, const float* wq) {
+    total += quadratic_sums(backend, wc, wq, m, cols, hb);
+  });
+  return total;
+}
+
+BaselineTerms baseline_terms_from_inputs(Backend& backend, const float* x, int64_t m, const float* w, int64_t rows,
+                                         int64_t cols, double scale, const QuantConfig& config) {
+  PQ_ASSERT(x && w && m > 0 && rows > 0 && cols > 0, "baseline_terms_from_inputs: bad arguments");
+  // [W_chunk; D_chunk] and its product with x, each at most kErrorChunkFloats
+  const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * std::max(cols, m)), 1, rows);
+  std::vector<float> stacked(static_cast<size_t>(2 * chunk * cols)), y(static_cast<size_t>(2 * chunk * m));
+  Buffer<float> sb(backend, 2 * chunk * cols), yb(backend, 2 * chunk * m);
+  std::vector<double> w2(static_cast<size_t>(m)), d2(static_cast<size_t>(m));
+  BaselineTerms total;
+  for_each_rtn_chunk(backend, w, rows, cols, chunk, config, [&](int64_t, int64_t t, const float* wc, const float* wq) {
+    std::copy(wc, wc + t * cols, stacked.begin());
+    for (int64_t i = 0; i < t * cols; ++i) stacked[static_cast<size_t>(t * cols + i)] = wc[i] - wq[i];
+    upload(backend, sb, stacked.data(), 2 * t * cols);
+    // y [m, 2t] = x [m, cols] stacked^T: the outputs of W and of D for every token
+    backend.gemm(Trans::kNo, Trans::kYes, m, 2 * t, cols, 1.0f, x, cols, sb.data(), cols, 0.0f, yb.data(), 2 * t);
+    download(backend, y.data(), yb, 2 * t * m);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      double a = 0.0, b = 0.0;
+      for (int64_t j = 0; j < t; ++j) a += static_cast<double>(y[static_cast<size_t>(i * 2 * t + j)]) * y[static_cast<size_t>(i * 2 * t + j)];
+      for (int64_t j = t; j < 2 * t; ++j) b += static_cast<double>(y[static_cast<size_t>(i * 2 * t + j)]) * y[static_cast<size_t>(i * 2 * t + j)];
+      w2[static_cast<size_t>(i)] = a;
+      d2[static_cast<size_t>(i)] = b;
+    }
+    for (int64_t i = 0; i < m; ++i) {  // in token order, whatever the thread count
+      total.weight2 += scale * w2[static_cast<size_t>(i)];
+      total.rtn_error2 += scale * d2[static_cast<size_t>(i)];
+    }
+  });
+  return total;
 }
 
 QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int64_t cols, const float* h,
@@ -578,35 +734,36 @@ QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int
   return out;
 }
 
-GptqFactor factor_hessian(Backend& backend, const float* h, int64_t cols, int64_t max_rows, const QuantConfig& config) {
-  return make_factor(backend, h, cols, max_rows, config, true);
+GptqFactor factor_hessian(Backend& backend, std::vector<float> h, int64_t cols, int64_t max_rows,
+                          const QuantConfig& config) {
+  return make_factor(backend, std::move(h), cols, max_rows, config);
 }
 
-QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const float* h,
-                           const std::string& name) {
+QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const std::string& name) {
   const std::string label = name.empty() ? std::string("linear") : name;
   PQ_REQUIRE(factor.backend != nullptr, "gptq_solve: ", label, ": the factor is empty (moved from?)");
   check_inputs(w, rows, factor.cols, factor.config);
-  check_factor_matches(factor, rows, h, label);
+  PQ_REQUIRE(rows <= factor.max_rows, "gptq_solve: ", label, ": ", rows,
+             " rows, but the factor was placed for at most ", factor.max_rows, " (factor_hessian's max_rows)");
   Backend& backend = *factor.backend;
   if (factor.fallback == Fallback::kRtn)  // fallback (2)
-    return rtn_fallback(backend, w, rows, factor.cols, h, factor.config, factor.damp_used, labelled(factor.log, label));
-  QuantizedLinear out = solve_with_factor(factor, w, rows, label);
-  measure_error(backend, w, h, out);
-  return out;
+    return rtn_fallback(backend, w, rows, factor.cols, nullptr, factor.config, factor.damp_used,
+                        labelled(factor.log, label));
+  return solve_with_factor(factor, w, rows, label);
 }
 
 QuantizedLinear gptq_quantize(Backend& primary, const float* w, int64_t rows, int64_t cols, const float* h,
                               const QuantConfig& config, const std::string& name) {
   check_inputs(w, rows, cols, config);
   PQ_REQUIRE(h != nullptr, "gptq_quantize: ", name, ": no Hessian given");
-  GptqFactor factor = make_factor(primary, h, cols, rows, config, false);
-  if (factor.fallback == Fallback::kRtn) return gptq_solve(factor, w, rows, h, name);
+  GptqFactor factor = make_factor(primary, std::vector<float>(h, h + cols * cols), cols, rows, config);
   const std::string label = name.empty() ? std::string("linear") : name;
+  if (factor.fallback == Fallback::kRtn)
+    return rtn_fallback(*factor.backend, w, rows, cols, h, config, factor.damp_used, labelled(factor.log, label));
   QuantizedLinear out = solve_with_factor(factor, w, rows, label);
   out.solve_seconds += factor.seconds;
   Backend& backend = *factor.backend;
-  factor.r.reset();  // one linear alone: R goes before the error check, as make_factor's placement counted
+  factor = GptqFactor();  // one linear alone: R goes before the error check, as the placement counted
   measure_error(backend, w, h, out);
   return out;
 }

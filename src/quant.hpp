@@ -49,6 +49,8 @@ struct QuantizedLinear {
   double damp_used = 0.0;      // relative damping finally used
   Fallback fallback = Fallback::kNone;
   double relative_error = 0.0;   // ||(W - Q) X||^2 / ||W X||^2, from the undamped Hessian
+  double error2 = 0.0;           // tr(D H D^T) over its rows, D = W - W~, H undamped: the GPTQ solve's own
+                                 // accounting (gptq_solve); 0 where a solve did not account (RTN)
   double solve_seconds = 0.0;    // time inside the quantizer proper: the column loop, plus the factorization when
                                  // gptq_quantize made it for this linear alone (a shared GptqFactor has its own)
   std::vector<std::string> log;  // one line per fallback step taken
@@ -76,31 +78,60 @@ struct GptqFactor {
   kernels::Backend* backend = nullptr;  // where R lives and the solves run: the given backend or its host fallback
   GptqColumnPlan plan;                  // empty when H is not finite
   kernels::Buffer<float> r;             // R [cols, cols] upper triangular, H_damped = R R^T in processing order
-                                        // (Backend::reverse_cholesky); empty when fallback is kRtn
+                                        // (Backend::reverse_cholesky), on a device backend; empty when fallback is
+                                        // kRtn or R is in r_host
+  std::vector<float> r_host;            // R on a host backend: made in the Hessian's own memory
+  float damp_add = 0.0f;                // what the damping added to diag(H): damp_used * mean(diag(H))
   std::vector<float> r_diag;            // [cols] R[j, j]
   double damp_used = 0.0;               // the relative damping that worked (kRtn: the last one tried)
   Fallback fallback = Fallback::kNone;  // kDamp, kRtn; else kCpu when placed on the host fallback; else kNone
   std::vector<std::string> log;         // the fallback steps taken, each without a linear's name ("Cholesky ...");
                                         // every solve logs them as "<its name>: <line>"
   double seconds = 0.0;                 // damping, upload and factorization, all tries
+
+  const float* r_data() const { return r_host.empty() ? r.data() : r_host.data(); }
+  bool has_r() const { return r_data() != nullptr; }
 };
 
-// The factor of h [cols, cols] (undamped; not modified) for solves of at most max_rows rows each, run one after
-// another while the factor is held. It is placed on `backend` when R, the largest solve and its error check fit
-// the backend's free budget, on its host fallback otherwise (fallback 3). A non-finite H or a Cholesky that fails
-// after config.damp_retries retries gives fallback kRtn and no R. Throws UserError for a bad config or shape.
-GptqFactor factor_hessian(kernels::Backend& backend, const float* h, int64_t cols, int64_t max_rows,
+// The factor of h [cols, cols] (undamped), taken over: for solves of at most max_rows rows each, run one after
+// another while the factor is held. It is placed on `backend` when R and the largest solve fit the backend's free
+// budget, on its host fallback otherwise (fallback 3). On a host backend R is made in h's own memory (no copy: H of
+// a 405B down_proj is 11.3 GB); a retry rebuilds the damped H from the triangle the factorization leaves. A
+// non-finite H or a Cholesky that fails after config.damp_retries retries gives fallback kRtn and no R. Throws
+// UserError for a bad config or shape.
+GptqFactor factor_hessian(kernels::Backend& backend, std::vector<float> h, int64_t cols, int64_t max_rows,
                           const QuantConfig& config);
-// GPTQ of W [rows, factor.cols] with a factor of h (the same Hessian, for the error check and the RTN fallback):
-// bit-identical to gptq_quantize on the same inputs. `log` holds the factor's lines, each labelled `name`.
-QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const float* h,
-                           const std::string& name = "");
+// GPTQ of W [rows, factor.cols] with a factor: the codes bit-identical to gptq_quantize on the same inputs, and
+// error2 from the solve's own accounting (the loss sum e^2 of the column loop is tr(D H_damped D^T) exactly; the
+// damping and the dead inputs' unit diagonal are taken off again). relative_error is left to the caller, who knows
+// tr(W H W^T) (baseline_terms). With fallback kRtn the result is RTN's, error2 0. `log` holds the factor's lines,
+// each labelled `name`.
+QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const std::string& name = "");
+
+// The parts of a linear's relative errors that do not depend on the solve: weight2 = tr(W H W^T) and
+// rtn_error2 = tr(D H D^T) for round to nearest's D. Additive over rows and over calibration tokens.
+struct BaselineTerms {
+  double weight2 = 0.0;
+  double rtn_error2 = 0.0;
+  BaselineTerms& operator+=(const BaselineTerms& o) {
+    weight2 += o.weight2;
+    rtn_error2 += o.rtn_error2;
+    return *this;
+  }
+};
+// From H [cols, cols] (backend memory) for rows of w [rows, cols] (host fp32): 4 rows cols^2 flops.
+BaselineTerms baseline_terms(kernels::Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+                             const QuantConfig& config);
+// From calibration inputs x [m, cols] (backend memory) of an H that holds scale * x^T x: 4 m rows cols flops, the
+// cheaper way while the tokens are fewer than the inputs.
+BaselineTerms baseline_terms_from_inputs(kernels::Backend& backend, const float* x, int64_t m, const float* w,
+                                         int64_t rows, int64_t cols, double scale, const QuantConfig& config);
 
 // h: the Hessian [cols, cols] = (2/n) sum x x^T over calibration tokens (undamped; not modified).
 // Handles dead columns, act-order, static groups, ragged last group, and the damping fallback chain
 // (damp x10 retries, then RTN), each step logged in `log`. `name` labels log lines.
-// factor_hessian and gptq_solve for one linear; R is freed before the error check, so the placement needs no
-// more than the solve of this one linear.
+// factor_hessian and gptq_solve for one linear, on a copy of h; R is freed before the error check (measured
+// directly, as relative_output_error), so the placement needs no more than the solve of this one linear.
 QuantizedLinear gptq_quantize(kernels::Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
                               const QuantConfig& config, const std::string& name = "");
 // Round to nearest with the same grid and groups; h (may be null) is only used for relative_error.

@@ -217,11 +217,13 @@ void StageWorker::obtain_inputs() {
 void StageWorker::quantize_block(int64_t b) {
   const auto t_block = Clock::now();
   auto t0 = Clock::now();
-  StageContext ctx = context();
-  const BlockWeights weights = propagation_->block_weights(ctx, b);
-  runner_->set_block(weights);
+  {
+    StageContext ctx = context();
+    // the runner holds the block's weights from here on: each linear's source values go once it is quantized
+    runner_->set_block(propagation_->block_weights(ctx, b));
+  }
   metrics_.load_seconds += seconds_since(t0);
-  const GroupErrors errors = done_.count(b) ? replay_resumed_block(b) : solve_block(b, weights);
+  const GroupErrors errors = done_.count(b) ? replay_resumed_block(b) : solve_block(b);
   // the block's outputs are the next block's inputs
   t0 = Clock::now();
   propagate(*runner_, x_, batches_.samples, config_.hidden_size);
@@ -244,18 +246,21 @@ StageWorker::GroupErrors StageWorker::replay_resumed_block(int64_t b) {
 }
 
 // True-sequential: each linear group's Hessian is taken through the block as quantized so far.
-StageWorker::GroupErrors StageWorker::solve_block(int64_t b, const BlockWeights& weights) {
+StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
   GroupErrors errors{};
   shard_->begin_block(b);
   for (int g = 0; g < kLinearGroups; ++g) {
-    const auto t0 = Clock::now();
-    const std::vector<float> h = group_hessian(g);
+    auto t0 = Clock::now();
+    GroupInputs in = group_hessian(g);
     metrics_.forward_seconds += seconds_since(t0);
     note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
-    const std::optional<GptqFactor> factor = group_factor(g, weights, h);
+    t0 = Clock::now();
+    if (!terms_from_inputs(g)) add_terms_from_hessian(g, in);
+    metrics_.solve_seconds += seconds_since(t0);
+    const std::optional<GptqFactor> factor = group_factor(g, std::move(in.h));  // H is gone from here on
     for (int i = 0; i < kLinearCount; ++i) {
       if (kLinears[static_cast<size_t>(i)].group != g) continue;
-      const double e = quantize_linear(b, i, weights.linears[static_cast<size_t>(i)], h, factor ? &*factor : nullptr);
+      const double e = quantize_linear(b, i, factor ? &*factor : nullptr, in.terms[static_cast<size_t>(i)]);
       errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], e);
     }
   }
@@ -266,63 +271,164 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b, const BlockWeights&
   return errors;
 }
 
-// GPTQ: the group's linears share H, so they share its factor, made once (sized for the most rows this rank solves
-// of one of them) and freed when the group is done. RTN needs none.
-std::optional<GptqFactor> StageWorker::group_factor(int g, const BlockWeights& weights, const std::vector<float>& h) {
+namespace {
+
+// Each linear's baseline terms summed over the stage group, in member order.
+void sum_terms(const comm::StageGroup& group, std::array<BaselineTerms, kLinearCount>& terms) {
+  std::vector<double> v;
+  for (const auto& t : terms) v.insert(v.end(), {t.weight2, t.rtn_error2});
+  group.sum(v.data(), static_cast<int64_t>(v.size()));
+  for (size_t i = 0; i < terms.size(); ++i) terms[i] = {v[2 * i], v[2 * i + 1]};
+}
+
+// Rows per tile of a solve: W is expanded to fp32 and solved this many rows at a time (GPTQ rows are independent
+// given the factor), so a linear's fp32 copy never exists whole (a 405B down_proj is 3.5 GB in fp32).
+int64_t solve_tile_rows(int64_t in) { return std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(in, 1)); }
+
+}  // namespace
+
+// GPTQ: the group's linears share H, so they share its factor, made once in H's own memory (sized for the largest
+// solve tile of this rank) and freed when the group is done. RTN needs none: H goes.
+std::optional<GptqFactor> StageWorker::group_factor(int g, std::vector<float> h) {
   if (opt_.quant.method != Method::kGptq) return std::nullopt;
   const auto t0 = Clock::now();
   int64_t cols = 0, rows = 0;
   for (int i = 0; i < kLinearCount; ++i) {
     if (kLinears[static_cast<size_t>(i)].group != g) continue;
-    const Linear& lin = weights.linears[static_cast<size_t>(i)];
+    const Linear& lin = runner_->linear(i);
     const auto [r0, r1] = group_->owned_range(lin.out);
     cols = lin.in;
-    rows = std::max(rows, r1 - r0);
+    rows = std::max(rows, std::min(r1 - r0, solve_tile_rows(lin.in)));
   }
-  std::optional<GptqFactor> factor = factor_hessian(*backend_, h.data(), cols, rows, opt_.quant);
+  std::optional<GptqFactor> factor = factor_hessian(*backend_, std::move(h), cols, std::max<int64_t>(rows, 1), opt_.quant);
   metrics_.solve_seconds += seconds_since(t0);
   return factor;
 }
 
-// H of linear group g over the whole stage group's samples (each rank accumulates its own, in global sample order).
-std::vector<float> StageWorker::group_hessian(int g) {
+// The error's baseline terms come from the calibration inputs while they are fewer tokens than the group's width
+// (4 T N K flops against 4 N K^2 from H).
+bool StageWorker::terms_from_inputs(int g) const {
+  return calib_.count * calib_.seq < runner_->width(static_cast<Until>(g));
+}
+
+// Adds the baseline terms of the group's linears for `tokens` input rows at `acts` (backend memory), all rows of
+// each linear, expanded a tile at a time.
+void StageWorker::add_terms_from_inputs(int g, const float* acts, int64_t tokens, GroupInputs& in) {
+  const double scale = 2.0 / static_cast<double>(calib_.count * calib_.seq);
+  std::vector<float> tile;
+  for (int i = 0; i < kLinearCount; ++i) {
+    if (kLinears[static_cast<size_t>(i)].group != g) continue;
+    const Linear& lin = runner_->linear(i);
+    const int64_t rows = expand_tile_rows(lin.in);
+    tile.resize(static_cast<size_t>(std::min(rows, lin.out) * lin.in));
+    for (int64_t r0 = 0; r0 < lin.out; r0 += rows) {
+      const int64_t r1 = std::min(lin.out, r0 + rows);
+      lin.rows_f32(r0, r1, tile.data());
+      in.terms[static_cast<size_t>(i)] +=
+          baseline_terms_from_inputs(*backend_, acts, tokens, tile.data(), r1 - r0, lin.in, scale, opt_.quant);
+    }
+  }
+}
+
+// The baseline terms from H, each rank for the rows it solves, summed over the stage group.
+void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
+  std::vector<float> tile;
+  for (int i = 0; i < kLinearCount; ++i) {
+    if (kLinears[static_cast<size_t>(i)].group != g) continue;
+    const Linear& lin = runner_->linear(i);
+    const auto [r0, r1] = group_->owned_range(lin.out);
+    const int64_t rows = expand_tile_rows(lin.in);
+    for (int64_t t0 = r0; t0 < r1; t0 += rows) {
+      const int64_t t1 = std::min(r1, t0 + rows);
+      tile.resize(static_cast<size_t>((t1 - t0) * lin.in));
+      lin.rows_f32(t0, t1, tile.data());
+      in.terms[static_cast<size_t>(i)] += baseline_terms(*backend_, tile.data(), t1 - t0, lin.in, in.h.data(), opt_.quant);
+    }
+  }
+  sum_terms(*group_, in.terms);
+}
+
+// H of linear group g over the whole stage group's samples (each rank accumulates its own, in global sample order),
+// and the baseline terms when they come from the inputs.
+StageWorker::GroupInputs StageWorker::group_hessian(int g) {
   const Until until = static_cast<Until>(g);
   const int64_t width = runner_->width(until);
   const int64_t seq = calib_.seq;
+  const bool terms = terms_from_inputs(g);
+  GroupInputs in;
   HessianAccumulator acc(*backend_, width);
   for_each_micro_batch(*runner_, x_.data(), batches_.samples, config_.hidden_size, until,
                        [&](int64_t s0, int64_t n, const float* acts) {
                          for (int64_t s = 0; s < n; ++s) acc.add_sample(acts + s * seq * width, seq, sample_begin_ + s0 + s);
+                         if (terms) add_terms_from_inputs(g, acts, n * seq, in);
                        });
-  return acc.finish(*group_, calib_.count * seq);
+  if (terms) sum_terms(*group_, in.terms);
+  in.h = acc.finish(*group_, calib_.count * seq);
+  return in;
+}
+
+namespace {
+
+// Rows [row0, row0 + part.rows) of `full` (preallocated, same columns and groups) from a solved tile.
+void place_rows(QuantizedLinear& full, const QuantizedLinear& part, int64_t row0) {
+  std::copy(part.q.begin(), part.q.end(), full.q.begin() + row0 * full.cols);
+  for (int64_t g = 0; g < full.groups; ++g) {
+    const auto src = static_cast<size_t>(g * part.rows), dst = static_cast<size_t>(g * full.rows + row0);
+    std::copy_n(part.scales.begin() + static_cast<std::ptrdiff_t>(src), part.rows, full.scales.begin() + static_cast<std::ptrdiff_t>(dst));
+    std::copy_n(part.zeros.begin() + static_cast<std::ptrdiff_t>(src), part.rows, full.zeros.begin() + static_cast<std::ptrdiff_t>(dst));
+  }
+  full.error2 += part.error2;
+  full.solve_seconds += part.solve_seconds;
+}
+
+}  // namespace
+
+// This rank's rows of linear `index`, quantized a tile at a time from the runner's (source) values.
+QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const GptqFactor* factor) {
+  const Linear source = runner_->linear(index);  // shares the values: the source goes when the runner's does
+  const auto [r0, r1] = group_->owned_range(source.out);
+  const int64_t tile = solve_tile_rows(source.in);
+  const std::string name = block_prefix(b) + kLinears[static_cast<size_t>(index)].module;
+  std::vector<float> w(static_cast<size_t>(std::min(tile, r1 - r0) * source.in));
+  QuantizedLinear full;
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = std::min(r1, t0 + tile);
+    source.rows_f32(t0, t1, w.data());
+    QuantizedLinear part = factor ? gptq_solve(*factor, w.data(), t1 - t0, name)
+                                  : rtn_quantize(*backend_, w.data(), t1 - t0, source.in, nullptr, opt_.quant);
+    if (t0 == r0 && t1 == r1) return part;  // one tile: the result as solved
+    if (t0 == r0) {
+      full = part;  // shape, g_idx, damping, fallback, log; rows and tables widened below
+      full.rows = r1 - r0;
+      full.q.assign(static_cast<size_t>(full.rows * full.cols), 0);
+      full.scales.assign(static_cast<size_t>(full.groups * full.rows), 0.0f);
+      full.zeros.assign(full.scales.size(), 0.0f);
+      full.error2 = 0.0;
+      full.solve_seconds = 0.0;
+    }
+    place_rows(full, part, t0 - r0);
+  }
+  return full;
 }
 
 // Quantizes linear `index` of block b (this rank's rows, then gathered), writes it, records it and, with quantized
-// propagation, puts its quantized weights into the block. `factor`: its group's GPTQ factor of h (null with RTN).
-// Returns its relative error.
-double StageWorker::quantize_linear(int64_t b, int index, const Linear& lin, const std::vector<float>& h,
-                                   const GptqFactor* factor) {
+// propagation, puts its quantized weights into the block. `factor`: its group's GPTQ factor (null with RTN);
+// `terms`: its baseline terms over the whole group. Returns its relative error.
+double StageWorker::quantize_linear(int64_t b, int index, const GptqFactor* factor, const BaselineTerms& terms) {
   const char* module = kLinears[static_cast<size_t>(index)].module;
   const QuantConfig& q = opt_.quant;
   auto t0 = Clock::now();
-  // the stage group splits the rows of the solve; GPTQ rows are independent given H
-  const auto [r0, r1] = group_->owned_range(lin.out);
-  const float* w_rows = lin.w.data() + r0 * lin.in;
-  const bool gptq = q.method == Method::kGptq;
-  PQ_ASSERT(!gptq || factor != nullptr, "quantize_linear: GPTQ without its group's factor");
-  QuantizedLinear ql = gptq ? gptq_solve(*factor, w_rows, r1 - r0, h.data(), block_prefix(b) + module)
-                            : rtn_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q);
-  QuantizedLinear rtn = gptq ? rtn_quantize(*backend_, w_rows, r1 - r0, lin.in, h.data(), q) : ql;
+  PQ_ASSERT(q.method != Method::kGptq || factor != nullptr, "quantize_linear: GPTQ without its group's factor");
+  QuantizedLinear ql = solve_rows(b, index, factor);
   const double solve_s = ql.solve_seconds;
-  if (group_->size() > 1) {
-    ql = gather_rows(*group_, ql, lin.out);
-    rtn = gather_rows(*group_, rtn, lin.out);
-  }
-  const std::vector<float> deq = ql.dequantize();
-  if (group_->size() > 1) {  // each rank measured its own rows: measure the whole
-    ql.relative_error = relative_output_error(*backend_, lin.w.data(), deq.data(), lin.out, lin.in, h.data());
-    rtn.relative_error = relative_output_error(*backend_, lin.w.data(), rtn.dequantize().data(), lin.out, lin.in, h.data());
-  }
+  // GPTQ's error from its own accounting, summed over the group's rows; RTN (and the RTN fallback) is the baseline
+  double error2 = ql.error2;
+  group_->sum(&error2, 1);
+  if (!factor || ql.fallback == Fallback::kRtn) error2 = terms.rtn_error2;
+  const auto relative = [&](double e2) { return terms.weight2 > 0.0 ? e2 / terms.weight2 : 0.0; };
+  ql.relative_error = relative(error2);
+  const int64_t out = runner_->linear(index).out;
+  if (group_->size() > 1) ql = gather_rows(*group_, ql, out);
   metrics_.solve_seconds += seconds_since(t0);
   note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
   if (world_root_)
@@ -330,13 +436,14 @@ double StageWorker::quantize_linear(int64_t b, int index, const Linear& lin, con
 
   t0 = Clock::now();
   io::PackedLinear p = pack(ql, module, q);
-  p.rtn_relative_error = rtn.relative_error;
+  p.rtn_relative_error = relative(terms.rtn_error2);
   shard_->write_linear(b, p);
   metrics_.write_seconds += seconds_since(t0);
-  metrics_.linears.push_back(
-      {b, module, lin.out, lin.in, ql.relative_error, rtn.relative_error, name(ql.fallback), ql.damp_used, solve_s});
-  if (propagation_->feeds_quantized()) runner_->set_linear(index, deq);
-  return ql.relative_error;
+  metrics_.linears.push_back({b, module, ql.rows, ql.cols, ql.relative_error, p.rtn_relative_error, name(ql.fallback),
+                              ql.damp_used, solve_s});
+  const double e = ql.relative_error;
+  if (propagation_->feeds_quantized()) runner_->set_linear(index, Linear::of(ql.rows, ql.cols, std::move(ql)));
+  return e;
 }
 
 // The block's norms and biases, in their source dtype.

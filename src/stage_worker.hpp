@@ -63,12 +63,20 @@ class StageWorker {
   void embed_inputs();
   StageContext context();
 
-  GroupErrors solve_block(int64_t b, const BlockWeights& weights);
+  // A linear group's Hessian and the baseline terms of its linears' errors (kLinearCount slots, the group's set).
+  struct GroupInputs {
+    std::vector<float> h;
+    std::array<BaselineTerms, kLinearCount> terms{};
+  };
+  GroupErrors solve_block(int64_t b);
   GroupErrors replay_resumed_block(int64_t b);
-  std::vector<float> group_hessian(int group);
-  std::optional<GptqFactor> group_factor(int group, const BlockWeights& weights, const std::vector<float>& h);
-  double quantize_linear(int64_t b, int index, const Linear& linear, const std::vector<float>& h,
-                         const GptqFactor* factor);
+  GroupInputs group_hessian(int group);
+  bool terms_from_inputs(int group) const;
+  void add_terms_from_inputs(int group, const float* acts, int64_t tokens, GroupInputs& in);
+  void add_terms_from_hessian(int group, GroupInputs& in);
+  std::optional<GptqFactor> group_factor(int group, std::vector<float> h);
+  QuantizedLinear solve_rows(int64_t b, int index, const GptqFactor* factor);
+  double quantize_linear(int64_t b, int index, const GptqFactor* factor, const BaselineTerms& terms);
   void write_block_tensors(int64_t b);
   void post_progress(int64_t b, double seconds, const GroupErrors& errors);
 

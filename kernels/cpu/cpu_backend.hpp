@@ -25,6 +25,7 @@ class CpuBackend final : public Backend {
   void reset_peak() override { peak_.store(live_.load()); }
   size_t live_bytes() const override { return live_.load(); }
   size_t budget_bytes() const override { return budget_; }
+  bool host_memory() const override { return true; }
 
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override;

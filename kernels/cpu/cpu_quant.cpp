@@ -116,11 +116,13 @@ bool CpuBackend::reverse_cholesky(float* h, int64_t n) {
   bool finite = true;
 #pragma omp parallel for schedule(static) reduction(&& : finite)
   for (int64_t i = 0; i < n; ++i) {
-    float* row = h + i * n;
-    std::fill(row, row + i, 0.0f);  // the strict lower triangle still holds J H J's leftovers
+    const float* row = h + i * n;
     for (int64_t j = i; j < n; ++j) finite = finite && std::isfinite(row[j]);
   }
-  return finite;
+  if (!finite) return false;  // the strict lower triangle is kept for a retry, as after a failed factorization
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) std::fill(h + i * n, h + i * n + i, 0.0f);  // J H J's leftovers
+  return true;
 }
 
 void CpuBackend::quant_params(const float* w, int64_t rows, int64_t cols, int64_t ld, QuantGrid grid, float* scale,
