@@ -88,6 +88,7 @@ io::DenseTensor dense_from_checkpoint(const io::Checkpoint& ckpt, const std::str
   t.dtype = io::dtype_name(info.dtype);
   t.shape = info.shape;
   t.bytes.assign(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<const char*>(raw.data()) + raw.size());
+  ckpt.release(name);  // the copy is what is kept
   return t;
 }
 

@@ -169,15 +169,20 @@ class CheckpointSource final : public WeightSource {
     }
     return b;
   }
-  std::vector<float> embed_tokens() const override { return ckpt_.read_f32("model.embed_tokens.weight"); }
-  std::vector<float> final_norm() const override { return ckpt_.read_f32("model.norm.weight"); }
+  std::vector<float> embed_tokens() const override { return read_released("model.embed_tokens.weight"); }
+  std::vector<float> final_norm() const override { return read_released("model.norm.weight"); }
   std::vector<float> lm_head() const override {
     if (config_.tie_word_embeddings || !ckpt_.has("lm_head.weight")) return embed_tokens();
-    return ckpt_.read_f32("lm_head.weight");
+    return read_released("lm_head.weight");
   }
   std::string describe() const override { return "checkpoint " + ckpt_.path(); }
 
  private:
+  std::vector<float> read_released(const std::string& name) const {
+    std::vector<float> v = ckpt_.read_f32(name);
+    ckpt_.release(name);
+    return v;
+  }
   // A weight as stored (16-bit kept as it is), its mapped pages released once copied.
   WeightValues read_values(const std::string& name) const {
     const io::TensorInfo& t = ckpt_.info(name);

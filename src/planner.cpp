@@ -13,6 +13,7 @@
 #include "kernels/backend.hpp"
 #include "src/hessian.hpp"
 #include "src/model.hpp"
+#include "src/report.hpp"
 
 namespace pipequant {
 
@@ -115,9 +116,6 @@ std::string number(double v) {
 }
 
 double to_gb(uint64_t b) { return static_cast<double>(b) / 1e9; }
-
-// relative_output_error works on row chunks whose stacked [W; W - Q] holds at most this many floats (as src/quant.cpp).
-inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
 
 // Whether linear `module_index` carries a bias (as src/model.cpp reads them: q, k, v and o_proj attention_bias,
 // gate, up and down_proj mlp_bias).
@@ -262,83 +260,118 @@ int64_t samples_per_rank(int64_t samples, int ranks) {
   return most;
 }
 
+namespace {
+
+// Bytes one value of the checkpoint's block tensors takes (2 for bf16/fp16, 4 for fp32), from the block sizes.
+uint64_t source_value_bytes(const PlanInputs& in, const StagePlan& s, uint64_t block_values) {
+  const uint64_t bytes = in.block_bytes[static_cast<size_t>(s.first_block)];
+  return block_values > 0 && bytes >= 4 * block_values ? 4 : 2;
+}
+
+// What one rank holds while linear group g is worked on (StageWorker::solve_block), in bytes.
+struct GroupMemory {
+  uint64_t held = 0;            // host: the block's linears as held (the runner's), g's and later ones as stored,
+                                // earlier ones as codes with quantized propagation
+  uint64_t hessian = 0;         // host: HessianAccumulator at its peak (the CPU backend's partial included)
+  uint64_t hessian_device = 0;  // backend: a device backend's fp32 partial
+  uint64_t terms = 0;           // host: the baseline terms' working set (a tile, [W; D] chunks and products)
+  uint64_t factor = 0;          // R [K, K]: in H's own memory on the CPU backend, on the device otherwise
+  uint64_t solve_host = 0;      // host: one solve tile's fp32 rows, its codes twice, and the linear's result so far
+  uint64_t solve_device = 0;    // backend: the tile's column loop (w, wc, res fp32, codes, tables)
+  uint64_t results = 0;         // host: the linear's codes, gathered (D >= 2) and packed
+};
+
+GroupMemory group_memory(const PlanInputs& in, int g, bool cpu, uint64_t value_bytes) {
+  const io::ModelConfig& c = in.config;
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  const uint64_t d = u(in.ranks_per_stage);
+  const int64_t samples = samples_per_rank(in.samples, in.ranks_per_stage);
+  const uint64_t all_tokens = u(in.samples * in.seq_len);
+  const uint64_t mb_rows = u(std::min(in.micro_batch, samples) * in.seq_len);
+  const uint64_t chunks = u((samples + kHessianChunk - 1) / kHessianChunk);
+  GroupMemory m;
+  uint64_t k = 0;
+  for (int i = 0; i < kLinearCount; ++i) {
+    const auto [out, cols] = linear_shape(c, i);
+    const int gi = kLinears[static_cast<size_t>(i)].group;
+    const bool coded = !in.fp_propagation && gi < g;  // quantized: codes u8 and fp32 tables
+    const uint64_t groups = in.group_size > 0 ? (u(cols) + u(in.group_size) - 1) / u(in.group_size) : 1;
+    m.held += coded ? u(out * cols) + 8 * u(out) * groups + 4 * u(cols) : value_bytes * u(out * cols);
+    if (gi != g) continue;
+    k = u(cols);
+    const uint64_t rows = (u(out) + d - 1) / d;                        // this rank's
+    const uint64_t tile = std::min(rows, std::max<uint64_t>(1, (uint64_t{1} << 26) / k));  // solve_tile_rows
+    m.solve_host = std::max(m.solve_host, 4 * tile * k + 2 * tile * k + (rows > tile ? rows * k + 8 * rows * groups : 0));
+    m.solve_device = std::max(m.solve_device, 12 * tile * k + tile * k + 8 * tile * groups + 4 * (tile + k));
+    m.results = std::max(m.results, rows * k + (d >= 2 ? u(out) * k : 0) + u(out) * k / 2);
+    // the baseline terms: from the inputs (a 2^24-float tile, [W; D] and its product with a micro-batch) or from H
+    // ([W; D] and its product with H), with RTN's working set of a chunk
+    const uint64_t expand = std::min<uint64_t>(u(out), std::max<uint64_t>(1, (uint64_t{1} << 24) / k)) * k;
+    const uint64_t chunk = all_tokens < k ? std::min<uint64_t>(u(out), std::max<uint64_t>(1, (uint64_t{1} << 25) / (2 * std::max(k, mb_rows))))
+                                          : std::min<uint64_t>(rows, std::max<uint64_t>(1, (uint64_t{1} << 25) / (2 * k)));
+    const uint64_t products = all_tokens < k ? 2 * 4 * 2 * chunk * mb_rows : 2 * 4 * 2 * chunk * k;
+    m.terms = std::max(m.terms, 4 * expand + 2 * 4 * 2 * chunk * k + products + 10 * chunk * k);
+  }
+  const uint64_t kk = k * k;
+  const uint64_t one = chunks <= 1 && d == 1 ? 4 * kk : 12 * kk;  // HessianAccumulator::peak_bytes
+  if (cpu) {
+    m.hessian = one;
+    m.factor = 4 * kk;  // H itself, factored in place (the fp64 sum is gone by then)
+  } else {
+    m.hessian_device = 4 * kk;
+    m.hessian = 8 * kk + (chunks <= 1 && d == 1 ? 4 * kk : 4 * kk);  // the host sum (or download) and H
+    m.factor = 4 * kk;
+  }
+  return m;
+}
+
+// The group whose work needs the most memory at once.
+int heaviest_group(const PlanInputs& in, bool cpu, uint64_t value_bytes) {
+  int best = 0;
+  uint64_t most = 0;
+  for (int g = 0; g < kLinearGroups; ++g) {
+    const GroupMemory m = group_memory(in, g, cpu, value_bytes);
+    const uint64_t need = m.held + std::max(m.hessian + m.terms + m.hessian_device * cpu,
+                                            m.factor + m.solve_host + m.solve_device * cpu + m.results);
+    if (need > most) {
+      most = need;
+      best = g;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
 std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& plan, const StagePlan& s) {
   const io::ModelConfig& c = in.config;
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
   const uint64_t d = u(in.ranks_per_stage);
+  const bool cpu = plan.backend == BackendKind::kCpu;
   const bool fp = in.fp_propagation, resident = s.fp_blocks == "resident", streamed = s.fp_blocks == "streamed";
   const uint64_t hidden = u(c.hidden_size), inter = u(c.intermediate_size);
   const uint64_t q_width = u(c.num_heads * c.head_dim), kv_width = u(c.num_kv_heads * c.head_dim);
-  const uint64_t k = std::max({hidden, inter, q_width});  // the widest Hessian: the largest in_features
   const int64_t samples = samples_per_rank(in.samples, in.ranks_per_stage);
   const uint64_t tokens = u(samples * in.seq_len);                             // this rank's
   const uint64_t mb_rows = u(std::min(in.micro_batch, samples) * in.seq_len);  // one micro-batch
-  // one block's tensors
-  uint64_t linear_elems = 0, bias_elems = 0, largest_linear = 0, largest_in = 0;
+  uint64_t linear_elems = 0, bias_elems = 0, k = 0, largest_linear = 0;
   for (int i = 0; i < kLinearCount; ++i) {
     const auto [out, cols] = linear_shape(c, i);
     linear_elems += u(out * cols);
     if (has_bias(c, i)) bias_elems += u(out);
+    k = std::max(k, u(cols));
     largest_linear = std::max(largest_linear, u(out * cols));
-    largest_in = std::max(largest_in, u(cols));
   }
-  const uint64_t block_f32 = 4 * (linear_elems + 2 * hidden + bias_elems);
-  const uint64_t runner_weights =
-      (plan.half_weights ? 2 : 4) * linear_elems + 4 * (2 * hidden + bias_elems) + 4 * u(c.head_dim / 2);
+  const uint64_t value_bytes = source_value_bytes(in, s, linear_elems + 2 * hidden + bias_elems);
+  const uint64_t block_held = value_bytes * linear_elems + 4 * (2 * hidden + bias_elems);
+  // the CPU backend expands tiles of the held weights for fp32 GEMMs; otherwise the runner uploads them
+  const bool expands = cpu && !plan.half_weights;
+  const uint64_t runner_weights = expands ? 0
+                                          : (plan.half_weights ? 2 : 4) * linear_elems +
+                                                4 * (2 * hidden + bias_elems) + 4 * u(c.head_dim / 2);
   const uint64_t runner_scratch = 4 * mb_rows * (3 * hidden + 2 * q_width + 2 * kv_width + 2 * inter);
-  uint64_t stage_source = 0;
-  for (int64_t b = s.first_block; b < s.first_block + s.blocks; ++b)
-    stage_source += in.block_bytes[static_cast<size_t>(b)];
-
-  // The solves, group by group (src/quant.cpp). A group's GPTQ factor R [in, in] is held through its linears' solves
-  // and checks. With a --gpu-mem budget, the cuda backend puts on its host fallback what does not fit beside the
-  // runner: a group's factor with its largest solve (and R held through the error check), the RTN baseline by its
-  // own size. A solve sent to the host is counted beside the largest that stays (an upper bound).
-  const double room = static_cast<double>(plan.backend == BackendKind::kCuda ? in.budgets.device_gb * 1e9 : 0.0) -
-                      static_cast<double>(runner_weights + runner_scratch);
-  const bool budget = plan.backend == BackendKind::kCuda && in.budgets.device_gb > 0;
-  const auto on_host = [&](uint64_t need) { return budget && static_cast<double>(need) > room; };
-  struct Placed {  // the largest of some buffers on the backend, and on the host
-    uint64_t backend = 0, host = 0;
-    void add(bool to_host, uint64_t bytes) { (to_host ? host : backend) = std::max(to_host ? host : backend, bytes); }
-  };
-  Placed factor, loop, check;
-  uint64_t results = 0, staging = 0;
-  for (int g = 0; g < kLinearGroups; ++g) {
-    uint64_t cols = 0, max_rows = 0;
-    for (int i = 0; i < kLinearCount; ++i)
-      if (kLinears[static_cast<size_t>(i)].group == g) {
-        const auto [out, in_f] = linear_shape(c, i);
-        cols = u(in_f);
-        max_rows = std::max(max_rows, (u(out) + d - 1) / d);
-      }
-    const uint64_t groups = in.group_size > 0 ? (cols + u(in.group_size) - 1) / u(in.group_size) : 1;
-    // quant.cpp solve_bytes: R, w, wc, res and one more [rows, cols] for the error check, codes, tables
-    const auto solve_bytes = [&](uint64_t rows) {
-      return 4 * (cols * cols + 4 * rows * cols + 2 * rows * groups + rows + cols) + rows * cols;
-    };
-    // relative_output_error on `rows` rows: H [in, in], the [W; W - Q] row chunk and its product
-    const auto error_bytes = [&](uint64_t rows) {
-      const uint64_t chunk = std::clamp<uint64_t>(u(kErrorChunkFloats) / (2 * cols), 1, rows);
-      return 4 * (cols * cols + 2 * 2 * chunk * cols);
-    };
-    const bool factor_on_host = on_host(solve_bytes(max_rows) + 4 * cols * cols);
-    factor.add(factor_on_host, 4 * cols * cols);
-    for (int i = 0; i < kLinearCount; ++i) {
-      if (kLinears[static_cast<size_t>(i)].group != g) continue;
-      const auto [out_f, in_f] = linear_shape(c, i);
-      const uint64_t out = u(out_f), rows = (out + d - 1) / d;
-      // the column loop: w, wc, res [rows, in] fp32, codes u8, tables [rows, groups] x 2, err2, param_of
-      loop.add(factor_on_host, 4 * (3 * rows * cols + 2 * rows * groups + rows + cols) + rows * cols);
-      check.add(factor_on_host, error_bytes(rows));  // GPTQ's error check, beside R
-      // the RTN baseline (weights fp32, codes, tables), then its error check
-      check.add(on_host(solve_bytes(rows)),
-                std::max(4 * (rows * cols + 2 * rows * groups + cols) + rows * cols, error_bytes(rows)));
-      if (d >= 2) check.add(false, error_bytes(out));  // the gathered whole linear, measured on the run's backend
-      results = std::max(results, (d >= 2 ? 10 : 6) * out * cols);
-      staging = std::max(staging, error_bytes(out) - 4 * cols * cols + 16 * out);
-    }
-  }
+  const int g = heaviest_group(in, cpu, value_bytes);
+  const GroupMemory gm = group_memory(in, g, cpu, value_bytes);
 
   const unsigned all = [] {
     unsigned m = 0;
@@ -358,6 +391,8 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
     if (bytes > 0 && phases != 0) t.push_back({name, bytes, backend, phases});
   };
   // ---- host memory
+  // the process before any of this: binary, libraries (MPI, BLAS, CUDA), as measured where the plan was made
+  add("process", in.process_bytes, false, all);
   // StageWorker::x_: this rank's activations [samples * seq, hidden] fp32, from the start of obtain_inputs on
   add("activations", 4 * tokens * hidden, false, all);
   // propagate(): the block's outputs [samples * seq, hidden] fp32 beside its inputs
@@ -365,57 +400,53 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
   // fp propagation: the outputs sent on [samples * seq, hidden] fp32, kept until the sends complete (the streamed
   // strategy's last stage sends nothing)
   add("fp_sent", fp && (resident || !s.has_head) ? 4 * tokens * hidden : 0, false, after_embed);
-  // embed_inputs(): the embedding table [vocab, hidden] in fp32, on the first stage
-  add("embedding_fp32", s.has_embedding ? 4 * u(c.vocab_size) * hidden : 0, false, phase_bit(Phase::kEmbed));
-  // the checkpoint pages read through the mmap count in the resident set while mapped (page cache the kernel may
-  // drop under pressure): the embedding, read first and again at the end ...
-  add("mapped_embedding", s.has_embedding ? in.embedding_bytes : 0, false, all);
-  // ... and the stage's blocks once read (fp propagation reads them all for its inputs)
-  add("mapped_blocks", stage_source, false, per_block | (fp ? inputs : 0u));
-  // the block being quantized (BlockWeights: linears, norms, biases in fp32); the streamed strategy also holds one
-  // while it forwards the inputs
-  add("block_weights_fp32", block_f32, false, per_block | (streamed ? inputs : 0u));
-  // BlockPrefetcher: the next block, read on a helper thread while this one is quantized (the first block while the
-  // inputs are awaited)
-  add("prefetched_block_fp32", block_f32, false, prefetch);
-  // fp resident: every block of the stage in fp32
-  add("fp_resident_blocks_fp32", resident ? u(s.blocks) * block_f32 : 0, false, after_embed);
-  // HessianAccumulator of the widest group: the fp64 sum of the finished chunks [K, K] ...
-  add("hessian_sum_fp64", 8 * k * k, false, hessian);
-  // ... the fp32 staging each chunk's partial is downloaded into [K, K] ...
-  add("hessian_staging_fp32", 4 * k * k, false, hessian);
-  // ... and H [K, K] fp32, made at the end of the sum and kept through the group's solves and checks
-  add("hessian_fp32", 4 * k * k, false, hessian | solve | checks);
+  // embed_inputs(): the embedding table [vocab, hidden] in fp32 and its mapped pages, on the first stage
+  add("embedding_fp32", s.has_embedding ? 4 * u(c.vocab_size) * hidden + in.embedding_bytes : 0, false,
+      phase_bit(Phase::kEmbed));
+  // the block's linears as the runner holds them (as stored; quantized propagation: the groups already done as
+  // codes), at the heaviest group; the streamed strategy also holds one block while it forwards the inputs
+  add("block_weights_held", gm.held + 4 * (2 * hidden + bias_elems), false, per_block | (streamed ? inputs : 0u));
+  // BlockPrefetcher: the next block as stored, read on a helper thread while this one is quantized (the first block
+  // while the inputs are awaited)
+  add("prefetched_block", block_held, false, prefetch);
+  // fp resident: every block of the stage as stored
+  add("fp_resident_blocks", resident ? u(s.blocks) * block_held : 0, false, after_embed);
+  // HessianAccumulator of the heaviest group: one fp32 [K, K] buffer; with a second chunk or D >= 2 the fp64 sum too
+  add("hessian", gm.hessian, false, hessian);
   // StageGroup::sum (D >= 2): the group root receives the members' fp64 partials in pieces of kDefaultMaxCount at most
   add("group_sum_piece_fp64", d >= 2 ? 8 * std::min(k * k, u(comm::kDefaultMaxCount)) : 0, false, hessian);
-  // after a solve: the codes of GPTQ and of the RTN baseline [out, in] u8 and the dequantized weights fp32 of the
-  // largest linear (D >= 2: of the whole linear, gathered, and RTN's dequantized weights too, for its error)
-  add("linear_results", results, false, checks);
-  // relative_output_error's host side: the [W; W - Q] row chunk, its product with H, the row sums
-  add("error_check_staging", staging, false, checks);
-  // what --gpu-mem sends to the host backend (see above)
-  add("gptq_factor_host", factor.host, false, solve | checks);
-  add("solve_working_set_host", loop.host, false, solve);
-  add("error_check_host", check.host, false, checks);
+  // the baseline terms of the errors (tr(W H W^T), RTN's tr(D H D^T)): a tile, [W; D] chunks, products
+  add("error_terms", gm.terms, false, hessian);
+  // With a --gpu-mem budget the cuda backend puts a factor and its solve that do not fit beside the runner on its
+  // host fallback (docs/design.md section 4, fallback 3), as quant.cpp's solve_backend decides.
+  const double room = static_cast<double>(!cpu ? in.budgets.device_gb * 1e9 : 0.0) -
+                      static_cast<double>(runner_weights + runner_scratch);
+  const bool to_host =
+      !cpu && in.budgets.device_gb > 0 && static_cast<double>(gm.factor + gm.solve_device) > room;
+  // the GPTQ factor R [K, K] of the heaviest group (on the CPU backend made in H's own memory)
+  add("gptq_factor_host", cpu || to_host ? gm.factor : 0, false, solve | checks);
+  add("solve_working_set_host", to_host ? gm.solve_device : 0, false, solve);
+  // one solve tile's fp32 rows and codes, and the linear's result so far when it takes several tiles
+  add("solve_tile_host", gm.solve_host, false, solve);
+  // after the solves: the linear's codes (gathered whole with D >= 2) and its packed words
+  add("linear_results", gm.results, false, checks);
   // ---- backend memory (host memory on the CPU backend)
-  // BlockRunner: the block's weights (the linears 16-bit when the forward's GEMMs are), norms, biases, rope
-  // frequencies; fp propagation loads them for its inputs too
+  // BlockRunner: a device backend's copy of the block's weights (the linears 16-bit when the forward's GEMMs are),
+  // norms, biases, rope frequencies; the CPU backend expands tiles of the held weights instead
   add("runner_weights", runner_weights, true, per_block | (fp ? inputs : 0u));
+  add("runner_expand_tile", expands ? 4 * std::min<uint64_t>(largest_linear, uint64_t{1} << 24) : 0,
+      true, all & ~phase_bit(Phase::kEmbed));
+  // the CPU backend's 16-bit GEMM widens one linear's weights and its input rows to fp32 for each call
+  add("half_gemm_widening", cpu && plan.half_weights ? 4 * (largest_linear + mb_rows * k) : 0, true,
+      hessian | phase_bit(Phase::kPropagate) | (fp ? inputs : 0u));
   // BlockRunner: one micro-batch's scratch: x, xn, h [rows, hidden]; q, attn [rows, heads * head_dim]; k, v
   // [rows, kv_heads * head_dim]; gate, up [rows, intermediate] (all fp32), from open_stage on
   add("runner_scratch", runner_scratch, true, all);
-  // the CPU backend's 16-bit GEMM widens one linear's weights and its input rows to fp32 for each call
-  add("half_gemm_widening",
-      plan.backend == BackendKind::kCpu && plan.half_weights ? 4 * (largest_linear + mb_rows * largest_in) : 0, true,
-      hessian | phase_bit(Phase::kPropagate) | (fp ? inputs : 0u));
-  // HessianAccumulator: the fp32 partial sum of the current chunk [K, K]
-  add("hessian_partial_fp32", 4 * k * k, true, hessian);
-  // the GPTQ factor R [in, in] fp32 of the widest group, held through its linears' solves and checks
-  add("gptq_factor", factor.backend, true, solve | checks);
-  // the column loop of this rank's rows of the largest linear (w, wc, res fp32, codes, tables)
-  add("solve_working_set", loop.backend, true, solve);
-  // the largest of the error checks (H, the row chunk and its product) and the RTN baseline's working set
-  add("error_check", check.backend, true, checks);
+  // a device backend's Hessian partial and GPTQ factor
+  add("hessian_partial_fp32", gm.hessian_device, true, hessian);
+  add("gptq_factor", cpu || to_host ? 0 : gm.factor, true, solve | checks);
+  // the column loop of one tile of this rank's rows (w, wc, res fp32, codes, tables)
+  add("solve_working_set", to_host ? 0 : gm.solve_device, true, solve);
   return t;
 }
 
@@ -640,6 +671,7 @@ PlanInputs plan_inputs(const PlanOptions& o, const io::ModelConfig& config, cons
   in.compute_dtype = o.run.compute_dtype;
   in.group_size = o.group_size;
   in.budgets = {o.host_mem_gb, o.run.gpu_mem_gb};
+  in.process_bytes = resident_host_bytes();
   return in;
 }
 

@@ -88,6 +88,8 @@ struct PlanInputs {
   BackendKind backend = BackendKind::kAuto;
   ComputeDtype compute_dtype = ComputeDtype::kAuto;  // the forward's weights on the backend: 16-bit or fp32
   int64_t group_size = 128;                          // quantization groups (the solve's tables)
+  // the process itself (binary, MPI, BLAS, CUDA libraries): its resident set where the plan is made
+  uint64_t process_bytes = 0;
   // checked by plan_refusal; a --gpu-mem budget also sends the solves that do not fit it to the host, as quantize
   // does (docs/design.md section 4, fallback 3)
   MemoryBudgets budgets;
@@ -112,8 +114,8 @@ inline bool fp_blocks_resident(uint64_t block_bytes, uint64_t fp_resident_bytes)
 int64_t samples_per_rank(int64_t samples, int ranks);
 
 // The terms of stage s's memory estimate per rank, one for each buffer of the quantize path that is not bounded by
-// a small constant (upload staging, attention tiles), for GPTQ (RTN holds less). The process itself (the binary, MPI,
-// BLAS: tens of MB) is not counted. `plan` gives the decided backend and weight format.
+// a small constant (upload staging, attention tiles), for GPTQ (RTN holds less), at the linear group that needs the
+// most; the process itself as PlanInputs::process_bytes. `plan` gives the decided backend and weight format.
 std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& plan, const StagePlan& s);
 
 // Throws UserError when the world cannot be split (world % D != 0, more stages than blocks, a bad

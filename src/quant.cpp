@@ -654,8 +654,7 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
 BaselineTerms baseline_terms(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
                              const QuantConfig& config) {
   PQ_ASSERT(w && h && rows > 0 && cols > 0, "baseline_terms: bad arguments");
-  Buffer<float> copy;
-  const float* hb = hessian_on_backend(backend, h, cols, copy);
+  const float* hb = h;
   BaselineTerms total;
   const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * cols), 1, rows);
   for_each_rtn_chunk(backend, w, rows, cols, chunk, config, [&](int64_t, int64_t m, const float* wc, const float* wq) {

@@ -119,7 +119,8 @@ struct BaselineTerms {
     return *this;
   }
 };
-// From H [cols, cols] (backend memory) for rows of w [rows, cols] (host fp32): 4 rows cols^2 flops.
+// From H [cols, cols] (backend memory: upload it once for all the calls on a device) for rows of w [rows, cols]
+// (host fp32): 4 rows cols^2 flops.
 BaselineTerms baseline_terms(kernels::Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
                              const QuantConfig& config);
 // From calibration inputs x [m, cols] (backend memory) of an H that holds scale * x^T x: 4 m rows cols flops, the

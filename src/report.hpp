@@ -64,6 +64,8 @@ nlohmann::json to_json(const StageMetrics& m);
 StageMetrics stage_metrics_from_json(const nlohmann::json& j);
 
 // Peak resident set size of this process (getrusage), bytes.
+// The resident set of this process now, in bytes (/proc/self/statm).
+uint64_t resident_host_bytes();
 uint64_t peak_host_bytes();
 
 void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, const std::string& method,

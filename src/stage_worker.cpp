@@ -333,6 +333,13 @@ void StageWorker::add_terms_from_inputs(int g, const float* acts, int64_t tokens
 // The baseline terms from H, each rank for the rows it solves, summed over the stage group.
 void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
   std::vector<float> tile;
+  kernels::Buffer<float> copy;  // H on a device backend, uploaded once
+  const float* h = in.h.data();
+  if (!backend_->host_memory()) {
+    copy = kernels::Buffer<float>(*backend_, static_cast<int64_t>(in.h.size()));
+    backend_->upload(copy.data(), h, in.h.size() * sizeof(float));
+    h = copy.data();
+  }
   for (int i = 0; i < kLinearCount; ++i) {
     if (kLinears[static_cast<size_t>(i)].group != g) continue;
     const Linear& lin = runner_->linear(i);
@@ -342,7 +349,7 @@ void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
       const int64_t t1 = std::min(r1, t0 + rows);
       tile.resize(static_cast<size_t>((t1 - t0) * lin.in));
       lin.rows_f32(t0, t1, tile.data());
-      in.terms[static_cast<size_t>(i)] += baseline_terms(*backend_, tile.data(), t1 - t0, lin.in, in.h.data(), opt_.quant);
+      in.terms[static_cast<size_t>(i)] += baseline_terms(*backend_, tile.data(), t1 - t0, lin.in, h, opt_.quant);
     }
   }
   sum_terms(*group_, in.terms);

@@ -124,7 +124,7 @@ TEST(Planner, BlocksPerStageGivenByTheUser) {
 // The small config of inputs(): the seven linears' elements (q, o [256, 256]; k, v [128, 256]; gate, up [688, 256];
 // down [256, 688]) and one block's tensors in fp32 (the linears and two norms of 256).
 constexpr uint64_t kLinearElems = 2 * 256 * 256 + 2 * 128 * 256 + 3 * 688 * 256;
-constexpr uint64_t kBlockF32 = 4 * (kLinearElems + 2 * 256);
+constexpr uint64_t kBlockHeld = 2 * kLinearElems + 4 * 2 * 256;  // a 16-bit block as stored, norms in fp32
 constexpr uint64_t kK = 688;  // the widest Hessian: down_proj's in_features
 
 TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
@@ -134,12 +134,12 @@ TEST(Planner, FpPropagationHoldsTheStageBlocksInHostMemory) {
   in.fp_resident_bytes = uint64_t{1} << 40;
   const Plan fp = make_plan(in);
   for (size_t s = 0; s < 2; ++s) {
-    EXPECT_EQ(term(fp.stages[s], "fp_resident_blocks_fp32"), 3 * kBlockF32) << "fp32 copies of the stage's 3 blocks";
+    EXPECT_EQ(term(fp.stages[s], "fp_resident_blocks"), 3 * kBlockHeld) << "the stage's 3 blocks as stored";
     EXPECT_EQ(term(fp.stages[s], "fp_sent"), term(fp.stages[s], "activations")) << "the outputs sent on";
-    EXPECT_FALSE(term(fp.stages[s], "prefetched_block_fp32")) << "resident blocks are not read again";
-    EXPECT_FALSE(term(quantized.stages[s], "fp_resident_blocks_fp32"));
+    EXPECT_FALSE(term(fp.stages[s], "prefetched_block")) << "resident blocks are not read again";
+    EXPECT_FALSE(term(quantized.stages[s], "fp_resident_blocks"));
     EXPECT_FALSE(term(quantized.stages[s], "fp_sent"));
-    EXPECT_EQ(term(quantized.stages[s], "prefetched_block_fp32"), kBlockF32);
+    EXPECT_EQ(term(quantized.stages[s], "prefetched_block"), kBlockHeld);
     EXPECT_GT(fp.stages[s].host_bytes, quantized.stages[s].host_bytes);
     EXPECT_EQ(fp.stages[s].device_bytes, quantized.stages[s].device_bytes);
   }
@@ -158,8 +158,8 @@ TEST(Planner, FpPropagationStreamsBlocksThatDoNotFit) {
   const Plan fp = make_plan(in);
   for (size_t s = 0; s < 2; ++s) {
     EXPECT_EQ(fp.stages[s].fp_blocks, "streamed");
-    EXPECT_FALSE(term(fp.stages[s], "fp_resident_blocks_fp32"));
-    EXPECT_EQ(term(fp.stages[s], "prefetched_block_fp32"), kBlockF32) << "one block read ahead, as quantized mode";
+    EXPECT_FALSE(term(fp.stages[s], "fp_resident_blocks"));
+    EXPECT_EQ(term(fp.stages[s], "prefetched_block"), kBlockHeld) << "one block read ahead, as quantized mode";
   }
   EXPECT_TRUE(term(fp.stages[0], "fp_sent"));
   EXPECT_FALSE(term(fp.stages[1], "fp_sent")) << "the streamed last stage sends nothing";
@@ -167,53 +167,61 @@ TEST(Planner, FpPropagationStreamsBlocksThatDoNotFit) {
   EXPECT_EQ(make_plan(in).stages[0].fp_blocks, "resident");
 }
 
-// quant.cpp's column loop of `rows` rows of a linear with `cols` inputs and groups of 128: w, wc, res fp32, codes,
-// the two tables, err2, param_of.
+// One solve tile's column loop on the backend (quant.cpp GptqBuffers): w, wc, res fp32, codes, the two tables,
+// err2, param_of; groups of 128.
 uint64_t loop_bytes(uint64_t rows, uint64_t cols) {
   const uint64_t groups = (cols + 127) / 128;
-  return 4 * (3 * rows * cols + 2 * rows * groups + rows + cols) + rows * cols;
+  return 12 * rows * cols + rows * cols + 8 * rows * groups + 4 * (rows + cols);
 }
+
+// A linear [out, cols] held as codes with fp32 tables (groups of 128) and g_idx.
+uint64_t coded_bytes(uint64_t out, uint64_t cols) { return out * cols + 8 * out * ((cols + 127) / 128) + 4 * cols; }
 
 TEST(PlannerMemory, EachTermIsSizedByItsFormula) {
   const Plan p = make_plan(inputs(std::vector<uint64_t>(6, 1000000), 2));  // 2 stages x 3 blocks, D = 1
   const StagePlan& s0 = p.stages[0];
   const StagePlan& s1 = p.stages[1];
   const uint64_t tokens = 16 * 128, mb_rows = 2 * 128;
+  // 1e6 bytes for 725504 values: a 16-bit checkpoint
+  const uint64_t block_held = 2 * kLinearElems + 4 * 2 * 256;
+  // the heaviest group is down_proj's (H [688, 688]); q, k, v, o, gate and up are codes by then
+  const uint64_t held_at_down = coded_bytes(256, 256) + 2 * coded_bytes(128, 256) + coded_bytes(256, 256) +
+                                2 * coded_bytes(688, 256) + 2 * 256 * 688 + 4 * 2 * 256;
   for (const StagePlan* s : {&s0, &s1}) {
     EXPECT_EQ(term(*s, "activations"), 4 * tokens * 256) << "x [samples * seq, hidden] fp32";
     EXPECT_EQ(term(*s, "propagate_outputs"), 4 * tokens * 256);
-    EXPECT_EQ(term(*s, "hessian_sum_fp64"), 8 * kK * kK);
-    EXPECT_EQ(term(*s, "hessian_staging_fp32"), 4 * kK * kK);
-    EXPECT_EQ(term(*s, "hessian_fp32"), 4 * kK * kK);
-    EXPECT_EQ(term(*s, "hessian_partial_fp32"), 4 * kK * kK);
-    EXPECT_EQ(term(*s, "gptq_factor"), 4 * kK * kK) << "R of the widest group";
-    EXPECT_EQ(term(*s, "block_weights_fp32"), kBlockF32);
-    EXPECT_EQ(term(*s, "prefetched_block_fp32"), kBlockF32);
-    EXPECT_EQ(term(*s, "mapped_blocks"), 3000000u) << "the source bytes of the stage's blocks";
-    EXPECT_EQ(term(*s, "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16) << "fp32 linears, norms, rope";
+    EXPECT_EQ(term(*s, "hessian"), 12 * kK * kK) << "16 samples are 2 chunks: the fp32 partial and the fp64 sum";
+    EXPECT_EQ(term(*s, "gptq_factor_host"), 4 * kK * kK) << "R of the widest group, in H's own memory";
+    EXPECT_EQ(term(*s, "block_weights_held"), held_at_down);
+    EXPECT_EQ(term(*s, "prefetched_block"), block_held) << "the next block as stored";
     EXPECT_EQ(term(*s, "runner_scratch"), 4 * mb_rows * (3 * 256 + 2 * 256 + 2 * 128 + 2 * 688));
-    // the largest column loop is down_proj's [256, 688] (gate and up [688, 256] hold a little less)
+    EXPECT_EQ(term(*s, "runner_expand_tile"), 4 * 688 * 256u) << "one tile of rows in fp32 (here a whole linear)";
+    // down_proj's [256, 688] rows fit one tile
     EXPECT_EQ(term(*s, "solve_working_set"), loop_bytes(256, kK));
-    EXPECT_GT(loop_bytes(256, kK), loop_bytes(688, 256));
-    // the largest error check: H [688, 688] with the stacked [W; W - Q] rows of down_proj (one chunk) and its product
-    EXPECT_EQ(term(*s, "error_check"), 4 * (kK * kK + 4 * 256 * kK));
-    EXPECT_EQ(term(*s, "error_check_staging"), 16 * 688 * 256 + 16 * 688) << "gate's chunk, product and row sums";
-    EXPECT_EQ(term(*s, "linear_results"), 6 * 688 * 256) << "two codes u8 and a dequantized fp32 of the largest";
-    for (const char* absent : {"group_sum_piece_fp64", "fp_sent", "fp_resident_blocks_fp32", "gptq_factor_host",
-                               "solve_working_set_host", "error_check_host", "half_gemm_widening"})
+    EXPECT_EQ(term(*s, "solve_tile_host"), 6 * 256 * kK) << "the tile's fp32 rows and two copies of its codes";
+    EXPECT_EQ(term(*s, "linear_results"), 256 * kK + 256 * kK / 2) << "the codes and the packed words";
+    EXPECT_TRUE(term(*s, "error_terms"));
+    for (const char* absent : {"group_sum_piece_fp64", "fp_sent", "fp_resident_blocks", "solve_working_set_host",
+                               "runner_weights", "gptq_factor", "hessian_partial_fp32", "process"})
       EXPECT_FALSE(term(*s, absent)) << absent;
   }
-  EXPECT_EQ(term(s0, "embedding_fp32"), 4 * 1000 * 256u) << "the first stage embeds";
-  EXPECT_EQ(term(s0, "mapped_embedding"), 1000u);
+  EXPECT_EQ(term(s0, "embedding_fp32"), 4 * 1000 * 256u + 1000) << "the first stage embeds: fp32 table, mapped pages";
   EXPECT_FALSE(term(s1, "embedding_fp32"));
-  EXPECT_FALSE(term(s1, "mapped_embedding"));
   // where the terms live
-  EXPECT_TRUE(find_term(s0, "hessian_partial_fp32")->backend);
-  EXPECT_FALSE(find_term(s0, "hessian_sum_fp64")->backend);
-  EXPECT_TRUE(find_term(s0, "hessian_fp32")->live_in(Phase::kSolve));
-  EXPECT_FALSE(find_term(s0, "hessian_sum_fp64")->live_in(Phase::kSolve));
+  EXPECT_TRUE(find_term(s0, "solve_working_set")->backend);
+  EXPECT_FALSE(find_term(s0, "hessian")->backend);
+  EXPECT_FALSE(find_term(s0, "hessian")->live_in(Phase::kSolve));
+  EXPECT_TRUE(find_term(s0, "gptq_factor_host")->live_in(Phase::kSolve));
   EXPECT_TRUE(find_term(s0, "embedding_fp32")->live_in(Phase::kEmbed));
   EXPECT_FALSE(find_term(s0, "embedding_fp32")->live_in(Phase::kInputs));
+  // one chunk on one rank: H is the fp32 partial alone; the process's own memory is a term when measured
+  auto one = inputs(std::vector<uint64_t>(6, 1000000), 2);
+  one.samples = 8;
+  one.process_bytes = 123456789;
+  const Plan q = make_plan(one);
+  EXPECT_EQ(term(q.stages[0], "hessian"), 4 * kK * kK);
+  EXPECT_EQ(term(q.stages[0], "process"), 123456789u);
+  EXPECT_TRUE(find_term(q.stages[0], "process")->live_in(Phase::kEmbed));
 }
 
 TEST(PlannerMemory, PhasePeaksSumTheLiveTermsAndTheCpuBackendIsHostMemory) {
@@ -247,10 +255,9 @@ TEST(PlannerMemory, PhasePeaksSumTheLiveTermsAndTheCpuBackendIsHostMemory) {
   const Plan cpu = make_plan(in);
   in.backend = BackendKind::kCuda;
   const Plan cuda = make_plan(in);
-  const auto hessian = static_cast<size_t>(Phase::kHessian);
-  EXPECT_EQ(cpu.stages[0].phases[hessian].host_bytes,
-            cuda.stages[0].phases[hessian].host_bytes + cuda.stages[0].phases[hessian].device_bytes);
-  EXPECT_EQ(cpu.stages[0].device_bytes, cuda.stages[0].device_bytes) << "fp32 forward weights on both";
+  EXPECT_FALSE(term(cpu.stages[0], "runner_weights")) << "the CPU backend expands tiles of the held weights";
+  EXPECT_EQ(term(cuda.stages[0], "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16);
+  EXPECT_LT(cpu.stages[0].device_bytes, cuda.stages[0].device_bytes);
 }
 
 TEST(PlannerMemory, CudaHoldsTheForwardWeightsIn16BitsForA16BitCheckpoint) {
@@ -260,11 +267,12 @@ TEST(PlannerMemory, CudaHoldsTheForwardWeightsIn16BitsForA16BitCheckpoint) {
   EXPECT_EQ(term(make_plan(in).stages[0], "runner_weights"), 2 * kLinearElems + 4 * 2 * 256 + 4 * 16);
   in.compute_dtype = ComputeDtype::kFp32;
   EXPECT_EQ(term(make_plan(in).stages[0], "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16);
-  in.backend = BackendKind::kCpu;  // the CPU backend is the fp32 reference (auto) ...
+  in.backend = BackendKind::kCpu;  // the CPU backend is the fp32 reference (auto): tiles expanded per GEMM ...
   in.compute_dtype = ComputeDtype::kAuto;
-  EXPECT_EQ(term(make_plan(in).stages[0], "runner_weights"), 4 * kLinearElems + 4 * 2 * 256 + 4 * 16);
-  in.compute_dtype = ComputeDtype::kBf16;  // ... and widens 16-bit weights for each GEMM when asked for them
+  EXPECT_FALSE(term(make_plan(in).stages[0], "runner_weights"));
+  in.compute_dtype = ComputeDtype::kBf16;  // ... and holds rounded 16-bit weights, widened for each GEMM, when asked
   const Plan half_cpu = make_plan(in);
+  EXPECT_EQ(term(half_cpu.stages[0], "runner_weights"), 2 * kLinearElems + 4 * 2 * 256 + 4 * 16);
   EXPECT_EQ(term(half_cpu.stages[0], "half_gemm_widening"), 4 * (688 * 256 + 2 * 128 * 688u));
 }
 
@@ -278,7 +286,7 @@ TEST(PlannerMemory, StageGroupsSplitSamplesAndRowsAndSumInPieces) {
   EXPECT_EQ(term(s, "activations"), 4 * 8 * 128 * 256u) << "8 of the 16 samples";
   EXPECT_EQ(term(s, "group_sum_piece_fp64"), 8 * kK * kK) << "H fits one piece";
   EXPECT_EQ(term(s, "solve_working_set"), loop_bytes(128, kK)) << "half of down_proj's rows";
-  EXPECT_EQ(term(s, "linear_results"), 10 * 688 * 256) << "the gathered linear, with RTN's dequantized weights";
+  EXPECT_EQ(term(s, "linear_results"), (128 + 256 + 128) * kK) << "this rank's codes, the gathered ones, packed";
   auto wide = inputs(std::vector<uint64_t>(2, 1), 2, 2);
   wide.config.intermediate_size = 5000;  // 5000^2 elements: more than one piece
   EXPECT_EQ(term(make_plan(wide).stages[0], "group_sum_piece_fp64"), 8 * static_cast<uint64_t>(comm::kDefaultMaxCount));
@@ -289,17 +297,18 @@ TEST(PlannerMemory, AGpuBudgetSendsTheSolvesThatDoNotFitToTheHost) {
   in.backend = BackendKind::kCuda;
   const Plan unbounded = make_plan(in);
   EXPECT_FALSE(term(unbounded.stages[0], "gptq_factor_host"));
-  // beside the runner (about 5.9 MB) 10 MB leave room for the {gate, up} factor and solve (3.5 MB), not for down's
-  // (6.8 MB): down's factor, solve and error check go to the host
+  // beside the runner (about 5.9 MB) 10 MB leave no room for down_proj's factor and solve (6.8 MB): they go to the
+  // host fallback
   in.budgets.device_gb = 0.01;
   const Plan p = make_plan(in);
   const StagePlan& s = p.stages[0];
   EXPECT_EQ(term(s, "gptq_factor_host"), 4 * kK * kK);
-  EXPECT_EQ(term(s, "gptq_factor"), 4 * 256 * 256u);
+  EXPECT_FALSE(term(s, "gptq_factor"));
   EXPECT_EQ(term(s, "solve_working_set_host"), loop_bytes(256, kK));
-  EXPECT_EQ(term(s, "solve_working_set"), loop_bytes(688, 256));
+  EXPECT_FALSE(term(s, "solve_working_set"));
   EXPECT_LT(s.device_bytes, unbounded.stages[0].device_bytes);
-  EXPECT_GT(s.host_bytes, unbounded.stages[0].host_bytes);
+  const auto solve = static_cast<size_t>(Phase::kSolve);
+  EXPECT_GT(s.phases[solve].host_bytes, unbounded.stages[0].phases[solve].host_bytes);
 }
 
 std::string refusal_of(const PlanInputs& in) { return plan_refusal(make_plan(in)); }
@@ -370,7 +379,7 @@ TEST(PlanJson, TheDocumentedShape) {
     EXPECT_EQ(st.at("blocks"), nlohmann::json::array({s.first_block, s.first_block + s.blocks - 1})) << "inclusive";
     EXPECT_EQ(st.at("host_peak_gb"), static_cast<double>(s.host_bytes) / 1e9);
     EXPECT_EQ(st.at("device_peak_gb"), static_cast<double>(s.device_bytes) / 1e9);
-    EXPECT_EQ(st.at("host_terms_gb").at("hessian_sum_fp64"), 8.0 * kK * kK / 1e9);
+    EXPECT_EQ(st.at("host_terms_gb").at("hessian"), 12.0 * kK * kK / 1e9);
     EXPECT_EQ(st.at("host_terms_gb").at("runner_scratch"), st.at("device_terms_gb").at("runner_scratch"))
         << "the CPU backend's terms are host memory";
     EXPECT_EQ(st.at("phases").size(), kPhases.size());
@@ -396,8 +405,8 @@ TEST(PlanTable, TheTableThenThePhasesTheBackendAndTheBudgets) {
   EXPECT_LT(t.find("0      0-0       0-2 "), t.find("peak per rank by phase")) << "the phases below the table";
   EXPECT_NE(t.find("backend cpu: its memory is host memory"), std::string::npos);
   EXPECT_EQ(t.find("fits:"), std::string::npos) << "the table alone has no verdict";
-  EXPECT_EQ(t.find("hessian_sum_fp64"), std::string::npos);
-  EXPECT_NE(verbose.str().find("hessian_sum_fp64"), std::string::npos);
+  EXPECT_EQ(t.find("block_weights_held"), std::string::npos);
+  EXPECT_NE(verbose.str().find("block_weights_held"), std::string::npos);
   EXPECT_NE(budget.str().find("fits: yes: host peaks within --host-mem 1000"), std::string::npos) << budget.str();
 }
 
