@@ -97,6 +97,24 @@ std::vector<int32_t> pack_columns(const uint8_t* codes_kn, int64_t k, int64_t n,
   return words;
 }
 
+std::vector<int32_t> pack_columns_of_rows(const uint8_t* codes_nk, int64_t k, int64_t n, int bits) {
+  PQ_ASSERT(k > 0 && n > 0, "pack_columns_of_rows: k ", k, " n ", n);
+  std::vector<int32_t> words(static_cast<size_t>(stream_words(k, bits) * n), 0);
+  uint32_t* out = as_words(words);
+  with_stream(bits, [&](auto s) {
+    using S = decltype(s);
+    // each column's stream is its own words: columns in blocks of 64 on the threads
+#pragma omp parallel for schedule(static, 64) if (n * k > (int64_t{1} << 20))
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t i = 0; i < k; ++i) {
+        const uint32_t code = codes_nk[c * k + i];
+        check_code(code, S::kMask);
+        S::put(out + c, n, i, code);
+      }
+  });
+  return words;
+}
+
 std::vector<uint8_t> unpack_columns(const int32_t* words, int64_t k, int64_t n, int bits) {
   PQ_ASSERT(k > 0 && n > 0, "unpack_columns: k ", k, " n ", n);
   std::vector<uint8_t> codes(static_cast<size_t>(k * n));
@@ -163,11 +181,8 @@ io::PackedLinear pack(const QuantizedLinear& ql, const std::string& module, cons
   p.fallback = name(ql.fallback);
   p.relative_error = ql.relative_error;
 
-  // codes [N, K] -> [K, N]: qweight streams run along K
-  std::vector<uint8_t> codes_kn(static_cast<size_t>(k * n));
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < k; ++c) codes_kn[static_cast<size_t>(c * n + r)] = ql.q[static_cast<size_t>(r * k + c)];
-  p.qweight = pack_columns(codes_kn.data(), k, n, ql.bits);
+  // qweight streams run along K: codes [N, K] packed as their transpose, without making it
+  p.qweight = pack_columns_of_rows(ql.q.data(), k, n, ql.bits);
 
   std::vector<uint8_t> zero_codes(static_cast<size_t>(g * n));
   const float maxq = static_cast<float>((1 << ql.bits) - 1);

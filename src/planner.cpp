@@ -287,8 +287,9 @@ GroupMemory group_memory(const PlanInputs& in, int g, bool cpu, uint64_t value_b
   const uint64_t d = u(in.ranks_per_stage);
   const int64_t samples = samples_per_rank(in.samples, in.ranks_per_stage);
   const uint64_t all_tokens = u(in.samples * in.seq_len);
-  const uint64_t mb_rows = u(std::min(in.micro_batch, samples) * in.seq_len);
+  const uint64_t tokens = u(samples * in.seq_len);  // this rank's
   const uint64_t chunks = u((samples + kHessianChunk - 1) / kHessianChunk);
+  constexpr uint64_t kErrorChunk = uint64_t{1} << 25;  // quant.cpp kErrorChunkFloats
   GroupMemory m;
   uint64_t k = 0;
   for (int i = 0; i < kLinearCount; ++i) {
@@ -304,13 +305,13 @@ GroupMemory group_memory(const PlanInputs& in, int g, bool cpu, uint64_t value_b
     m.solve_host = std::max(m.solve_host, 4 * tile * k + 2 * tile * k + (rows > tile ? rows * k + 8 * rows * groups : 0));
     m.solve_device = std::max(m.solve_device, 12 * tile * k + tile * k + 8 * tile * groups + 4 * (tile + k));
     m.results = std::max(m.results, rows * k + (d >= 2 ? u(out) * k : 0) + u(out) * k / 2);
-    // the baseline terms: from the inputs (a 2^24-float tile, [W; D] and its product with a micro-batch) or from H
-    // ([W; D] and its product with H), with RTN's working set of a chunk
-    const uint64_t expand = std::min<uint64_t>(u(out), std::max<uint64_t>(1, (uint64_t{1} << 24) / k)) * k;
-    const uint64_t chunk = all_tokens < k ? std::min<uint64_t>(u(out), std::max<uint64_t>(1, (uint64_t{1} << 25) / (2 * std::max(k, mb_rows))))
-                                          : std::min<uint64_t>(rows, std::max<uint64_t>(1, (uint64_t{1} << 25) / (2 * k)));
-    const uint64_t products = all_tokens < k ? 2 * 4 * 2 * chunk * mb_rows : 2 * 4 * 2 * chunk * k;
-    m.terms = std::max(m.terms, 4 * expand + 2 * 4 * 2 * chunk * k + products + 10 * chunk * k);
+    // the baseline terms: from the inputs (this rank's [tokens, K] kept, [W; D] and its product with them) or from
+    // H ([W; D] and its product with H), with a chunk of W and RTN's working set of it
+    const bool from_inputs = all_tokens < k;
+    const uint64_t chunk = std::min<uint64_t>(from_inputs ? u(out) : rows,
+                                              std::max<uint64_t>(1, kErrorChunk / (2 * std::max(k, from_inputs ? tokens : 0))));
+    const uint64_t products = 2 * 4 * 2 * chunk * (from_inputs ? tokens : k);
+    m.terms = std::max(m.terms, (from_inputs ? 4 * tokens * k : 0) + 2 * 4 * 2 * chunk * k + products + 14 * chunk * k);
   }
   const uint64_t kk = k * k;
   const uint64_t one = chunks <= 1 && d == 1 ? 4 * kk : 12 * kk;  // HessianAccumulator::peak_bytes
@@ -424,7 +425,11 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
   const bool to_host =
       !cpu && in.budgets.device_gb > 0 && static_cast<double>(gm.factor + gm.solve_device) > room;
   // the GPTQ factor R [K, K] of the heaviest group (on the CPU backend made in H's own memory)
-  add("gptq_factor_host", cpu || to_host ? gm.factor : 0, false, solve | checks);
+  // R goes after the solve of its group's last linear: it is held through packing only in groups of several
+  int group_linears = 0;
+  for (const auto& l : kLinears) group_linears += l.group == g ? 1 : 0;
+  const unsigned factor_phases = solve | (group_linears > 1 ? checks : 0u);
+  add("gptq_factor_host", cpu || to_host ? gm.factor : 0, false, factor_phases);
   add("solve_working_set_host", to_host ? gm.solve_device : 0, false, solve);
   // one solve tile's fp32 rows and codes, and the linear's result so far when it takes several tiles
   add("solve_tile_host", gm.solve_host, false, solve);
@@ -444,7 +449,7 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
   add("runner_scratch", runner_scratch, true, all);
   // a device backend's Hessian partial and GPTQ factor
   add("hessian_partial_fp32", gm.hessian_device, true, hessian);
-  add("gptq_factor", cpu || to_host ? 0 : gm.factor, true, solve | checks);
+  add("gptq_factor", cpu || to_host ? 0 : gm.factor, true, factor_phases);
   // the column loop of one tile of this rank's rows (w, wc, res fp32, codes, tables)
   add("solve_working_set", to_host ? 0 : gm.solve_device, true, solve);
   return t;

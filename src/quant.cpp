@@ -629,15 +629,17 @@ BaselineTerms quadratic_sums(Backend& backend, const float* w, const float* wq, 
   return t;
 }
 
-// Rows [0, rows) of w and their round-to-nearest dequantized values, in chunks of at most `chunk` rows:
-// visit(r0, m, w_chunk, wq_chunk).
+// Rows [0, rows) of W (from w_rows) and their round-to-nearest dequantized values, in chunks of at most `chunk`
+// rows into buffers made once: visit(r0, m, w_chunk, wq_chunk).
 template <typename Visit>
-void for_each_rtn_chunk(Backend& backend, const float* w, int64_t rows, int64_t cols, int64_t chunk,
+void for_each_rtn_chunk(Backend& backend, const FillRows& w_rows, int64_t rows, int64_t cols, int64_t chunk,
                         const QuantConfig& config, Visit&& visit) {
+  std::vector<float> w(static_cast<size_t>(std::min(chunk, rows) * cols));
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t m = std::min(chunk, rows - r0);
-    const std::vector<float> wq = rtn_quantize(backend, w + r0 * cols, m, cols, nullptr, config).dequantize();
-    visit(r0, m, w + r0 * cols, wq.data());
+    w_rows(r0, r0 + m, w.data());
+    const std::vector<float> wq = rtn_quantize(backend, w.data(), m, cols, nullptr, config).dequantize();
+    visit(r0, m, w.data(), wq.data());
   }
 }
 
@@ -651,29 +653,30 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
   return t.weight2 == 0.0 ? 0.0 : t.rtn_error2 / t.weight2;
 }
 
-BaselineTerms baseline_terms(Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
+BaselineTerms baseline_terms(Backend& backend, const FillRows& w_rows, int64_t rows, int64_t cols, const float* h,
                              const QuantConfig& config) {
-  PQ_ASSERT(w && h && rows > 0 && cols > 0, "baseline_terms: bad arguments");
-  const float* hb = h;
+  PQ_ASSERT(h && rows > 0 && cols > 0, "baseline_terms: bad arguments");
   BaselineTerms total;
   const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * cols), 1, rows);
-  for_each_rtn_chunk(backend, w, rows, cols, chunk, config, [&](int64_t, int64_t m, const float* wc, const float* wq) {
-    total += quadratic_sums(backend, wc, wq, m, cols, hb);
-  });
+  for_each_rtn_chunk(backend, w_rows, rows, cols, chunk, config,
+                     [&](int64_t, int64_t m, const float* wc, const float* wq) {
+                       total += quadratic_sums(backend, wc, wq, m, cols, h);
+                     });
   return total;
 }
 
-BaselineTerms baseline_terms_from_inputs(Backend& backend, const float* x, int64_t m, const float* w, int64_t rows,
-                                         int64_t cols, double scale, const QuantConfig& config) {
-  PQ_ASSERT(x && w && m > 0 && rows > 0 && cols > 0, "baseline_terms_from_inputs: bad arguments");
+BaselineTerms baseline_terms_from_inputs(Backend& backend, const float* x, int64_t m, const FillRows& w_rows,
+                                         int64_t rows, int64_t cols, double scale, const QuantConfig& config) {
+  PQ_ASSERT(x && m > 0 && rows > 0 && cols > 0, "baseline_terms_from_inputs: bad arguments");
   // [W_chunk; D_chunk] and its product with x, each at most kErrorChunkFloats
   const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * std::max(cols, m)), 1, rows);
   std::vector<float> stacked(static_cast<size_t>(2 * chunk * cols)), y(static_cast<size_t>(2 * chunk * m));
   Buffer<float> sb(backend, 2 * chunk * cols), yb(backend, 2 * chunk * m);
   std::vector<double> w2(static_cast<size_t>(m)), d2(static_cast<size_t>(m));
   BaselineTerms total;
-  for_each_rtn_chunk(backend, w, rows, cols, chunk, config, [&](int64_t, int64_t t, const float* wc, const float* wq) {
+  for_each_rtn_chunk(backend, w_rows, rows, cols, chunk, config, [&](int64_t, int64_t t, const float* wc, const float* wq) {
     std::copy(wc, wc + t * cols, stacked.begin());
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < t * cols; ++i) stacked[static_cast<size_t>(t * cols + i)] = wc[i] - wq[i];
     upload(backend, sb, stacked.data(), 2 * t * cols);
     // y [m, 2t] = x [m, cols] stacked^T: the outputs of W and of D for every token
@@ -681,9 +684,10 @@ BaselineTerms baseline_terms_from_inputs(Backend& backend, const float* x, int64
     download(backend, y.data(), yb, 2 * t * m);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < m; ++i) {
+      const float* yi = y.data() + i * 2 * t;
       double a = 0.0, b = 0.0;
-      for (int64_t j = 0; j < t; ++j) a += static_cast<double>(y[static_cast<size_t>(i * 2 * t + j)]) * y[static_cast<size_t>(i * 2 * t + j)];
-      for (int64_t j = t; j < 2 * t; ++j) b += static_cast<double>(y[static_cast<size_t>(i * 2 * t + j)]) * y[static_cast<size_t>(i * 2 * t + j)];
+      for (int64_t j = 0; j < t; ++j) a += static_cast<double>(yi[j]) * yi[j];
+      for (int64_t j = t; j < 2 * t; ++j) b += static_cast<double>(yi[j]) * yi[j];
       w2[static_cast<size_t>(i)] = a;
       d2[static_cast<size_t>(i)] = b;
     }

@@ -3,6 +3,7 @@
 // relative output error, and conversion between the unpacked result and the packed GPTQ layout.
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -119,13 +120,15 @@ struct BaselineTerms {
     return *this;
   }
 };
-// From H [cols, cols] (backend memory: upload it once for all the calls on a device) for rows of w [rows, cols]
-// (host fp32): 4 rows cols^2 flops.
-BaselineTerms baseline_terms(kernels::Backend& backend, const float* w, int64_t rows, int64_t cols, const float* h,
-                             const QuantConfig& config);
+// Fills rows [r0, r1) of a weight matrix in fp32 into dst [r1 - r0, cols]: a linear expanded a chunk at a time.
+using FillRows = std::function<void(int64_t r0, int64_t r1, float* dst)>;
+// From H [cols, cols] (backend memory: upload it once for all the calls on a device) for `rows` rows of W given by
+// w_rows: 4 rows cols^2 flops.
+BaselineTerms baseline_terms(kernels::Backend& backend, const FillRows& w_rows, int64_t rows, int64_t cols,
+                             const float* h, const QuantConfig& config);
 // From calibration inputs x [m, cols] (backend memory) of an H that holds scale * x^T x: 4 m rows cols flops, the
-// cheaper way while the tokens are fewer than the inputs.
-BaselineTerms baseline_terms_from_inputs(kernels::Backend& backend, const float* x, int64_t m, const float* w,
+// cheaper way while the tokens are fewer than the inputs. Each chunk of rows is quantized once for all m tokens.
+BaselineTerms baseline_terms_from_inputs(kernels::Backend& backend, const float* x, int64_t m, const FillRows& w_rows,
                                          int64_t rows, int64_t cols, double scale, const QuantConfig& config);
 
 // h: the Hessian [cols, cols] = (2/n) sum x x^T over calibration tokens (undamped; not modified).
@@ -148,6 +151,8 @@ QuantizedLinear unpack(const io::PackedLinear& packed);
 // Bit-stream packing of b-bit codes into int32 words, lowest bits first; codes may straddle words.
 // Along K: codes [k][n] -> words [ceil(K*bits/32)][n]. Along N: codes [g][n] -> words [g][ceil(N*bits/32)].
 std::vector<int32_t> pack_columns(const uint8_t* codes_kn, int64_t k, int64_t n, int bits);
+// The same words from codes [n][k] (a QuantizedLinear's q): pack_columns of their transpose, without making it.
+std::vector<int32_t> pack_columns_of_rows(const uint8_t* codes_nk, int64_t k, int64_t n, int bits);
 std::vector<uint8_t> unpack_columns(const int32_t* words, int64_t k, int64_t n, int bits);
 std::vector<int32_t> pack_rows(const uint8_t* codes_gn, int64_t g, int64_t n, int bits);
 std::vector<uint8_t> unpack_rows(const int32_t* words, int64_t g, int64_t n, int bits);

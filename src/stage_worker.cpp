@@ -257,10 +257,13 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
     t0 = Clock::now();
     if (!terms_from_inputs(g)) add_terms_from_hessian(g, in);
     metrics_.solve_seconds += seconds_since(t0);
-    const std::optional<GptqFactor> factor = group_factor(g, std::move(in.h));  // H is gone from here on
+    std::optional<GptqFactor> factor = group_factor(g, std::move(in.h));  // H is gone from here on
+    int last = 0;
+    for (int i = 0; i < kLinearCount; ++i)
+      if (kLinears[static_cast<size_t>(i)].group == g) last = i;
     for (int i = 0; i < kLinearCount; ++i) {
       if (kLinears[static_cast<size_t>(i)].group != g) continue;
-      const double e = quantize_linear(b, i, factor ? &*factor : nullptr, in.terms[static_cast<size_t>(i)]);
+      const double e = quantize_linear(b, i, factor, i == last, in.terms[static_cast<size_t>(i)]);
       errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], e);
     }
   }
@@ -311,65 +314,73 @@ bool StageWorker::terms_from_inputs(int g) const {
   return calib_.count * calib_.seq < runner_->width(static_cast<Until>(g));
 }
 
-// Adds the baseline terms of the group's linears for `tokens` input rows at `acts` (backend memory), all rows of
-// each linear, expanded a tile at a time.
-void StageWorker::add_terms_from_inputs(int g, const float* acts, int64_t tokens, GroupInputs& in) {
+namespace {
+
+// A linear's rows [first + r0, first + r1) in fp32, for the baseline terms.
+FillRows rows_from(const Linear& lin, int64_t first = 0) {
+  return [&lin, first](int64_t r0, int64_t r1, float* dst) { lin.rows_f32(first + r0, first + r1, dst); };
+}
+
+// host floats as backend memory: themselves on a host backend, else an uploaded copy held by `copy`
+const float* on_backend(kernels::Backend& backend, const std::vector<float>& v, kernels::Buffer<float>& copy) {
+  if (backend.host_memory()) return v.data();
+  copy = kernels::Buffer<float>(backend, static_cast<int64_t>(v.size()));
+  backend.upload(copy.data(), v.data(), v.size() * sizeof(float));
+  return copy.data();
+}
+
+}  // namespace
+
+// The baseline terms of the group's linears from this rank's inputs x [tokens, K] (all rows of each linear),
+// summed over the stage group.
+void StageWorker::add_terms_from_inputs(int g, const std::vector<float>& x, GroupInputs& in) {
   const double scale = 2.0 / static_cast<double>(calib_.count * calib_.seq);
-  std::vector<float> tile;
+  kernels::Buffer<float> copy;
+  const float* xb = on_backend(*backend_, x, copy);
   for (int i = 0; i < kLinearCount; ++i) {
     if (kLinears[static_cast<size_t>(i)].group != g) continue;
     const Linear& lin = runner_->linear(i);
-    const int64_t rows = expand_tile_rows(lin.in);
-    tile.resize(static_cast<size_t>(std::min(rows, lin.out) * lin.in));
-    for (int64_t r0 = 0; r0 < lin.out; r0 += rows) {
-      const int64_t r1 = std::min(lin.out, r0 + rows);
-      lin.rows_f32(r0, r1, tile.data());
-      in.terms[static_cast<size_t>(i)] +=
-          baseline_terms_from_inputs(*backend_, acts, tokens, tile.data(), r1 - r0, lin.in, scale, opt_.quant);
-    }
+    const int64_t tokens = static_cast<int64_t>(x.size()) / lin.in;
+    in.terms[static_cast<size_t>(i)] =
+        baseline_terms_from_inputs(*backend_, xb, tokens, rows_from(lin), lin.out, lin.in, scale, opt_.quant);
   }
+  sum_terms(*group_, in.terms);
 }
 
 // The baseline terms from H, each rank for the rows it solves, summed over the stage group.
 void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
-  std::vector<float> tile;
   kernels::Buffer<float> copy;  // H on a device backend, uploaded once
-  const float* h = in.h.data();
-  if (!backend_->host_memory()) {
-    copy = kernels::Buffer<float>(*backend_, static_cast<int64_t>(in.h.size()));
-    backend_->upload(copy.data(), h, in.h.size() * sizeof(float));
-    h = copy.data();
-  }
+  const float* h = on_backend(*backend_, in.h, copy);
   for (int i = 0; i < kLinearCount; ++i) {
     if (kLinears[static_cast<size_t>(i)].group != g) continue;
     const Linear& lin = runner_->linear(i);
     const auto [r0, r1] = group_->owned_range(lin.out);
-    const int64_t rows = expand_tile_rows(lin.in);
-    for (int64_t t0 = r0; t0 < r1; t0 += rows) {
-      const int64_t t1 = std::min(r1, t0 + rows);
-      tile.resize(static_cast<size_t>((t1 - t0) * lin.in));
-      lin.rows_f32(t0, t1, tile.data());
-      in.terms[static_cast<size_t>(i)] += baseline_terms(*backend_, tile.data(), t1 - t0, lin.in, h, opt_.quant);
-    }
+    if (r1 > r0)
+      in.terms[static_cast<size_t>(i)] =
+          baseline_terms(*backend_, rows_from(lin, r0), r1 - r0, lin.in, h, opt_.quant);
   }
   sum_terms(*group_, in.terms);
 }
 
 // H of linear group g over the whole stage group's samples (each rank accumulates its own, in global sample order),
-// and the baseline terms when they come from the inputs.
+// and the baseline terms when they come from the inputs (this rank's, kept for it: fewer floats than H).
 StageWorker::GroupInputs StageWorker::group_hessian(int g) {
   const Until until = static_cast<Until>(g);
   const int64_t width = runner_->width(until);
   const int64_t seq = calib_.seq;
   const bool terms = terms_from_inputs(g);
   GroupInputs in;
+  std::vector<float> inputs(terms ? static_cast<size_t>(batches_.samples * seq * width) : 0);
   HessianAccumulator acc(*backend_, width);
   for_each_micro_batch(*runner_, x_.data(), batches_.samples, config_.hidden_size, until,
                        [&](int64_t s0, int64_t n, const float* acts) {
                          for (int64_t s = 0; s < n; ++s) acc.add_sample(acts + s * seq * width, seq, sample_begin_ + s0 + s);
-                         if (terms) add_terms_from_inputs(g, acts, n * seq, in);
+                         if (terms)
+                           backend_->download(inputs.data() + s0 * seq * width, acts,
+                                              sizeof(float) * static_cast<size_t>(n * seq * width));
                        });
-  if (terms) sum_terms(*group_, in.terms);
+  if (terms) add_terms_from_inputs(g, inputs, in);
+  inputs = std::vector<float>();
   in.h = acc.finish(*group_, calib_.count * seq);
   return in;
 }
@@ -419,19 +430,23 @@ QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const GptqFactor* 
 }
 
 // Quantizes linear `index` of block b (this rank's rows, then gathered), writes it, records it and, with quantized
-// propagation, puts its quantized weights into the block. `factor`: its group's GPTQ factor (null with RTN);
-// `terms`: its baseline terms over the whole group. Returns its relative error.
-double StageWorker::quantize_linear(int64_t b, int index, const GptqFactor* factor, const BaselineTerms& terms) {
+// propagation, puts its quantized weights into the block. `factor`: its group's GPTQ factor (empty with RTN),
+// released after the solve of the group's last linear; `terms`: its baseline terms over the whole group. Returns
+// its relative error.
+double StageWorker::quantize_linear(int64_t b, int index, std::optional<GptqFactor>& factor, bool last_of_group,
+                                   const BaselineTerms& terms) {
   const char* module = kLinears[static_cast<size_t>(index)].module;
   const QuantConfig& q = opt_.quant;
   auto t0 = Clock::now();
-  PQ_ASSERT(q.method != Method::kGptq || factor != nullptr, "quantize_linear: GPTQ without its group's factor");
-  QuantizedLinear ql = solve_rows(b, index, factor);
+  const bool gptq = factor.has_value();
+  PQ_ASSERT(q.method != Method::kGptq || gptq, "quantize_linear: GPTQ without its group's factor");
+  QuantizedLinear ql = solve_rows(b, index, gptq ? &*factor : nullptr);
+  if (last_of_group) factor.reset();  // R (11.3 GB for a 405B down_proj) goes before packing and writing
   const double solve_s = ql.solve_seconds;
   // GPTQ's error from its own accounting, summed over the group's rows; RTN (and the RTN fallback) is the baseline
   double error2 = ql.error2;
   group_->sum(&error2, 1);
-  if (!factor || ql.fallback == Fallback::kRtn) error2 = terms.rtn_error2;
+  if (!gptq || ql.fallback == Fallback::kRtn) error2 = terms.rtn_error2;
   const auto relative = [&](double e2) { return terms.weight2 > 0.0 ? e2 / terms.weight2 : 0.0; };
   ql.relative_error = relative(error2);
   const int64_t out = runner_->linear(index).out;

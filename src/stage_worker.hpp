@@ -72,11 +72,12 @@ class StageWorker {
   GroupErrors replay_resumed_block(int64_t b);
   GroupInputs group_hessian(int group);
   bool terms_from_inputs(int group) const;
-  void add_terms_from_inputs(int group, const float* acts, int64_t tokens, GroupInputs& in);
+  void add_terms_from_inputs(int group, const std::vector<float>& x, GroupInputs& in);
   void add_terms_from_hessian(int group, GroupInputs& in);
   std::optional<GptqFactor> group_factor(int group, std::vector<float> h);
   QuantizedLinear solve_rows(int64_t b, int index, const GptqFactor* factor);
-  double quantize_linear(int64_t b, int index, const GptqFactor* factor, const BaselineTerms& terms);
+  double quantize_linear(int64_t b, int index, std::optional<GptqFactor>& factor, bool last_of_group,
+                         const BaselineTerms& terms);
   void write_block_tensors(int64_t b);
   void post_progress(int64_t b, double seconds, const GroupErrors& errors);
 

@@ -76,7 +76,7 @@ check(f"under mpirun -np 2: {len(objs)} JSON object(s), world {objs[0]['world'] 
       len(objs) == 1 and objs[0]["world"] == 2)
 p = pq.run(["plan", "--model", STORIES, "--world", 2, "--seq-len", 128, "--nsamples", 16, "--verbose"], np=2)
 check("under mpirun -np 2 the table is printed once, with the memory terms (--verbose)",
-      p.stdout.count("plan: 2 ranks") == 1 and "hessian_sum_fp64" in p.stdout)
+      p.stdout.count("plan: 2 ranks") == 1 and "block_weights_held" in p.stdout)
 # layouts that cannot be made are one clear error
 p = pq.run(["plan", "--model", STORIES, "--world", 6, "--seq-len", 128], check=False)
 check("world 6 on 5 blocks: refused naming the blocks",
@@ -174,9 +174,8 @@ try:
     check(f"405B, cpu backend: every stage's host peak ({min(peaks, default=0):.1f} .. {max(peaks, default=0):.1f} GB)"
           f" >= the fp32 down_proj Hessian {hessian_gb:.2f} GB", peaks and min(peaks) >= hessian_gb)
     terms = j["stages"][0]["host_terms_gb"] if j else {}
-    check(f"405B stage 0 host terms hold the Hessian accumulator (fp64 sum {terms.get('hessian_sum_fp64', 0):.2f} GB)",
-          abs(terms.get("hessian_sum_fp64", 0) - 2 * hessian_gb) < 1e-6 and
-          abs(terms.get("hessian_partial_fp32", 0) - hessian_gb) < 1e-6)
+    check(f"405B stage 0 host terms hold the Hessian accumulator: 16 chunks, so the fp32 partial and the fp64 sum "
+          f"({terms.get('hessian', 0):.2f} GB)", abs(terms.get("hessian", 0) - 3 * hessian_gb) < 1e-6)
 
     rc, out, err, wall, rss = timed_plan(base + ["--json", "--backend", "cuda", "--gpu-mem", 8])
     j = json.loads(out) if out.strip() else {}
@@ -201,6 +200,20 @@ stage = next((r for r in pq.read_metrics(metrics) if r["record"] == "stage"), {}
 check(f"quantize --metrics: planned_host_peak_gb {stage.get('planned_host_peak_gb')} beside host_peak_gb "
       f"{stage.get('host_peak_gb')}", stage.get("planned_host_peak_gb", 0) > 0 and stage.get("host_peak_gb", 0) > 0)
 check("quantize --host-mem 64 says the plan fits", "memory: every stage fits --host-mem 64" in p.stdout)
+
+# the plan against the measured peak (getrusage) on tiny-llama-6L, 1 rank and 2 stages x 2 ranks: within 15% for
+# every stage. stories260K (a few MB of tensors) is below the floor where the process's own memory, which grows
+# after planning (BLAS and OpenMP buffers, MPI), is most of the peak.
+for np_, d in ((1, 1), (4, 2)):
+    m = os.path.join(work, f"tiny-{np_}.jsonl")
+    pq.run(["quantize", "--model", TINY, "--calib", CALIB, "--seq-len", 128, "--nsamples", 32, "--backend", "cpu",
+            "--ranks-per-stage", d, "--metrics", m, "--out", os.path.join(work, f"tiny-{np_}"), "--threads", 1],
+           np=np_)
+    for st in (r for r in pq.read_metrics(m) if r["record"] == "stage"):
+        planned, measured = st["planned_host_peak_gb"], st["host_peak_gb"]
+        check(f"tiny-llama-6L np {np_} (D={d}) stage {st['stage']}: planned host peak {planned:.3f} GB, measured "
+              f"{measured:.3f} GB ({100 * (planned / measured - 1):+.1f}%, within 15%)",
+              abs(planned / measured - 1) <= 0.15)
 refused = os.path.join(work, "refused")
 p = pq.run(["quantize", "--model", STORIES, "--calib", CALIB, "--seq-len", 128, "--nsamples", 16, "--backend", "cpu",
             "--host-mem", 0.001, "--out", refused], np=1, check=False)

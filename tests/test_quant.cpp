@@ -233,6 +233,10 @@ TEST(Pack, RoundTripAllWidthsRaggedShapes) {
     std::vector<uint8_t> codes(static_cast<size_t>(k * n));
     for (auto& c : codes) c = static_cast<uint8_t>(code(rng));
     const auto cw = pack_columns(codes.data(), k, n, bits);
+    std::vector<uint8_t> codes_nk(codes.size());  // the same codes as [n][k]
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t c = 0; c < n; ++c) codes_nk[static_cast<size_t>(c * k + i)] = codes[static_cast<size_t>(i * n + c)];
+    EXPECT_EQ(pack_columns_of_rows(codes_nk.data(), k, n, bits), cw);
     EXPECT_EQ(static_cast<int64_t>(cw.size()), (k * bits + 31) / 32 * n);
     EXPECT_EQ(unpack_columns(cw.data(), k, n, bits), codes);
     const auto rw = pack_rows(codes.data(), k, n, bits);
@@ -680,11 +684,18 @@ void expect_same_linear(const QuantizedLinear& got, const QuantizedLinear& want)
   EXPECT_EQ(got.log, want.log);
 }
 
+// The rows of w [rows, cols] for the baseline terms.
+FillRows rows_of(const std::vector<float>& w, int64_t cols) {
+  return [&w, cols](int64_t r0, int64_t r1, float* dst) {
+    std::copy(w.begin() + r0 * cols, w.begin() + r1 * cols, dst);
+  };
+}
+
 // A shared-factor solve's error from its own accounting, over tr(W H W^T), against the error gptq_quantize
 // measures directly on H: the same quantity up to fp32 rounding in the solve.
 void expect_accounted_error(kernels::Backend& backend, const QuantizedLinear& got, const QuantizedLinear& want,
                             const std::vector<float>& w, const std::vector<float>& h, const QuantConfig& cfg) {
-  const BaselineTerms t = baseline_terms(backend, w.data(), got.rows, got.cols, h.data(), cfg);
+  const BaselineTerms t = baseline_terms(backend, rows_of(w, got.cols), got.rows, got.cols, h.data(), cfg);
   ASSERT_GT(t.weight2, 0.0);
   EXPECT_NEAR(got.error2 / t.weight2, want.relative_error, 2e-4 * want.relative_error)
       << "accounted " << got.error2 / t.weight2 << ", measured " << want.relative_error;
@@ -850,9 +861,10 @@ TEST(BaselineTerms, FromInputsEqualFromTheirHessian) {
   cfg.bits = 3;
   cfg.group_size = 32;
   auto backend = cpu();
-  const BaselineTerms from_h = baseline_terms(*backend, w.data(), rows, cols, h.data(), cfg);
-  BaselineTerms from_x = baseline_terms_from_inputs(*backend, x.data(), 15, w.data(), rows, cols, scale, cfg);
-  from_x += baseline_terms_from_inputs(*backend, x.data() + 15 * cols, tokens - 15, w.data(), rows, cols, scale, cfg);
+  const BaselineTerms from_h = baseline_terms(*backend, rows_of(w, cols), rows, cols, h.data(), cfg);
+  BaselineTerms from_x = baseline_terms_from_inputs(*backend, x.data(), 15, rows_of(w, cols), rows, cols, scale, cfg);
+  from_x +=
+      baseline_terms_from_inputs(*backend, x.data() + 15 * cols, tokens - 15, rows_of(w, cols), rows, cols, scale, cfg);
   EXPECT_NEAR(from_x.weight2, from_h.weight2, 1e-5 * from_h.weight2);
   EXPECT_NEAR(from_x.rtn_error2, from_h.rtn_error2, 1e-5 * from_h.rtn_error2);
   const QuantizedLinear rtn = rtn_quantize(*backend, w.data(), rows, cols, h.data(), cfg);
