@@ -35,6 +35,7 @@ void HessianAccumulator::add_partial_to_sum() {
   const int64_t n = width_ * width_;
   if (sum_.empty()) sum_.assign(static_cast<size_t>(n), 0.0);
   if (host_) {
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) sum_[static_cast<size_t>(i)] += static_cast<double>(host_partial_[static_cast<size_t>(i)]);
     return;
   }
@@ -42,6 +43,7 @@ void HessianAccumulator::add_partial_to_sum() {
   for (int64_t i0 = 0; i0 < n; i0 += kPieceFloats) {
     const int64_t m = std::min(kPieceFloats, n - i0);
     backend_.download(piece.data(), device_partial_.data() + i0, sizeof(float) * static_cast<size_t>(m));
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < m; ++i) sum_[static_cast<size_t>(i0 + i)] += static_cast<double>(piece[static_cast<size_t>(i)]);
   }
 }
@@ -70,7 +72,8 @@ std::vector<float> HessianAccumulator::finish(const comm::StageGroup& group, int
       backend_.download(h.data(), device_partial_.data(), sizeof(float) * static_cast<size_t>(n));
       device_partial_.reset();
     }
-    for (auto& v : h) v = static_cast<float>(static_cast<double>(v) * scale);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) h[static_cast<size_t>(i)] = static_cast<float>(static_cast<double>(h[static_cast<size_t>(i)]) * scale);
     return h;
   }
   if (chunk_ >= 0) add_partial_to_sum();
@@ -79,6 +82,7 @@ std::vector<float> HessianAccumulator::finish(const comm::StageGroup& group, int
   device_partial_.reset();
   if (group.size() > 1) group.sum(sum_.data(), n);
   h.resize(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) h[static_cast<size_t>(i)] = static_cast<float>(sum_[static_cast<size_t>(i)] * scale);
   sum_ = std::vector<double>();
   return h;

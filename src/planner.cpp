@@ -636,6 +636,8 @@ nlohmann::json plan_json(const Plan& plan) {
   }
   const std::string refusal = plan_refusal(plan);
   j["fits"] = refusal.empty();
+  if (const auto a = recommend_layout(plan.inputs))
+    j["recommended"] = {{"stages", a->stages}, {"ranks_per_stage", a->ranks_per_stage}, {"why", a->why}};
   if (!refusal.empty()) j["refusal"] = refusal;
   return j;
 }
@@ -680,6 +682,33 @@ PlanInputs plan_inputs(const PlanOptions& o, const io::ModelConfig& config, cons
   return in;
 }
 
+std::optional<LayoutAdvice> recommend_layout(const PlanInputs& in) {
+  std::vector<int> fitting;  // D, ascending
+  for (int d = 1; d <= in.world; ++d) {
+    if (in.world % d != 0) continue;
+    PlanInputs v = in;
+    v.ranks_per_stage = d;
+    v.blocks_per_stage.clear();
+    if (fits(v)) fitting.push_back(d);
+  }
+  if (fitting.empty()) return std::nullopt;
+  LayoutAdvice a;
+  const int chunks = static_cast<int>((in.samples + kHessianChunk - 1) / kHessianChunk);
+  if (in.fp_propagation) {
+    a.ranks_per_stage = fitting.front();
+    a.stages = in.world / a.ranks_per_stage;
+    a.why = "fp propagation: every stage works at once, so the most stages keep every rank busy from the start";
+  } else {
+    a.ranks_per_stage = fitting.back();
+    a.stages = in.world / a.ranks_per_stage;
+    a.why = "quantized propagation: the stages run one after another, so the widest stage group keeps the most "
+            "ranks busy (" + std::to_string(a.ranks_per_stage) + " of " + std::to_string(in.world) + " at a time; " +
+            std::to_string(chunks) + " Hessian chunks of samples allow at most " + std::to_string(chunks) +
+            " per stage)";
+  }
+  return a;
+}
+
 int run_plan(const PlanOptions& o, std::ostream& os) {
   const io::ModelConfig config = io::ModelConfig::load(o.model_dir);
   config.check_seq_len(o.seq_len);
@@ -698,6 +727,11 @@ int run_plan(const PlanOptions& o, std::ostream& os) {
          << "\n";
       print_plan(os, plan, o.verbose);
       print_fit(os, plan);
+      if (const auto a = recommend_layout(plan.inputs))
+        os << "layout: recommended " << a->stages << " stages x " << a->ranks_per_stage
+           << " ranks per stage (--ranks-per-stage " << a->ranks_per_stage << "): " << a->why << "\n";
+      else
+        os << "layout: no split of " << plan.world << " ranks fits\n";
     }
     os.flush();
   }

@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -123,6 +124,18 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
 Plan make_plan(const PlanInputs& in);
 // The block sizes, embedding and head of a checkpoint, from its headers only (no tensor data is read).
 void add_checkpoint_sizes(PlanInputs& in, const io::Checkpoint& checkpoint);
+
+// The layout `plan` recommends for in.world ranks and in's propagation mode, among the splits P x D of the world
+// that can be made and fit the budgets: which keeps the most ranks busy. Quantized propagation runs the stages one
+// after another, so only one stage group works at a time: the widest group (the fewest stages) that the Hessian
+// chunks of the samples allow. fp propagation runs every stage at once: the most stages (D = 1 where the blocks
+// allow). Nothing when no split fits.
+struct LayoutAdvice {
+  int stages = 0;
+  int ranks_per_stage = 0;
+  std::string why;
+};
+std::optional<LayoutAdvice> recommend_layout(const PlanInputs& in);
 
 // The inputs of a plan from the options `plan` takes (quantize fills a PlanOptions from its own): the checkpoint's
 // sizes, the layout, the calibration shape, the backend and the budgets.

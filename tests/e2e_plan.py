@@ -68,8 +68,21 @@ for world in (1, 2):
         start = next(i for i, line in enumerate(lines) if line.startswith("plan: "))
         return lines[start:start + 2 + world]
 
-    check(f"plan --world {world} prints quantize --dry-run's table on np {world}: {rows(table)[2:]}",
-          rows(table) == rows(dry) and "peak per rank by phase" in table)
+    def same_table(a, b):
+        """Equal rows, but the host peak within 5%: it holds the planning process's own resident set, which differs
+        a little between `plan` and quantize (the calibration file, mpirun)."""
+        if len(a) != len(b) or a[:2] != b[:2]:
+            return False
+        for x, y in zip(a[2:], b[2:]):
+            fx, fy = x.split(), y.split()
+            if len(fx) != len(fy) or fx[:4] + fx[5:] != fy[:4] + fy[5:]:
+                return False
+            if abs(float(fx[4]) / float(fy[4]) - 1) > 0.05:
+                return False
+        return True
+
+    check(f"plan --world {world} prints quantize --dry-run's table on np {world}: {rows(table)[2:]} vs {rows(dry)[2:]}",
+          same_table(rows(table), rows(dry)) and "peak per rank by phase" in table)
 # under mpirun only rank 0 prints; --world defaults to the ranks running it
 p, objs = plan_json(STORIES, "--seq-len", 128, "--nsamples", 16, np=2)
 check(f"under mpirun -np 2: {len(objs)} JSON object(s), world {objs[0]['world'] if objs else '-'}",

@@ -410,6 +410,28 @@ TEST(PlanTable, TheTableThenThePhasesTheBackendAndTheBudgets) {
   EXPECT_NE(budget.str().find("fits: yes: host peaks within --host-mem 1000"), std::string::npos) << budget.str();
 }
 
+TEST(PlanLayout, QuantizedTakesTheWidestGroupsFpTheMostStages) {
+  auto in = inputs(std::vector<uint64_t>(6, 1000000), 4);  // 16 samples: 2 Hessian chunks, so D <= 2
+  const auto q = recommend_layout(in);
+  ASSERT_TRUE(q);
+  EXPECT_EQ(q->stages, 2);
+  EXPECT_EQ(q->ranks_per_stage, 2);
+  EXPECT_NE(q->why.find("one after another"), std::string::npos) << q->why;
+  in.fp_propagation = true;
+  const auto fp = recommend_layout(in);
+  ASSERT_TRUE(fp);
+  EXPECT_EQ(fp->stages, 4);
+  EXPECT_EQ(fp->ranks_per_stage, 1);
+  // 8 ranks on 6 blocks: 8 x 1 cannot be made; fp takes 4 x 2
+  in.world = 8;
+  EXPECT_EQ(recommend_layout(in)->ranks_per_stage, 2);
+  // a host budget nothing fits: no advice
+  in.budgets.host_gb = 1e-6;
+  EXPECT_FALSE(recommend_layout(in));
+  const nlohmann::json j = plan_json(make_plan(inputs(std::vector<uint64_t>(6, 1000000), 4)));
+  EXPECT_EQ(j.at("recommended").at("ranks_per_stage"), 2);
+}
+
 TEST(Planner, ImpossibleLayoutsAreOneClearError) {
   EXPECT_NE(error_of(inputs(std::vector<uint64_t>(5, 1), 6, 4)).find("not a multiple of --ranks-per-stage 4"),
             std::string::npos);
