@@ -223,6 +223,15 @@ class Buffer {
   int64_t count_ = 0;
 };
 
+// `count` host floats as backend memory: themselves on a backend whose memory is the host's, else a copy uploaded
+// into `copy` (which holds it for as long as it is used).
+inline const float* host_floats_on_backend(Backend& backend, const float* host, int64_t count, Buffer<float>& copy) {
+  if (backend.host_memory()) return host;
+  copy = Buffer<float>(backend, count);
+  backend.upload(copy.data(), host, sizeof(float) * static_cast<size_t>(count));
+  return copy.data();
+}
+
 // The CPU backend; threads <= 0 means all cores. budget_bytes > 0 bounds what it allocates at once (an
 // allocation past it is a UserError), as a device backend's memory budget does; 0: no bound.
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0, size_t budget_bytes = 0);

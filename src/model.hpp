@@ -149,6 +149,11 @@ class BlockRunner {
 // Rows per expanded tile of a linear with `in` inputs (BlockRunner, solves): at most kExpandTileFloats floats.
 inline constexpr int64_t kExpandTileFloats = int64_t{1} << 24;
 inline int64_t expand_tile_rows(int64_t in) { return std::max<int64_t>(1, kExpandTileFloats / std::max<int64_t>(in, 1)); }
+// Rows per tile of a solve (StageWorker::solve_rows): W is expanded to fp32 and solved this many rows at a time
+// (GPTQ rows are independent given the factor), so a linear's fp32 copy never exists whole (a 405B down_proj is
+// 3.5 GB in fp32).
+inline constexpr int64_t kSolveTileFloats = int64_t{1} << 26;
+inline int64_t solve_tile_rows(int64_t in) { return std::max<int64_t>(1, kSolveTileFloats / std::max<int64_t>(in, 1)); }
 
 // The head: final norm and lm_head on the backend, for the loss and for logits.
 class Head {

@@ -289,7 +289,7 @@ GroupMemory group_memory(const PlanInputs& in, int g, bool cpu, uint64_t value_b
   const uint64_t all_tokens = u(in.samples * in.seq_len);
   const uint64_t tokens = u(samples * in.seq_len);  // this rank's
   const uint64_t chunks = u((samples + kHessianChunk - 1) / kHessianChunk);
-  constexpr uint64_t kErrorChunk = uint64_t{1} << 25;  // quant.cpp kErrorChunkFloats
+  constexpr auto kErrorChunk = static_cast<uint64_t>(kErrorChunkFloats);
   GroupMemory m;
   uint64_t k = 0;
   for (int i = 0; i < kLinearCount; ++i) {
@@ -301,7 +301,7 @@ GroupMemory group_memory(const PlanInputs& in, int g, bool cpu, uint64_t value_b
     if (gi != g) continue;
     k = u(cols);
     const uint64_t rows = (u(out) + d - 1) / d;                        // this rank's
-    const uint64_t tile = std::min(rows, std::max<uint64_t>(1, (uint64_t{1} << 26) / k));  // solve_tile_rows
+    const uint64_t tile = std::min(rows, u(solve_tile_rows(cols)));
     m.solve_host = std::max(m.solve_host, 4 * tile * k + 2 * tile * k + (rows > tile ? rows * k + 8 * rows * groups : 0));
     m.solve_device = std::max(m.solve_device, 12 * tile * k + tile * k + 8 * tile * groups + 4 * (tile + k));
     m.results = std::max(m.results, rows * k + (d >= 2 ? u(out) * k : 0) + u(out) * k / 2);

@@ -20,8 +20,6 @@ using kernels::Buffer;
 using kernels::QuantGrid;
 using kernels::Trans;
 
-// relative_output_error works on row chunks whose stacked [W; D] holds at most this many floats.
-inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
 // Host staging for uploads built row by row (16 MB).
 inline constexpr int64_t kStagingFloats = int64_t{1} << 22;
 
@@ -579,14 +577,6 @@ std::vector<float> QuantizedLinear::dequantize() const {
 
 namespace {
 
-// h [cols, cols] (host) as backend memory: itself on a host backend, else an uploaded copy held by `copy`.
-const float* hessian_on_backend(Backend& backend, const float* h, int64_t cols, Buffer<float>& copy) {
-  if (backend.host_memory()) return h;
-  copy = Buffer<float>(backend, cols * cols);
-  upload(backend, copy, h, cols * cols);
-  return copy.data();
-}
-
 // tr(W H W^T) and tr(D H D^T), D = W - Wq, over the rows of w and wq [rows, cols] (host), H in backend memory.
 BaselineTerms quadratic_sums(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
                              const float* hb) {
@@ -649,7 +639,7 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
                              const float* h) {
   PQ_ASSERT(w && wq && h && rows > 0 && cols > 0, "relative_output_error: bad arguments");
   Buffer<float> copy;
-  const BaselineTerms t = quadratic_sums(backend, w, wq, rows, cols, hessian_on_backend(backend, h, cols, copy));
+  const BaselineTerms t = quadratic_sums(backend, w, wq, rows, cols, kernels::host_floats_on_backend(backend, h, cols * cols, copy));
   return t.weight2 == 0.0 ? 0.0 : t.rtn_error2 / t.weight2;
 }
 

@@ -109,6 +109,9 @@ GptqFactor factor_hessian(kernels::Backend& backend, std::vector<float> h, int64
 // each labelled `name`.
 QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const std::string& name = "");
 
+// The error computations work on row chunks whose stacked [W; D] (and its product) holds at most this many floats.
+inline constexpr int64_t kErrorChunkFloats = int64_t{1} << 25;
+
 // The parts of a linear's relative errors that do not depend on the solve: weight2 = tr(W H W^T) and
 // rtn_error2 = tr(D H D^T) for round to nearest's D. Additive over rows and over calibration tokens.
 struct BaselineTerms {

@@ -284,14 +284,10 @@ void sum_terms(const comm::StageGroup& group, std::array<BaselineTerms, kLinearC
   for (size_t i = 0; i < terms.size(); ++i) terms[i] = {v[2 * i], v[2 * i + 1]};
 }
 
-// Rows per tile of a solve: W is expanded to fp32 and solved this many rows at a time (GPTQ rows are independent
-// given the factor), so a linear's fp32 copy never exists whole (a 405B down_proj is 3.5 GB in fp32).
-int64_t solve_tile_rows(int64_t in) { return std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(in, 1)); }
-
 }  // namespace
 
 // GPTQ: the group's linears share H, so they share its factor, made once in H's own memory (sized for the largest
-// solve tile of this rank) and freed when the group is done. RTN needs none: H goes.
+// solve tile of this rank) and freed after the group's last solve. RTN needs none: H goes.
 std::optional<GptqFactor> StageWorker::group_factor(int g, std::vector<float> h) {
   if (opt_.quant.method != Method::kGptq) return std::nullopt;
   const auto t0 = Clock::now();
@@ -321,14 +317,6 @@ FillRows rows_from(const Linear& lin, int64_t first = 0) {
   return [&lin, first](int64_t r0, int64_t r1, float* dst) { lin.rows_f32(first + r0, first + r1, dst); };
 }
 
-// host floats as backend memory: themselves on a host backend, else an uploaded copy held by `copy`
-const float* on_backend(kernels::Backend& backend, const std::vector<float>& v, kernels::Buffer<float>& copy) {
-  if (backend.host_memory()) return v.data();
-  copy = kernels::Buffer<float>(backend, static_cast<int64_t>(v.size()));
-  backend.upload(copy.data(), v.data(), v.size() * sizeof(float));
-  return copy.data();
-}
-
 }  // namespace
 
 // The baseline terms of the group's linears from this rank's inputs x [tokens, K] (all rows of each linear),
@@ -336,7 +324,7 @@ const float* on_backend(kernels::Backend& backend, const std::vector<float>& v, 
 void StageWorker::add_terms_from_inputs(int g, const std::vector<float>& x, GroupInputs& in) {
   const double scale = 2.0 / static_cast<double>(calib_.count * calib_.seq);
   kernels::Buffer<float> copy;
-  const float* xb = on_backend(*backend_, x, copy);
+  const float* xb = kernels::host_floats_on_backend(*backend_, x.data(), static_cast<int64_t>(x.size()), copy);
   for (int i = 0; i < kLinearCount; ++i) {
     if (kLinears[static_cast<size_t>(i)].group != g) continue;
     const Linear& lin = runner_->linear(i);
@@ -350,7 +338,7 @@ void StageWorker::add_terms_from_inputs(int g, const std::vector<float>& x, Grou
 // The baseline terms from H, each rank for the rows it solves, summed over the stage group.
 void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
   kernels::Buffer<float> copy;  // H on a device backend, uploaded once
-  const float* h = on_backend(*backend_, in.h, copy);
+  const float* h = kernels::host_floats_on_backend(*backend_, in.h.data(), static_cast<int64_t>(in.h.size()), copy);
   for (int i = 0; i < kLinearCount; ++i) {
     if (kLinears[static_cast<size_t>(i)].group != g) continue;
     const Linear& lin = runner_->linear(i);
