@@ -81,15 +81,21 @@ void check_code(uint32_t code, uint32_t mask) {
 
 }  // namespace
 
-std::vector<int32_t> pack_columns(const uint8_t* codes_kn, int64_t k, int64_t n, int bits) {
+namespace {
+
+// The column streams of k x n codes, code (i, c) at codes[i * step_i + c * step_c]: each column's stream is its own
+// words, so columns go to the threads in blocks of 64.
+std::vector<int32_t> pack_column_streams(const uint8_t* codes, int64_t k, int64_t n, int64_t step_i, int64_t step_c,
+                                         int bits) {
   PQ_ASSERT(k > 0 && n > 0, "pack_columns: k ", k, " n ", n);
   std::vector<int32_t> words(static_cast<size_t>(stream_words(k, bits) * n), 0);
   uint32_t* out = as_words(words);
   with_stream(bits, [&](auto s) {
     using S = decltype(s);
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t c = 0; c < n; ++c) {
-        const uint32_t code = codes_kn[i * n + c];
+#pragma omp parallel for schedule(static, 64) if (n * k > (int64_t{1} << 20))
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t i = 0; i < k; ++i) {
+        const uint32_t code = codes[i * step_i + c * step_c];
         check_code(code, S::kMask);
         S::put(out + c, n, i, code);
       }
@@ -97,22 +103,14 @@ std::vector<int32_t> pack_columns(const uint8_t* codes_kn, int64_t k, int64_t n,
   return words;
 }
 
+}  // namespace
+
+std::vector<int32_t> pack_columns(const uint8_t* codes_kn, int64_t k, int64_t n, int bits) {
+  return pack_column_streams(codes_kn, k, n, n, 1, bits);
+}
+
 std::vector<int32_t> pack_columns_of_rows(const uint8_t* codes_nk, int64_t k, int64_t n, int bits) {
-  PQ_ASSERT(k > 0 && n > 0, "pack_columns_of_rows: k ", k, " n ", n);
-  std::vector<int32_t> words(static_cast<size_t>(stream_words(k, bits) * n), 0);
-  uint32_t* out = as_words(words);
-  with_stream(bits, [&](auto s) {
-    using S = decltype(s);
-    // each column's stream is its own words: columns in blocks of 64 on the threads
-#pragma omp parallel for schedule(static, 64) if (n * k > (int64_t{1} << 20))
-    for (int64_t c = 0; c < n; ++c)
-      for (int64_t i = 0; i < k; ++i) {
-        const uint32_t code = codes_nk[c * k + i];
-        check_code(code, S::kMask);
-        S::put(out + c, n, i, code);
-      }
-  });
-  return words;
+  return pack_column_streams(codes_nk, k, n, 1, k, bits);
 }
 
 std::vector<uint8_t> unpack_columns(const int32_t* words, int64_t k, int64_t n, int bits) {
