@@ -58,8 +58,9 @@ def read_metrics(path):
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def packed_datasets(out_dir):
-    """{'/blocks/<i>/<module>/<dataset>': bytes} for every packed dataset, read through model.h5's links."""
+def packed_datasets(out_dir, dense=False):
+    """{'/blocks/<i>/<module>/<dataset>': bytes} for every packed dataset, read through model.h5's links; with
+    dense, also '/blocks/<i>/<tensor>' for the block's dense tensors (norms, biases)."""
     import h5py
     result = {}
     with h5py.File(os.path.join(out_dir, "model.h5"), "r") as f:
@@ -71,12 +72,14 @@ def packed_datasets(out_dir):
                 if isinstance(blk[module], h5py.Group):
                     for d in PACKED:
                         result[f"/blocks/{b}/{module}/{d}"] = blk[module][d][()].tobytes()
+                elif dense:
+                    result[f"/blocks/{b}/{module}"] = blk[module][()].tobytes()
     return result
 
 
 def compare_outputs(a, b):
-    """List of differences between the packed datasets of two outputs (empty = bit-identical)."""
-    da, db = packed_datasets(a), packed_datasets(b)
+    """List of differences between the packed datasets and block tensors of two outputs (empty = bit-identical)."""
+    da, db = packed_datasets(a, dense=True), packed_datasets(b, dense=True)
     problems = []
     if set(da) != set(db):
         problems.append(f"dataset sets differ: {sorted(set(da) ^ set(db))[:5]}")
@@ -86,6 +89,28 @@ def compare_outputs(a, b):
     if not da:
         problems.append("no packed datasets")
     return problems
+
+
+def read_safetensors(path):
+    """{name: float32 numpy array} of one .safetensors file (F32, F16 or BF16 tensors)."""
+    import json
+    import struct
+    import numpy as np
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = t["data_offsets"]
+        data = raw[8 + n + s:8 + n + e]
+        if t["dtype"] == "BF16":
+            a = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            a = np.frombuffer(data, dtype={"F32": np.float32, "F16": np.float16}[t["dtype"]]).astype(np.float32)
+        out[name] = a.reshape(t["shape"])
+    return out
 
 
 def finish(results):

@@ -11,6 +11,7 @@
 #include "base/error.hpp"
 #include "base/shape.hpp"
 #include "base/numeric.hpp"
+#include "src/hf_source.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {
@@ -200,26 +201,6 @@ class CheckpointSource final : public WeightSource {
   const io::ModelConfig& config_;
 };
 
-std::vector<float> dense_to_f32(const io::DenseTensor& t, const std::string& where) {
-  int64_t n = 1;
-  for (auto d : t.shape) n *= d;
-  std::vector<float> out(static_cast<size_t>(n));
-  if (t.dtype == "F32") {
-    PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 4, where, ": tensor ", t.name, " has a wrong byte size");
-    std::memcpy(out.data(), t.bytes.data(), out.size() * 4);
-  } else if (t.dtype == "F16" || t.dtype == "BF16") {
-    PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 2, where, ": tensor ", t.name, " has a wrong byte size");
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t h;
-      std::memcpy(&h, t.bytes.data() + 2 * i, 2);
-      out[static_cast<size_t>(i)] = t.dtype == "F16" ? fp16_to_float(h) : bf16_to_float(h);
-    }
-  } else {
-    fail(where, ": tensor ", t.name, " has dtype ", t.dtype, ", expected F32, F16 or BF16");
-  }
-  return out;
-}
-
 class QuantizedSource final : public WeightSource {
  public:
   QuantizedSource(const std::string& out_dir, const io::ModelConfig& config)
@@ -277,6 +258,26 @@ class QuantizedSource final : public WeightSource {
 
 }  // namespace
 
+std::vector<float> dense_to_f32(const io::DenseTensor& t, const std::string& where) {
+  int64_t n = 1;
+  for (auto d : t.shape) n *= d;
+  std::vector<float> out(static_cast<size_t>(n));
+  if (t.dtype == "F32") {
+    PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 4, where, ": tensor ", t.name, " has a wrong byte size");
+    std::memcpy(out.data(), t.bytes.data(), out.size() * 4);
+  } else if (t.dtype == "F16" || t.dtype == "BF16") {
+    PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 2, where, ": tensor ", t.name, " has a wrong byte size");
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, t.bytes.data() + 2 * i, 2);
+      out[static_cast<size_t>(i)] = t.dtype == "F16" ? fp16_to_float(h) : bf16_to_float(h);
+    }
+  } else {
+    fail(where, ": tensor ", t.name, " has dtype ", t.dtype, ", expected F32, F16 or BF16");
+  }
+  return out;
+}
+
 namespace {
 
 inline constexpr const char* kTopLevelTensors[] = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
@@ -319,8 +320,12 @@ void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, 
 
 }  // namespace
 
-void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
+void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, const io::HfQuantConfig* quant) {
   const std::vector<std::string> names = ckpt.names();
+  const std::string first_qweight = block_prefix(0) + kLinears[0].module + ".qweight";
+  PQ_REQUIRE(quant || !ckpt.has(first_qweight), ckpt.info(first_qweight).file, ": tensor ", first_qweight,
+             " is a quantized linear: expected unquantized <module>.weight tensors here (only eval --model reads ",
+             "GPTQ/AWQ checkpoints, by the quantization_config of ", c.path, ")");
   // blocks the config does not know of mean the config is not this checkpoint's
   for (const auto& name : names) {
     const auto split = split_block_name(name);
@@ -334,7 +339,10 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
   std::set<std::string> block_tensors = {"input_layernorm.weight", "post_attention_layernorm.weight",
                                          kIgnoredBlockTensor};
   for (int i = 0; i < kLinearCount; ++i) {
-    block_tensors.insert(std::string(kLinears[static_cast<size_t>(i)].module) + ".weight");
+    const std::string module = kLinears[static_cast<size_t>(i)].module;
+    if (!quant) block_tensors.insert(module + ".weight");
+    for (const auto& t : quant ? hf_linear_tensor_suffixes() : std::vector<std::string>{})
+      block_tensors.insert(module + "." + t);
     if (has_bias(c, i)) block_tensors.insert(std::string(kLinears[static_cast<size_t>(i)].module) + ".bias");
   }
   for (int64_t b = 0; b < c.num_layers; ++b) {
@@ -344,7 +352,10 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c) {
     for (int i = 0; i < kLinearCount; ++i) {
       const auto shape = linear_shape(c, i);
       const std::string name = p + kLinears[static_cast<size_t>(i)].module;
-      expect_tensor(ckpt, c, name + ".weight", {shape[0], shape[1]});
+      if (quant)
+        expect_hf_quantized_linear(ckpt, c, *quant, name, shape[0], shape[1]);
+      else
+        expect_tensor(ckpt, c, name + ".weight", {shape[0], shape[1]});
       if (has_bias(c, i)) expect_tensor(ckpt, c, name + ".bias", {shape[0]});
     }
   }
@@ -441,6 +452,14 @@ void BlockRunner::set_linear(int module_index, const Linear& w) {
   upload_linear(module_index);
 }
 
+void BlockRunner::set_norms(const std::vector<float>& input_norm, const std::vector<float>& post_norm) {
+  PQ_ASSERT(static_cast<int64_t>(input_norm.size()) == config_.hidden_size &&
+                static_cast<int64_t>(post_norm.size()) == config_.hidden_size,
+            "set_norms: ", input_norm.size(), " and ", post_norm.size(), " values for hidden size ", config_.hidden_size);
+  upload_vector(backend_, norm1_, input_norm);
+  upload_vector(backend_, norm2_, post_norm);
+}
+
 void BlockRunner::set_linear(int module_index, std::vector<float> w) {
   const Linear& h = held_[static_cast<size_t>(module_index)];
   set_linear(module_index, Linear::of(h.out, h.in, std::move(w)));
@@ -459,24 +478,30 @@ void BlockRunner::upload_linear(int module_index) {
 
 // out[rows, n] = in[rows, k] W^T (+ bias). With expand_, W in tiles of rows expanded from its held values: the
 // same products as one GEMM on the fp32 weights.
+// One GEMM per sample (seq rows): the problem sizes, and so each output's bits, do not depend on the micro-batch,
+// on any backend (a BLAS may pick another kernel or split for another m).
 void BlockRunner::run_linear(int module_index, const float* in, float* out, int64_t rows) {
   const auto i = static_cast<size_t>(module_index);
   const Linear& l = held_[i];
   const int64_t n = l.out, k = l.in;
+  const auto per_sample = [&](auto&& gemm) {
+    for (int64_t r0 = 0; r0 < rows; r0 += seq_) gemm(in + r0 * k, out + r0 * n, std::min(seq_, rows - r0));
+  };
   if (half_) {
-    backend_.linear_half(in, wh_[i].data(), *half_, out, rows, n, k);
-  } else if (!expand_) {
-    backend_.linear(in, w_[i].data(), out, rows, n, k);
-  } else if (const float* f = l.f32()) {
-    backend_.linear(in, f, out, rows, n, k);
+    per_sample([&](const float* x, float* y, int64_t m) { backend_.linear_half(x, wh_[i].data(), *half_, y, m, n, k); });
+  } else if (!expand_ || l.f32()) {
+    const float* w = expand_ ? l.f32() : w_[i].data();
+    per_sample([&](const float* x, float* y, int64_t m) { backend_.linear(x, w, y, m, n, k); });
   } else {
     const int64_t tile = std::min(n, expand_tile_rows(k));
     tile_.resize(static_cast<size_t>(tile * k));
     for (int64_t n0 = 0; n0 < n; n0 += tile) {
       const int64_t n1 = std::min(n, n0 + tile);
       l.rows_f32(n0, n1, tile_.data());
-      backend_.gemm(kernels::Trans::kNo, kernels::Trans::kYes, rows, n1 - n0, k, 1.0f, in, k, tile_.data(), k, 0.0f,
-                    out + n0, n);
+      per_sample([&](const float* x, float* y, int64_t m) {
+        backend_.gemm(kernels::Trans::kNo, kernels::Trans::kYes, m, n1 - n0, k, 1.0f, x, k, tile_.data(), k, 0.0f,
+                      y + n0, n);
+      });
     }
   }
   if (has_bias_[i]) backend_.add_bias(out, bias_[i].data(), rows, n);

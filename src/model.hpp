@@ -10,6 +10,7 @@
 #include <variant>
 #include <vector>
 
+#include "io/hf_quant.hpp"
 #include "io/model_config.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
@@ -77,8 +78,13 @@ std::vector<float> rope_inv_freq(const io::ModelConfig& config);
 std::array<int64_t, 2> linear_shape(const io::ModelConfig& config, int module_index);
 
 // Checks that every tensor the config needs is in the checkpoint with the right shape and a float dtype;
-// throws UserError naming the checkpoint, the tensor and the expected shape.
-void validate_checkpoint(const io::Checkpoint& checkpoint, const io::ModelConfig& config);
+// throws UserError naming the checkpoint, the tensor and the expected shape. With `quant` (a GPTQ or AWQ
+// checkpoint) each linear is <module>.{qweight,qzeros,scales,g_idx} instead of <module>.weight (src/hf_source.hpp).
+void validate_checkpoint(const io::Checkpoint& checkpoint, const io::ModelConfig& config,
+                         const io::HfQuantConfig* quant = nullptr);
+
+// A dense output tensor (F32, F16 or BF16) in fp32; `where` names its file for errors.
+std::vector<float> dense_to_f32(const io::DenseTensor& t, const std::string& where);
 
 // Where weights come from.
 class WeightSource {
@@ -113,6 +119,8 @@ class BlockRunner {
   // Replaces one linear's weights (after it was quantized); the bias stays.
   void set_linear(int module_index, const Linear& w);
   void set_linear(int module_index, std::vector<float> w);
+  // Replaces the block's norms (AWQ folds its scales into them).
+  void set_norms(const std::vector<float>& input_norm, const std::vector<float>& post_norm);
   // The weights the block holds now (the source's, or quantized where set_linear replaced them).
   const Linear& linear(int module_index) const { return held_[static_cast<size_t>(module_index)]; }
   // x: host activations [samples * seq, hidden] of `samples` <= micro_batch samples. Runs until `until`

@@ -23,6 +23,16 @@ const char* name(ComputeDtype d) {
   return "auto";
 }
 
-const char* name(Method m) { return m == Method::kGptq ? "gptq" : "rtn"; }
+const char* name(Method m) {
+  switch (m) {
+    case Method::kGptq:
+      return "gptq";
+    case Method::kRtn:
+      return "rtn";
+    case Method::kAwq:
+      return "awq";
+  }
+  return "?";
+}
 
 }  // namespace pipequant

@@ -31,7 +31,7 @@ const char* name(ComputeDtype d);
 const char* name(Method m);
 
 // Every value of each enum, in the order help texts and error messages list their spellings.
-inline constexpr std::array kMethods{Method::kGptq, Method::kRtn};
+inline constexpr std::array kMethods{Method::kGptq, Method::kRtn, Method::kAwq};
 inline constexpr std::array kPropagations{Propagation::kQuantized, Propagation::kFp};
 inline constexpr std::array kBackendKinds{BackendKind::kAuto, BackendKind::kCpu, BackendKind::kCuda};
 inline constexpr std::array kComputeDtypes{ComputeDtype::kAuto, ComputeDtype::kFp32, ComputeDtype::kBf16,

@@ -19,6 +19,7 @@
 #include "base/error.hpp"
 #include "src/calibration.hpp"
 #include "src/driver_util.hpp"
+#include "src/hf_source.hpp"
 #include "src/model.hpp"
 
 namespace pipequant {
@@ -32,8 +33,7 @@ EvalResult run_eval(const EvalOptions& opt) {
   std::unique_ptr<WeightSource> source;
   if (opt.quantized_dir.empty()) {
     ckpt = std::make_unique<io::Checkpoint>(io::Checkpoint::open(opt.model_dir));
-    validate_checkpoint(*ckpt, config);
-    source = checkpoint_source(*ckpt, config);
+    source = model_source(*ckpt, opt.model_dir, config);  // unquantized, or GPTQ/AWQ per its quantization config
   } else {
     source = quantized_source(opt.quantized_dir, config);
   }
@@ -90,8 +90,7 @@ std::vector<float> sequence_logits(const std::string& model_dir, const std::vect
                                    const RunOptions& run) {
   const io::ModelConfig config = io::ModelConfig::load(model_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
-  validate_checkpoint(ckpt, config);
-  auto source = checkpoint_source(ckpt, config);
+  auto source = model_source(ckpt, model_dir, config);
   auto backend = make_backend(run);
   const int64_t seq = static_cast<int64_t>(tokens.size());
   const int64_t hidden = config.hidden_size;

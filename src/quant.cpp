@@ -534,6 +534,9 @@ void validate(const QuantConfig& config) {
              config.damp);
   PQ_REQUIRE(config.damp_retries >= 0, "--damp-retries must be >= 0, got ", config.damp_retries);
   PQ_REQUIRE(config.block_size > 0, "--block-size must be positive, got ", config.block_size);
+  PQ_REQUIRE(config.method != Method::kAwq || (!config.act_order && !config.static_groups),
+             "--method awq quantizes the input channels in their natural order: --act-order and --static-groups are "
+             "GPTQ's");
   PQ_REQUIRE(!(config.act_order && config.static_groups && config.group_size == -1),
              "--static-groups with --act-order needs a --group-size (got -1, one group per row)");
 }
@@ -634,6 +637,12 @@ void for_each_rtn_chunk(Backend& backend, const FillRows& w_rows, int64_t rows, 
 }
 
 }  // namespace
+
+BaselineTerms output_terms(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
+                           const float* h_backend) {
+  PQ_ASSERT(w && wq && h_backend && rows > 0 && cols > 0, "output_terms: bad arguments");
+  return quadratic_sums(backend, w, wq, rows, cols, h_backend);
+}
 
 double relative_output_error(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
                              const float* h) {

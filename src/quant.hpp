@@ -7,12 +7,13 @@
 #include <string>
 #include <vector>
 
+#include "io/bitstream.hpp"
 #include "io/shard.hpp"
 #include "kernels/backend.hpp"
 
 namespace pipequant {
 
-enum class Method { kGptq, kRtn };
+enum class Method { kGptq, kRtn, kAwq };
 
 struct QuantConfig {
   Method method = Method::kGptq;
@@ -123,6 +124,10 @@ struct BaselineTerms {
     return *this;
   }
 };
+// tr(W H W^T) (weight2) and tr(D H D^T) (rtn_error2, whatever Wq is), D = W - Wq, for w and wq [rows, cols] on the
+// host and H [cols, cols] in backend memory: 4 rows cols^2 flops, each row's sums in fp64, added in row order.
+BaselineTerms output_terms(kernels::Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
+                           const float* h_backend);
 // Fills rows [r0, r1) of a weight matrix in fp32 into dst [r1 - r0, cols]: a linear expanded a chunk at a time.
 using FillRows = std::function<void(int64_t r0, int64_t r1, float* dst)>;
 // From H [cols, cols] (backend memory: upload it once for all the calls on a device) for `rows` rows of W given by
@@ -151,13 +156,11 @@ double relative_output_error(kernels::Backend& backend, const float* w, const fl
 // The packed layout of io::PackedLinear (docs/design.md section 5).
 io::PackedLinear pack(const QuantizedLinear& ql, const std::string& module, const QuantConfig& config);
 QuantizedLinear unpack(const io::PackedLinear& packed);
-// Bit-stream packing of b-bit codes into int32 words, lowest bits first; codes may straddle words.
-// Along K: codes [k][n] -> words [ceil(K*bits/32)][n]. Along N: codes [g][n] -> words [g][ceil(N*bits/32)].
-std::vector<int32_t> pack_columns(const uint8_t* codes_kn, int64_t k, int64_t n, int bits);
-// The same words from codes [n][k] (a QuantizedLinear's q): pack_columns of their transpose, without making it.
-std::vector<int32_t> pack_columns_of_rows(const uint8_t* codes_nk, int64_t k, int64_t n, int bits);
-std::vector<uint8_t> unpack_columns(const int32_t* words, int64_t k, int64_t n, int bits);
-std::vector<int32_t> pack_rows(const uint8_t* codes_gn, int64_t g, int64_t n, int bits);
-std::vector<uint8_t> unpack_rows(const int32_t* words, int64_t g, int64_t n, int bits);
+// The bit-stream packing those use lives with the formats (io/bitstream.hpp).
+using io::pack_columns;
+using io::pack_columns_of_rows;
+using io::pack_rows;
+using io::unpack_columns;
+using io::unpack_rows;
 
 }  // namespace pipequant

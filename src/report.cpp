@@ -41,6 +41,8 @@ void linear_fields(Record& l, F&& f) {
   f("fallback", l.fallback);
   f("damp", l.damp);
   f("solve_s", l.solve_seconds);
+  f("awq_alpha", l.awq_alpha);
+  f("awq_clip", l.awq_clip);
 }
 
 // The fields of a StageMetrics but its linears, as linear_fields does for a LinearRecord.
@@ -210,13 +212,22 @@ void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, con
   if (count == 0) return;
   os << "relative output error ||WX-QX||^2/||WX||^2 per module (mean over blocks; RTN on the same inputs):\n";
   for (const auto& [module, recs] : by_module) {
-    double m = 0.0, r = 0.0;
+    double m = 0.0, r = 0.0, alpha = 0.0, clip = 0.0;
+    size_t awq = 0;
     for (const auto* l : recs) {
       m += l->relative_error;
       r += l->rtn_relative_error;
+      if (l->awq_alpha < 0.0) continue;
+      alpha += l->awq_alpha;
+      clip += l->awq_clip;
+      ++awq;
     }
     os << "  " << std::left << std::setw(18) << module << std::right << " " << sci(m / recs.size()) << "   rtn "
-       << sci(r / recs.size()) << "\n";
+       << sci(r / recs.size());
+    if (awq > 0)  // AWQ's choices: the scale exponent and the mean clip ratio, over the blocks that chose
+      os << std::fixed << std::setprecision(3) << "   awq scale exponent " << alpha / awq << ", clip ratio "
+         << clip / awq << std::defaultfloat;
+    os << "\n";
   }
   os << "linears " << count << ", mean error " << sci(sum / count) << " (rtn " << sci(sum_rtn / count) << "), worst "
      << sci(worst) << " (" << worst_name << "), fallbacks " << fallbacks << "\n";

@@ -21,6 +21,8 @@ struct LinearRecord {
   std::string fallback = "none";
   double damp = 0.0;
   double solve_seconds = 0.0;
+  double awq_alpha = -1.0;  // AWQ: the scale exponent chosen for its group (-1: no AWQ scales)
+  double awq_clip = 1.0;    // AWQ: the mean clip ratio over its (row, group) pairs (1: nothing clipped)
 
   bool operator==(const LinearRecord&) const = default;
 };

@@ -199,6 +199,9 @@ std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_pat
       r.records[i] = {b,      kLinears[i].module,    p.out_features, p.in_features, p.relative_error,
                       p.rtn_relative_error, p.fallback, p.damp,         0.0};
     }
+    const std::string where = shard_path + ": /blocks/" + std::to_string(b);
+    r.norms = {dense_to_f32(reader.read_block_tensor(b, "input_layernorm.weight"), where),
+               dense_to_f32(reader.read_block_tensor(b, "post_attention_layernorm.weight"), where)};
   }
   return resumed;
 }

@@ -53,6 +53,7 @@ ShardState agree_on_shard_state(const comm::StageGroup& group, const std::string
 struct ResumedBlock {
   std::array<std::vector<float>, kLinearCount> w;  // [out, in] each
   std::array<LinearRecord, kLinearCount> records;
+  std::array<std::vector<float>, 2> norms;  // input and post-attention, as written (AWQ folds scales into them)
 };
 std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_path, const std::set<int64_t>& blocks);
 

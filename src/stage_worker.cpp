@@ -1,6 +1,8 @@
 #include "src/stage_worker.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <string_view>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -220,7 +222,9 @@ void StageWorker::quantize_block(int64_t b) {
   {
     StageContext ctx = context();
     // the runner holds the block's weights from here on: each linear's source values go once it is quantized
-    runner_->set_block(propagation_->block_weights(ctx, b));
+    const BlockWeights weights = propagation_->block_weights(ctx, b);
+    norms_ = {weights.input_norm, weights.post_norm};
+    runner_->set_block(weights);
   }
   metrics_.load_seconds += seconds_since(t0);
   const GroupErrors errors = done_.count(b) ? replay_resumed_block(b) : solve_block(b);
@@ -241,6 +245,7 @@ StageWorker::GroupErrors StageWorker::replay_resumed_block(int64_t b) {
     e = std::max(e, r.records[i].relative_error);
     if (propagation_->feeds_quantized()) runner_->set_linear(static_cast<int>(i), r.w[i]);
   }
+  if (propagation_->feeds_quantized()) runner_->set_norms(r.norms[0], r.norms[1]);  // AWQ folds scales into them
   ++metrics_.blocks_resumed;
   return errors;
 }
@@ -257,6 +262,10 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
     t0 = Clock::now();
     if (!terms_from_inputs(g)) add_terms_from_hessian(g, in);
     metrics_.solve_seconds += seconds_since(t0);
+    if (opt_.quant.method == Method::kAwq) {
+      errors[static_cast<size_t>(g)] = awq_group(b, g, in);
+      continue;
+    }
     std::optional<GptqFactor> factor = group_factor(g, std::move(in.h));  // H is gone from here on
     int last = 0;
     for (int i = 0; i < kLinearCount; ++i)
@@ -268,6 +277,7 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
     }
   }
   const auto t0 = Clock::now();
+  write_pending_linears(b);
   write_block_tensors(b);
   shard_->mark_complete(b);
   metrics_.write_seconds += seconds_since(t0);
@@ -370,6 +380,7 @@ StageWorker::GroupInputs StageWorker::group_hessian(int g) {
   if (terms) add_terms_from_inputs(g, inputs, in);
   inputs = std::vector<float>();
   in.h = acc.finish(*group_, calib_.count * seq);
+  if (opt_.quant.method == Method::kAwq) in.magnitudes = channel_magnitudes(in.h, width);
   return in;
 }
 
@@ -390,18 +401,16 @@ void place_rows(QuantizedLinear& full, const QuantizedLinear& part, int64_t row0
 }  // namespace
 
 // This rank's rows of linear `index`, quantized a tile at a time from the runner's (source) values.
-QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const GptqFactor* factor) {
+QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const TileQuantizer& quantize_tile) {
   const Linear source = runner_->linear(index);  // shares the values: the source goes when the runner's does
   const auto [r0, r1] = group_->owned_range(source.out);
   const int64_t tile = solve_tile_rows(source.in);
-  const std::string name = block_prefix(b) + kLinears[static_cast<size_t>(index)].module;
   std::vector<float> w(static_cast<size_t>(std::min(tile, r1 - r0) * source.in));
   QuantizedLinear full;
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
     source.rows_f32(t0, t1, w.data());
-    QuantizedLinear part = factor ? gptq_solve(*factor, w.data(), t1 - t0, name)
-                                  : rtn_quantize(*backend_, w.data(), t1 - t0, source.in, nullptr, opt_.quant);
+    QuantizedLinear part = quantize_tile(w.data(), t1 - t0);
     if (t0 == r0 && t1 == r1) return part;  // one tile: the result as solved
     if (t0 == r0) {
       full = part;  // shape, g_idx, damping, fallback, log; rows and tables widened below
@@ -423,44 +432,178 @@ QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const GptqFactor* 
 // its relative error.
 double StageWorker::quantize_linear(int64_t b, int index, std::optional<GptqFactor>& factor, bool last_of_group,
                                    const BaselineTerms& terms) {
-  const char* module = kLinears[static_cast<size_t>(index)].module;
   const QuantConfig& q = opt_.quant;
   auto t0 = Clock::now();
   const bool gptq = factor.has_value();
   PQ_ASSERT(q.method != Method::kGptq || gptq, "quantize_linear: GPTQ without its group's factor");
-  QuantizedLinear ql = solve_rows(b, index, gptq ? &*factor : nullptr);
+  const std::string name = block_prefix(b) + kLinears[static_cast<size_t>(index)].module;
+  const int64_t in = runner_->linear(index).in;
+  QuantizedLinear ql = solve_rows(b, index, [&](const float* w, int64_t rows) {
+    return gptq ? gptq_solve(*factor, w, rows, name) : rtn_quantize(*backend_, w, rows, in, nullptr, q);
+  });
   if (last_of_group) factor.reset();  // R (11.3 GB for a 405B down_proj) goes before packing and writing
   const double solve_s = ql.solve_seconds;
   // GPTQ's error from its own accounting, summed over the group's rows; RTN (and the RTN fallback) is the baseline
   double error2 = ql.error2;
   group_->sum(&error2, 1);
   if (!gptq || ql.fallback == Fallback::kRtn) error2 = terms.rtn_error2;
-  const auto relative = [&](double e2) { return terms.weight2 > 0.0 ? e2 / terms.weight2 : 0.0; };
-  ql.relative_error = relative(error2);
-  const int64_t out = runner_->linear(index).out;
-  if (group_->size() > 1) ql = gather_rows(*group_, ql, out);
+  gather_linear(ql, error2, terms, runner_->linear(index).out);
   metrics_.solve_seconds += seconds_since(t0);
   note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
-  if (world_root_)
-    for (const auto& line : ql.log) std::printf("  warning: %s\n", line.c_str());
-
-  t0 = Clock::now();
-  io::PackedLinear p = pack(ql, module, q);
-  p.rtn_relative_error = relative(terms.rtn_error2);
-  shard_->write_linear(b, p);
-  metrics_.write_seconds += seconds_since(t0);
-  metrics_.linears.push_back({b, module, ql.rows, ql.cols, ql.relative_error, p.rtn_relative_error, name(ql.fallback),
-                              ql.damp_used, solve_s});
+  write_linear_result(b, index, ql, terms, solve_s);
   const double e = ql.relative_error;
   if (propagation_->feeds_quantized()) runner_->set_linear(index, Linear::of(ql.rows, ql.cols, std::move(ql)));
   return e;
 }
 
-// The block's norms and biases, in their source dtype.
+// ql: this rank's rows; error2: the whole linear's tr(D H D^T). Sets the relative error and gathers the rows of every
+// member, so that ql is the whole linear of `out` rows on each.
+void StageWorker::gather_linear(QuantizedLinear& ql, double error2, const BaselineTerms& terms, int64_t out) {
+  ql.relative_error = terms.weight2 > 0.0 ? error2 / terms.weight2 : 0.0;
+  if (group_->size() > 1) ql = gather_rows(*group_, ql, out);
+  if (world_root_)
+    for (const auto& line : ql.log) std::printf("  warning: %s\n", line.c_str());
+}
+
+// Packs, writes and records a quantized linear (the whole of it, on every member).
+void StageWorker::write_linear_result(int64_t b, int index, const QuantizedLinear& ql, const BaselineTerms& terms,
+                                      double solve_seconds, double awq_alpha, double awq_clip) {
+  const char* module = kLinears[static_cast<size_t>(index)].module;
+  const auto t0 = Clock::now();
+  io::PackedLinear p = pack(ql, module, opt_.quant);
+  p.rtn_relative_error = terms.weight2 > 0.0 ? terms.rtn_error2 / terms.weight2 : 0.0;
+  shard_->write_linear(b, p);
+  metrics_.write_seconds += seconds_since(t0);
+  metrics_.linears.push_back({b, module, ql.rows, ql.cols, ql.relative_error, p.rtn_relative_error, name(ql.fallback),
+                              ql.damp_used, solve_seconds, awq_alpha, awq_clip});
+}
+
+namespace {
+
+// Positions in kLinears of the linears AWQ folds into or treats apart.
+inline constexpr int kQProj = 0, kKProj = 1, kVProj = 2, kOProj = 3, kUpProj = 5, kDownProj = 6;
+static_assert(std::string_view(kLinears[kVProj].module) == "self_attn.v_proj" &&
+              std::string_view(kLinears[kOProj].module) == "self_attn.o_proj" &&
+              std::string_view(kLinears[kUpProj].module) == "mlp.up_proj" &&
+              std::string_view(kLinears[kDownProj].module) == "mlp.down_proj");
+
+// A tensor of fp32 values for the output.
+io::DenseTensor dense_f32(const std::string& name, const std::vector<float>& v) {
+  io::DenseTensor t;
+  t.name = name;
+  t.dtype = "F32";
+  t.shape = {static_cast<int64_t>(v.size())};
+  t.bytes.resize(v.size() * sizeof(float));
+  std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+  return t;
+}
+
+}  // namespace
+
+// Whether AWQ can fold scales for group g: into a norm (q/k/v, gate/up) always; into the preceding linear's rows
+// (v -> o, up -> down) when its outputs are the group's inputs one to one and it has no bias.
+bool StageWorker::awq_can_fold(int g) const {
+  if (g == 0 || g == 2) return true;
+  const Linear& prev = runner_->linear(g == 1 ? kVProj : kUpProj);
+  const Linear& next = runner_->linear(g == 1 ? kOProj : kDownProj);
+  return prev.out == next.in && prev.bias.empty();
+}
+
+// AWQ for linear group g (src/awq.hpp): the scale search over the group's linears (all rows, on every member of the
+// stage group alike, so each gets the same scales), the scales folded into what feeds the group, then each linear
+// clipped and rounded. Returns the group's largest relative error.
+double StageWorker::awq_group(int64_t b, int g, const GroupInputs& in) {
+  const auto t0 = Clock::now();
+  std::vector<AwqLinear> linears;
+  int64_t cols = 0;
+  for (int i = 0; i < kLinearCount; ++i) {
+    if (kLinears[static_cast<size_t>(i)].group != g) continue;
+    const Linear& lin = runner_->linear(i);
+    linears.push_back({rows_from(lin), lin.out});
+    cols = lin.in;
+  }
+  kernels::Buffer<float> copy;
+  const float* hb = kernels::host_floats_on_backend(*backend_, in.h.data(), static_cast<int64_t>(in.h.size()), copy);
+  AwqScaleChoice choice;
+  if (awq_can_fold(g)) {
+    choice = search_awq_scales(*backend_, linears, cols, in.magnitudes, hb, opt_.quant);
+    fold_awq_scales(g, choice.scales);
+  } else {
+    choice.alpha = -1.0;  // nothing to fold into: clipping and rounding only
+    choice.scales.assign(static_cast<size_t>(cols), 1.0f);
+  }
+  metrics_.solve_seconds += seconds_since(t0);
+  double worst = 0.0;
+  for (int i = 0; i < kLinearCount; ++i)
+    if (kLinears[static_cast<size_t>(i)].group == g) worst = std::max(worst, awq_linear(b, i, choice, in, hb));
+  return worst;
+}
+
+// x / s for the group's inputs: the norm's weights divided by s, or the preceding linear's rows (its quantized scale
+// factors). With quantized propagation the block as it runs changes with them.
+void StageWorker::fold_awq_scales(int g, const std::vector<float>& s) {
+  const bool live = propagation_->feeds_quantized();
+  if (g == 0 || g == 2) {
+    std::vector<float>& norm = norms_[g == 0 ? 0 : 1];
+    for (size_t k = 0; k < norm.size(); ++k) norm[k] /= s[k];
+    if (live) runner_->set_norms(norms_[0], norms_[1]);
+    return;
+  }
+  const int prev = g == 1 ? kVProj : kUpProj;
+  PQ_ASSERT(pending_[static_cast<size_t>(prev)].has_value(), "fold_awq_scales: ", kLinears[static_cast<size_t>(prev)].module,
+            " is not quantized yet");
+  QuantizedLinear& q = pending_[static_cast<size_t>(prev)]->q;
+  divide_rows(q, s);
+  if (live) runner_->set_linear(prev, Linear::of(q.rows, q.cols, q));
+}
+
+// Linear `index` clipped and rounded with the group's scales (this rank's rows, then gathered); held until the block
+// ends, as a later group may fold into it. Returns its relative error.
+double StageWorker::awq_linear(int64_t b, int index, const AwqScaleChoice& choice, const GroupInputs& in,
+                               const float* h_backend) {
+  const auto t0 = Clock::now();
+  const Linear& lin = runner_->linear(index);
+  const int64_t cols = lin.in, out = lin.out;
+  const bool clip = index != kQProj && index != kKProj;  // as llm-awq: q/k errors pass through the attention scores
+  std::array<double, 3> sums{};                             // error2, clip ratio sum, clip count
+  QuantizedLinear ql = solve_rows(b, index, [&](const float* w, int64_t rows) {
+    AwqQuantized a = awq_quantize(*backend_, w, rows, cols, choice.scales, in.h.data(), h_backend, clip, opt_.quant);
+    sums[0] += a.error2;
+    sums[1] += a.clip_sum;
+    sums[2] += static_cast<double>(a.clip_count);
+    return std::move(a.q);
+  });
+  group_->sum(sums.data(), 3);
+  const BaselineTerms& terms = in.terms[static_cast<size_t>(index)];
+  gather_linear(ql, sums[0], terms, out);
+  const double seconds = seconds_since(t0);
+  metrics_.solve_seconds += seconds;
+  note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
+  if (propagation_->feeds_quantized()) runner_->set_linear(index, Linear::of(ql.rows, ql.cols, ql));
+  const double e = ql.relative_error;
+  pending_[static_cast<size_t>(index)] =
+      PendingLinear{std::move(ql), terms, seconds, choice.alpha, sums[2] > 0.0 ? sums[1] / sums[2] : 1.0};
+  return e;
+}
+
+// The block's AWQ linears, final now that no later group folds into them.
+void StageWorker::write_pending_linears(int64_t b) {
+  for (int i = 0; i < kLinearCount; ++i) {
+    auto& p = pending_[static_cast<size_t>(i)];
+    if (!p) continue;
+    write_linear_result(b, i, p->q, p->terms, p->solve_seconds, p->awq_alpha, p->awq_clip);
+    p.reset();
+  }
+}
+
+// The block's norms and biases, in their source dtype (AWQ's folded norms in fp32).
 void StageWorker::write_block_tensors(int64_t b) {
   const std::string prefix = block_prefix(b);
-  for (const char* norm : {"input_layernorm.weight", "post_attention_layernorm.weight"})
-    shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + norm, norm));
+  const std::array<const char*, 2> norms = {"input_layernorm.weight", "post_attention_layernorm.weight"};
+  for (size_t n = 0; n < norms.size(); ++n)
+    shard_->write_block_tensor(b, opt_.quant.method == Method::kAwq
+                                      ? dense_f32(norms[n], norms_[n])
+                                      : dense_from_checkpoint(ckpt_, prefix + norms[n], norms[n]));
   for (const auto& linear : kLinears) {
     const std::string bias = std::string(linear.module) + ".bias";
     if (ckpt_.has(prefix + bias)) shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + bias, bias));

@@ -9,6 +9,7 @@
 // run_quantize (src/pipeline.hpp) runs them; a test can drive them block by block.
 
 #include <array>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -23,6 +24,7 @@
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
 #include "kernels/backend.hpp"
+#include "src/awq.hpp"
 #include "src/calibration.hpp"
 #include "src/model.hpp"
 #include "src/options.hpp"
@@ -67,6 +69,15 @@ class StageWorker {
   struct GroupInputs {
     std::vector<float> h;
     std::array<BaselineTerms, kLinearCount> terms{};
+    std::vector<float> magnitudes;  // AWQ: RMS of each input channel, from diag(H)
+  };
+  // An AWQ linear, quantized and held until its block ends: a later group's scales may fold into its rows.
+  struct PendingLinear {
+    QuantizedLinear q;
+    BaselineTerms terms;
+    double solve_seconds = 0.0;
+    double awq_alpha = -1.0;
+    double awq_clip = 1.0;
   };
   GroupErrors solve_block(int64_t b);
   GroupErrors replay_resumed_block(int64_t b);
@@ -75,9 +86,18 @@ class StageWorker {
   void add_terms_from_inputs(int group, const std::vector<float>& x, GroupInputs& in);
   void add_terms_from_hessian(int group, GroupInputs& in);
   std::optional<GptqFactor> group_factor(int group, std::vector<float> h);
-  QuantizedLinear solve_rows(int64_t b, int index, const GptqFactor* factor);
+  using TileQuantizer = std::function<QuantizedLinear(const float* w, int64_t rows)>;
+  QuantizedLinear solve_rows(int64_t b, int index, const TileQuantizer& quantize_tile);
   double quantize_linear(int64_t b, int index, std::optional<GptqFactor>& factor, bool last_of_group,
                          const BaselineTerms& terms);
+  void gather_linear(QuantizedLinear& ql, double error2, const BaselineTerms& terms, int64_t out);
+  void write_linear_result(int64_t b, int index, const QuantizedLinear& ql, const BaselineTerms& terms,
+                           double solve_seconds, double awq_alpha = -1.0, double awq_clip = 1.0);
+  bool awq_can_fold(int group) const;
+  double awq_group(int64_t b, int group, const GroupInputs& in);
+  void fold_awq_scales(int group, const std::vector<float>& scales);
+  double awq_linear(int64_t b, int index, const AwqScaleChoice& choice, const GroupInputs& in, const float* h_backend);
+  void write_pending_linears(int64_t b);
   void write_block_tensors(int64_t b);
   void post_progress(int64_t b, double seconds, const GroupErrors& errors);
 
@@ -112,6 +132,9 @@ class StageWorker {
   int64_t sample_begin_ = 0;
   MicroBatches batches_;
   std::vector<float> x_;
+  // the block's norms (input, post-attention) as the output holds them: AWQ folds its scales into them
+  std::array<std::vector<float>, 2> norms_;
+  std::array<std::optional<PendingLinear>, kLinearCount> pending_;  // AWQ
   StageMetrics metrics_;
   Clock::time_point t_sync_;
 };
