@@ -22,4 +22,10 @@ int64_t world_sum(int64_t value) {
   return sum;
 }
 
+int64_t world_min(int64_t value) {
+  int64_t least = 0;
+  MPI_Allreduce(&value, &least, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
+  return least;
+}
+
 }  // namespace pipequant::comm

@@ -822,8 +822,23 @@ PackedLinear ShardReader::read_linear(int64_t block, const std::string& module) 
   return l;
 }
 
+PackedLinear ShardReader::read_linear_tables(int64_t block, const std::string& module) const {
+  PackedLinear l = read_linear_info(block, module);
+  const std::string object = block_path(block) + "/" + module;
+  const Where at{path_, object};
+  GroupHandle g = open_group(file_, object, at);
+  const LinearShapes s = linear_shapes(l);
+  l.qzeros.resize(static_cast<size_t>(element_count(s.qzeros)));
+  l.g_idx.resize(static_cast<size_t>(element_count(s.g_idx)));
+  read_dataset(g.get(), "qzeros", H5T_NATIVE_INT32, s.qzeros, l.qzeros.data(), at);
+  read_dataset(g.get(), "g_idx", H5T_NATIVE_INT32, s.g_idx, l.g_idx.data(), at);
+  return l;
+}
+
 namespace {
-DenseTensor read_dense(hid_t parent, const std::string& name, const std::string& file, const std::string& object) {
+// The tensor, or with `with_data` false its name, dtype and shape only.
+DenseTensor read_dense(hid_t parent, const std::string& name, const std::string& file, const std::string& object,
+                       bool with_data) {
   const Where at{file, object};
   DatasetHandle d =
       checked<DatasetHandle>(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), file, object, "cannot open dataset");
@@ -848,6 +863,7 @@ DenseTensor read_dense(hid_t parent, const std::string& name, const std::string&
   }
   const size_t elem = dtype_bytes(t.dtype);
   PQ_REQUIRE(elem > 0, file, ": ", object, ": dtype '", t.dtype, "' is not one of F32, F16, BF16");
+  if (!with_data) return t;
   TypeHandle mt = dense_type(t.dtype, at);
   t.bytes.resize(static_cast<size_t>(element_count(t.shape)) * elem);
   if (!t.bytes.empty())
@@ -857,12 +873,23 @@ DenseTensor read_dense(hid_t parent, const std::string& name, const std::string&
 }
 }  // namespace
 
-DenseTensor ShardReader::read_block_tensor(int64_t block, const std::string& name) const {
-  GroupHandle g = open_block(file_, block, path_);
+namespace {
+DenseTensor read_block_dense(hid_t file, const std::string& path, int64_t block, const std::string& name,
+                             bool with_data) {
+  GroupHandle g = open_block(file, block, path);
   const std::string object = block_path(block) + "/" + name;
-  PQ_REQUIRE(!name.empty() && link_exists(g.get(), name, Where{path_, block_path(block)}), path_, ": ", object,
+  PQ_REQUIRE(!name.empty() && link_exists(g.get(), name, Where{path, block_path(block)}), path, ": ", object,
              ": no such tensor");
-  return read_dense(g.get(), name, path_, object);
+  return read_dense(g.get(), name, path, object, with_data);
+}
+}  // namespace
+
+DenseTensor ShardReader::read_block_tensor(int64_t block, const std::string& name) const {
+  return read_block_dense(file_, path_, block, name, true);
+}
+
+DenseTensor ShardReader::read_block_tensor_info(int64_t block, const std::string& name) const {
+  return read_block_dense(file_, path_, block, name, false);
 }
 
 bool ShardReader::has_tensor(const std::string& name) const {
@@ -875,7 +902,13 @@ bool ShardReader::has_tensor(const std::string& name) const {
 DenseTensor ShardReader::read_tensor(const std::string& name) const {
   PQ_REQUIRE(has_tensor(name), path_, ": /tensors/", name, ": no such tensor");
   GroupHandle g = open_group(file_, "/tensors", Where{path_, "/tensors"});
-  return read_dense(g.get(), name, path_, "/tensors/" + name);
+  return read_dense(g.get(), name, path_, "/tensors/" + name, true);
+}
+
+DenseTensor ShardReader::read_tensor_info(const std::string& name) const {
+  PQ_REQUIRE(has_tensor(name), path_, ": /tensors/", name, ": no such tensor");
+  GroupHandle g = open_group(file_, "/tensors", Where{path_, "/tensors"});
+  return read_dense(g.get(), name, path_, "/tensors/" + name, false);
 }
 
 std::vector<std::string> ShardReader::tensors() const {

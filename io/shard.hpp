@@ -117,9 +117,15 @@ class ShardReader {
   PackedLinear read_linear(int64_t block, const std::string& module) const;
   // The attributes only (the four vectors stay empty): cheap, for listings of large models.
   PackedLinear read_linear_info(int64_t block, const std::string& module) const;
+  // The attributes with qzeros and g_idx (qweight and scales stay empty): what a check of the zero points and the
+  // grouping reads, without the codes.
+  PackedLinear read_linear_tables(int64_t block, const std::string& module) const;
   DenseTensor read_block_tensor(int64_t block, const std::string& name) const;
+  // Name, dtype and shape only (bytes stay empty): the size of a tensor without reading it.
+  DenseTensor read_block_tensor_info(int64_t block, const std::string& name) const;
   bool has_tensor(const std::string& name) const;
   DenseTensor read_tensor(const std::string& name) const;
+  DenseTensor read_tensor_info(const std::string& name) const;  // name, dtype and shape only
   std::vector<std::string> tensors() const;
   // Recomputes every checksum of the block; names of what does not match are returned (empty = good).
   std::vector<std::string> verify_block(int64_t block) const;

@@ -21,6 +21,7 @@
 #include "src/bench_gptq.hpp"
 #include "src/bench_hdf5.hpp"
 #include "src/driver_util.hpp"
+#include "src/export.hpp"
 #include "src/inspect.hpp"
 #include "src/pipeline.hpp"
 #include "src/planner.hpp"
@@ -42,6 +43,7 @@ const char* kUsage =
     "  quantize      quantize a Llama checkpoint (GPTQ or RTN) into packed HDF5 shards\n"
     "  eval          perplexity of a checkpoint, or of a quantized output dequantized on the fly\n"
     "  inspect OUT   table of the blocks and linears of a quantized output, checksums verified\n"
+    "  export OUT    a Hugging Face GPTQ or AWQ checkpoint directory from a quantized output\n"
     "  plan          the stages and memory per rank of a quantize run, for any world size (one process)\n"
     "  layer         quantize one matrix W [out, in] with inputs X [tokens, in]\n"
     "  synth         write a synthetic Llama checkpoint with deterministic random weights\n"
@@ -369,6 +371,37 @@ int cmd_inspect(const Args& args) {
   return run_inspect(out, std::cout);
 }
 
+int cmd_export(const Args& args) {
+  Command cmd("export");
+  cmd.add("out", Role::kInput, po::value<std::string>(), "quantized output directory (complete)")
+      .add("to", Role::kRun, po::value<std::string>(), "checkpoint directory to write (must not exist or be empty)")
+      .add("format", Role::kResult, po::value<std::string>(), choices(kExportFormats))
+      .add("model", Role::kInput, po::value<std::string>(),
+           "source model directory for the tokenizer files (default: the --model recorded in OUT/model.h5)")
+      .add("checkpoint-format", Role::kResult, po::value<std::string>()->default_value("auto"),
+           choices(kCheckpointFormats) + " (GPTQ zeros; gptq: zero - 1, gptq_v2: the zero, auto: gptq if it can)")
+      .add("max-shard-gb", Role::kRun, po::value<double>()->default_value(5.0),
+           "largest .safetensors file in GB (1e9 bytes); more files and an index beyond it")
+      .add("overwrite", Role::kRun, po::bool_switch(), "replace a --to directory that is not empty");
+  cmd.positional.add("out", 1);
+  if (parse(cmd, args)) {
+    print_help(cmd);
+    return 0;
+  }
+  ExportOptions o;
+  o.out_dir = required<std::string>(cmd.vm, "out", cmd.name);
+  o.to_dir = required<std::string>(cmd.vm, "to", cmd.name);
+  o.format = parse_enum("--format", required<std::string>(cmd.vm, "format", cmd.name), kExportFormats);
+  o.checkpoint_format = enum_option(cmd.vm, "checkpoint-format", kCheckpointFormats);
+  if (cmd.vm.count("model")) o.model_dir = cmd.vm["model"].as<std::string>();
+  const double gb = cmd.vm["max-shard-gb"].as<double>();
+  PQ_REQUIRE(gb > 0.0, "--max-shard-gb must be positive, got ", gb);
+  o.max_shard_bytes = static_cast<uint64_t>(gb * 1e9);
+  o.overwrite = cmd.vm["overwrite"].as<bool>();
+  run_export(o);
+  return 0;
+}
+
 // H = 2/n X^T X of the inputs X [tokens, in], accumulated on the backend.
 std::vector<float> layer_hessian(kernels::Backend& backend, const io::Matrix& x) {
   kernels::Buffer<float> h_dev(backend, x.cols * x.cols);
@@ -405,6 +438,8 @@ int cmd_layer(const Args& args) {
   const std::string wpath = required<std::string>(cmd.vm, "weight", cmd.name);
   const std::string xpath = required<std::string>(cmd.vm, "inputs", cmd.name);
   const QuantConfig q = quant_config(cmd.vm);
+  PQ_REQUIRE(q.method != Method::kAwq, "layer: --method awq scales a linear's inputs, which only a whole block can fold "
+             "into what precedes it; use `pipequant quantize --method awq`");
   const io::Matrix w = io::read_matrix_f32(wpath, "--weight");
   const io::Matrix x = io::read_matrix_f32(xpath, "--inputs");
   PQ_REQUIRE(x.cols == w.cols, xpath, ": shape [", x.rows, ", ", x.cols, "] does not match the weight ", wpath, " [",
@@ -628,6 +663,7 @@ int run_cli(int argc, char** argv) {
   if (command == "plan") return cmd_plan(args);
   if (command == "eval") return cmd_eval(args);
   if (command == "inspect") return cmd_inspect(args);
+  if (command == "export") return cmd_export(args);
   if (command == "layer") return cmd_layer(args);
   if (command == "synth") return cmd_synth(args);
   if (command == "synth-tokens") return cmd_synth_tokens(args);

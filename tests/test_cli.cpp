@@ -129,7 +129,7 @@ TEST(Cli, TypedOptions) {
 }
 
 TEST(Cli, EnumOptionsAcceptEachSpelling) {
-  for (const auto& [s, m] : {std::pair{"gptq", Method::kGptq}, {"rtn", Method::kRtn}})
+  for (const auto& [s, m] : {std::pair{"gptq", Method::kGptq}, {"rtn", Method::kRtn}, {"awq", Method::kAwq}})
     EXPECT_EQ(parse(quantize_args({"--method", s})).quant.method, m) << s;
   for (const auto& [s, p] : {std::pair{"quantized", Propagation::kQuantized}, {"fp", Propagation::kFp}})
     EXPECT_EQ(parse(quantize_args({"--propagation", s})).propagation, p) << s;
@@ -145,7 +145,7 @@ TEST(Cli, EnumOptionsAcceptEachSpelling) {
 
 TEST(Cli, EnumOptionsNameTheirSpellingsWhenGivenABadOne) {
   EXPECT_EQ(error_of(quantize_args({"--backend", "x"})), "--backend: expected auto, cpu or cuda, got 'x'");
-  EXPECT_EQ(error_of(quantize_args({"--method", "awq"})), "--method: expected gptq or rtn, got 'awq'");
+  EXPECT_EQ(error_of(quantize_args({"--method", "gptq2"})), "--method: expected gptq, rtn or awq, got 'gptq2'");
   EXPECT_EQ(error_of(quantize_args({"--propagation", "bf16"})), "--propagation: expected quantized or fp, got 'bf16'");
   EXPECT_EQ(error_of(quantize_args({"--compute-dtype", "fp8"})),
             "--compute-dtype: expected auto, fp32, bf16 or fp16, got 'fp8'");

@@ -228,8 +228,18 @@ TEST(ShardIo, RoundTripsLinearsAndTensorsBitExactly) {
       EXPECT_TRUE(info.qweight.empty());
       EXPECT_EQ(info.groups, l.groups);
       EXPECT_EQ(packed_bytes(info), packed_bytes(l));
+      const PackedLinear tables = r.read_linear_tables(b, l.module);
+      EXPECT_TRUE(tables.qweight.empty() && tables.scales.empty());
+      EXPECT_EQ(tables.qzeros, l.qzeros);
+      EXPECT_EQ(tables.g_idx, l.g_idx);
     }
-    for (const auto& t : f.block_tensors[i]) expect_same(r.read_block_tensor(b, t.name), t);
+    for (const auto& t : f.block_tensors[i]) {
+      expect_same(r.read_block_tensor(b, t.name), t);
+      const DenseTensor info = r.read_block_tensor_info(b, t.name);
+      EXPECT_TRUE(info.bytes.empty());
+      EXPECT_EQ(info.dtype, t.dtype);
+      EXPECT_EQ(info.shape, t.shape);
+    }
     EXPECT_EQ(r.verify_block(b), std::vector<std::string>{});
   }
   std::vector<std::string> want;
@@ -237,8 +247,13 @@ TEST(ShardIo, RoundTripsLinearsAndTensorsBitExactly) {
     want.push_back(t.name);
     EXPECT_TRUE(r.has_tensor(t.name));
     expect_same(r.read_tensor(t.name), t);
+    const DenseTensor info = r.read_tensor_info(t.name);
+    EXPECT_TRUE(info.bytes.empty());
+    EXPECT_EQ(info.dtype, t.dtype);
+    EXPECT_EQ(info.shape, t.shape);
   }
   EXPECT_EQ(r.tensors(), sorted(want));
+  EXPECT_THROW(r.read_tensor_info("model.missing.weight"), UserError);
   EXPECT_FALSE(r.has_tensor("model.missing.weight"));
   EXPECT_EQ(r.verify_tensors(), std::vector<std::string>{});
   EXPECT_THROW(r.read_linear(0, "mlp.up_proj"), UserError);

@@ -26,6 +26,8 @@ LinearRecord sample_linear(int64_t block) {
   l.fallback = "rtn";
   l.damp = 0.1;
   l.solve_seconds = 12.5e-3;
+  l.awq_alpha = 0.35;
+  l.awq_clip = 0.925;
   return l;
 }
 
@@ -116,7 +118,8 @@ const std::set<std::string> kStageRecordKeys = {"record",
                                                 "peak_device_solve_bytes"};
 const std::set<std::string> kLinearRecordKeys = {"record",       "stage",       "block",          "module",
                                                  "out_features", "in_features", "relative_error", "rtn_relative_error",
-                                                 "fallback",     "damp",        "solve_s"};
+                                                 "fallback",     "damp",        "solve_s",        "awq_alpha",
+                                                 "awq_clip"};
 
 TEST(Report, MetricsFileKeepsItsRecordsAndKeys) {
   const std::string path = testing::TempDir() + "pipequant-test-report.jsonl";
