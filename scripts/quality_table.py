@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Quantizes the two real test checkpoints with RTN and GPTQ at several settings, evaluates perplexity, and
-prints a markdown table (FP, RTN, GPTQ; bits x group) with the per-linear relative output errors.
+"""Quantizes the two real test checkpoints with RTN, GPTQ and AWQ at several settings, evaluates perplexity, and
+prints a markdown table (FP, RTN, GPTQ, AWQ; bits x group) with the per-linear relative output errors.
 
 usage: quality_table.py [--models stories260K,tiny-llama-6L] [--md OUT.md] [--json OUT.json] [--work DIR]
        quality_table.py --from-json RESULTS.json [--md OUT.md]     (the table again from saved results)
@@ -31,6 +31,9 @@ def evaluate(model_dir, tokens, seq, quantized=None):
     return pq.perplexity(pq.run(args, np=1).stdout)
 
 
+METHODS = ("rtn", "gptq", "awq")
+
+
 def run_model(name, work, settings=None, extras=True):
     """settings: (bits, group) pairs to run (default: the model's full list); extras: also evaluate the
     extra token files (WikiText-2 for tiny-llama-6L, 5x the judge file's length)."""
@@ -46,7 +49,7 @@ def run_model(name, work, settings=None, extras=True):
     for label, path in spec["extra"]:
         result["fp"][label] = evaluate(model_dir, pq.testdata(path), seq)
     for bits, group in spec["settings"]:
-        for method in ("rtn", "gptq"):
+        for method in METHODS:
             out = os.path.join(work, f"{name}-{method}-{bits}b-g{group}")
             metrics = out + ".metrics.jsonl"
             pq.run(["quantize", "--model", model_dir, "--calib", pq.testdata(spec["calib"]), "--seq-len", seq,
@@ -69,7 +72,7 @@ def markdown(results):
         lines.append(f"### {res['model']}  (judge: `{spec['judge']}`, windows of {spec['seq']} tokens; "
                      f"calibration `{spec['calib']}`)\n")
         head = "| setting | method | perplexity |" + "".join(f" {e} ppl |" for e in extra) + \
-               " mean rel. error | max rel. error | linears where GPTQ <= RTN |"
+               " mean rel. error | max rel. error | linears at or below RTN's error |"
         lines.append(head)
         lines.append("|" + "---|" * (head.count("|") - 1))
         lines.append(f"| fp | - | {res['fp']['judge']:.4f} |" + "".join(f" {res['fp'][e]:.4f} |" for e in extra)
@@ -77,7 +80,7 @@ def markdown(results):
         for run in res["runs"]:
             errs = [l["relative_error"] for l in run["linears"]]
             better = sum(1 for l in run["linears"] if l["relative_error"] <= l["rtn_relative_error"])
-            better = f"{better}/{len(errs)}" if run["method"] == "gptq" else "-"
+            better = f"{better}/{len(errs)}" if run["method"] != "rtn" else "-"
             g = "per-row" if run["group"] == -1 else f"g{run['group']}"
             lines.append(f"| {run['bits']}-bit {g} | {run['method']} | {run['judge']:.4f} |"
                          + "".join(f" {run[e]:.4f} |" for e in extra)

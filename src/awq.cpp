@@ -56,20 +56,40 @@ std::vector<float> scaled_rtn(kernels::Backend& backend, const float* w, int64_t
   return wq;
 }
 
-// The summed tr(D H D^T) of the linears for the scales s, a tile of rows at a time.
-double scaled_rtn_error2(kernels::Backend& backend, const std::vector<AwqLinear>& linears, int64_t cols,
+// The rows of each linear the search measures: all of them while the group's rows fit max_floats, else as
+// many evenly spaced ones as fit (the same on every rank), held in fp32 [rows, cols] for the whole search.
+std::vector<std::vector<float>> search_rows(const std::vector<AwqLinear>& linears, int64_t cols, int64_t max_floats) {
+  const int64_t budget = std::max<int64_t>(1, max_floats / (cols * static_cast<int64_t>(linears.size())));
+  std::vector<std::vector<float>> out;
+  for (const AwqLinear& lin : linears) {
+    const int64_t keep = std::min(lin.rows, budget);
+    std::vector<float> w(static_cast<size_t>(keep * cols));
+    if (keep == lin.rows)
+      lin.rows_f32(0, lin.rows, w.data());
+    else
+      for (int64_t i = 0; i < keep; ++i) {
+        const int64_t r = i * lin.rows / keep;
+        lin.rows_f32(r, r + 1, w.data() + i * cols);
+      }
+    out.push_back(std::move(w));
+  }
+  return out;
+}
+
+// The summed tr(D H D^T) over the measured rows for the scales s, a chunk of rows at a time.
+double scaled_rtn_error2(kernels::Backend& backend, const std::vector<std::vector<float>>& rows, int64_t cols,
                          const std::vector<float>& s, const float* hb, const QuantConfig& config) {
   double e2 = 0.0;
-  const int64_t tile = std::max<int64_t>(1, kErrorChunkFloats / (2 * cols));
-  std::vector<float> w;
-  for (const AwqLinear& lin : linears)
-    for (int64_t r0 = 0; r0 < lin.rows; r0 += tile) {
-      const int64_t m = std::min(tile, lin.rows - r0);
-      w.resize(static_cast<size_t>(m * cols));
-      lin.rows_f32(r0, r0 + m, w.data());
-      const std::vector<float> wq = scaled_rtn(backend, w.data(), m, cols, s, config);
-      e2 += output_terms(backend, w.data(), wq.data(), m, cols, hb).rtn_error2;
+  const int64_t chunk = std::max<int64_t>(1, kErrorChunkFloats / (2 * cols));
+  for (const std::vector<float>& w : rows) {
+    const int64_t n = static_cast<int64_t>(w.size()) / cols;
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t m = std::min(chunk, n - r0);
+      const float* wr = w.data() + r0 * cols;
+      const std::vector<float> wq = scaled_rtn(backend, wr, m, cols, s, config);
+      e2 += output_terms(backend, wr, wq.data(), m, cols, hb).rtn_error2;
     }
+  }
   return e2;
 }
 
@@ -77,13 +97,14 @@ double scaled_rtn_error2(kernels::Backend& backend, const std::vector<AwqLinear>
 
 AwqScaleChoice search_awq_scales(kernels::Backend& backend, const std::vector<AwqLinear>& linears, int64_t cols,
                                  const std::vector<float>& magnitudes, const float* h_backend,
-                                 const QuantConfig& config) {
+                                 const QuantConfig& config, int64_t max_floats) {
   PQ_ASSERT(static_cast<int64_t>(magnitudes.size()) == cols && !linears.empty(), "search_awq_scales: bad arguments");
   AwqScaleChoice best;
+  const std::vector<std::vector<float>> rows = search_rows(linears, cols, max_floats);
   for (int i = 0; i <= kAwqScaleGrid; ++i) {
     const double alpha = static_cast<double>(i) / kAwqScaleGrid;
     std::vector<float> s = awq_scales(magnitudes, alpha);
-    const double e2 = scaled_rtn_error2(backend, linears, cols, s, h_backend, config);
+    const double e2 = scaled_rtn_error2(backend, rows, cols, s, h_backend, config);
     if (i == 0) best.rtn_error2 = e2;
     if (i == 0 || e2 < best.error2) {  // ties keep the smaller exponent
       best.alpha = alpha;

@@ -26,6 +26,10 @@ namespace pipequant {
 inline constexpr int kAwqScaleGrid = 20;   // alpha = i / 20, i = 0..20
 inline constexpr int kAwqClipSteps = 10;   // ratio = 1 - i / 20, i = 0..9
 inline constexpr float kAwqMinScale = 1e-4f;
+// The scale search measures at most this many weights of a group (256 MB in fp32): all rows of the linears while
+// they fit, else evenly spaced rows (every linear alike). Each grid point costs 4 rows K^2 flops on them: for a
+// 405B down_proj (K = 53248) 1260 of its 16384 rows, 21 x 14 TFLOP.
+inline constexpr int64_t kAwqSearchFloats = int64_t{1} << 26;
 
 // The magnitude of each input channel: its RMS over the calibration tokens, sqrt(H[k, k] / 2) from
 // H [cols, cols] = (2/n) x^T x. (llm-awq takes mean |x|; the RMS comes from H, whose bits are the same for any
@@ -47,10 +51,11 @@ struct AwqScaleChoice {
   double error2 = 0.0;        // the group's summed tr(D H D^T) at alpha
   double rtn_error2 = 0.0;    // ... at alpha 0 (round to nearest)
 };
-// The grid search of step 2 over the group's linears (all rows). h_backend: H [cols, cols] in backend memory.
+// The grid search of step 2 over the group's linears (the rows kAwqSearchFloats allows). h_backend: H [cols, cols]
+// in backend memory. error2 and rtn_error2 are over those rows.
 AwqScaleChoice search_awq_scales(kernels::Backend& backend, const std::vector<AwqLinear>& linears, int64_t cols,
                                  const std::vector<float>& magnitudes, const float* h_backend,
-                                 const QuantConfig& config);
+                                 const QuantConfig& config, int64_t max_floats = kAwqSearchFloats);
 
 struct AwqQuantized {
   QuantizedLinear q;       // of W diag(s): rows x cols, its codes, scales and zeros

@@ -110,51 +110,6 @@ std::vector<uint8_t> transpose_codes(const std::vector<uint8_t>& kn, int64_t k, 
   return nk;
 }
 
-class HfQuantizedSource final : public WeightSource {
- public:
-  HfQuantizedSource(const io::Checkpoint& ckpt, const io::ModelConfig& config, const io::HfQuantConfig& quant)
-      : ckpt_(ckpt), config_(config), quant_(quant) {}
-
-  BlockWeights load_block(int64_t block) const override {
-    BlockWeights b;
-    b.index = block;
-    const std::string p = block_prefix(block);
-    b.input_norm = read_released(p + "input_layernorm.weight");
-    b.post_norm = read_released(p + "post_attention_layernorm.weight");
-    for (int i = 0; i < kLinearCount; ++i) {
-      const auto shape = linear_shape(config_, i);
-      const std::string module = p + kLinears[static_cast<size_t>(i)].module;
-      auto& l = b.linears[static_cast<size_t>(i)];
-      l = Linear::of(shape[0], shape[1], read_hf_quantized_linear(ckpt_, quant_, module, shape[0], shape[1]));
-      const bool bias = i < 4 ? config_.attention_bias : config_.mlp_bias;
-      if (bias) l.bias = read_released(module + ".bias");
-    }
-    return b;
-  }
-  std::vector<float> embed_tokens() const override { return read_released("model.embed_tokens.weight"); }
-  std::vector<float> final_norm() const override { return read_released("model.norm.weight"); }
-  std::vector<float> lm_head() const override {
-    if (config_.tie_word_embeddings || !ckpt_.has("lm_head.weight")) return embed_tokens();
-    return read_released("lm_head.weight");
-  }
-  std::string describe() const override {
-    return std::string(quant_.format == io::HfQuantFormat::kAwq ? "AWQ" : "GPTQ") + " checkpoint " + ckpt_.path() +
-           " (" + std::to_string(quant_.bits) + "-bit, group_size " + std::to_string(quant_.group_size) + ", " +
-           io::name(quant_.format) + ")";
-  }
-
- private:
-  std::vector<float> read_released(const std::string& name) const {
-    std::vector<float> v = ckpt_.read_f32(name);
-    ckpt_.release(name);
-    return v;
-  }
-
-  const io::Checkpoint& ckpt_;
-  const io::ModelConfig& config_;
-  io::HfQuantConfig quant_;
-};
-
 }  // namespace
 
 const std::vector<std::string>& hf_linear_tensor_suffixes() {
@@ -210,17 +165,11 @@ QuantizedLinear read_hf_quantized_linear(const io::Checkpoint& ckpt, const io::H
   return ql;
 }
 
-std::unique_ptr<WeightSource> hf_quantized_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config,
-                                                  const io::HfQuantConfig& quant) {
-  return std::make_unique<HfQuantizedSource>(checkpoint, config, quant);
-}
-
 std::unique_ptr<WeightSource> model_source(const io::Checkpoint& checkpoint, const std::string& model_dir,
                                            const io::ModelConfig& config) {
   const std::optional<io::HfQuantConfig> quant = io::read_quantization_config(model_dir);
   validate_checkpoint(checkpoint, config, quant ? &*quant : nullptr);
-  if (quant) return hf_quantized_source(checkpoint, config, *quant);
-  return checkpoint_source(checkpoint, config);
+  return checkpoint_source(checkpoint, config, quant ? &*quant : nullptr);
 }
 
 }  // namespace pipequant

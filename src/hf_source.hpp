@@ -29,10 +29,6 @@ void expect_hf_quantized_linear(const io::Checkpoint& ckpt, const io::ModelConfi
 QuantizedLinear read_hf_quantized_linear(const io::Checkpoint& ckpt, const io::HfQuantConfig& quant,
                                          const std::string& module, int64_t out, int64_t in);
 
-// A source over a validated (validate_checkpoint with `quant`) GPTQ or AWQ checkpoint.
-std::unique_ptr<WeightSource> hf_quantized_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config,
-                                                  const io::HfQuantConfig& quant);
-
 // The source for `pipequant eval --model DIR`: an unquantized checkpoint, or a GPTQ/AWQ one when the directory's
 // config says so (io::read_quantization_config); validated either way.
 std::unique_ptr<WeightSource> model_source(const io::Checkpoint& checkpoint, const std::string& model_dir,

@@ -154,7 +154,10 @@ void expect_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& config, co
 
 class CheckpointSource final : public WeightSource {
  public:
-  CheckpointSource(const io::Checkpoint& ckpt, const io::ModelConfig& config) : ckpt_(ckpt), config_(config) {}
+  CheckpointSource(const io::Checkpoint& ckpt, const io::ModelConfig& config, const io::HfQuantConfig* quant)
+      : ckpt_(ckpt), config_(config) {
+    if (quant) quant_ = *quant;
+  }
 
   BlockWeights load_block(int64_t block) const override {
     BlockWeights b;
@@ -165,7 +168,10 @@ class CheckpointSource final : public WeightSource {
     for (int i = 0; i < kLinearCount; ++i) {
       const auto shape = linear_shape(config_, i);
       auto& l = b.linears[static_cast<size_t>(i)];
-      l = Linear::of(shape[0], shape[1], read_values(p + kLinears[static_cast<size_t>(i)].module + ".weight"));
+      const std::string module = p + kLinears[static_cast<size_t>(i)].module;
+      l = Linear::of(shape[0], shape[1],
+                     quant_ ? WeightValues{read_hf_quantized_linear(ckpt_, *quant_, module, shape[0], shape[1])}
+                            : read_values(module + ".weight"));
       if (has_bias(config_, i)) l.bias = ckpt_.read_f32(p + kLinears[static_cast<size_t>(i)].module + ".bias");
     }
     return b;
@@ -176,7 +182,12 @@ class CheckpointSource final : public WeightSource {
     if (config_.tie_word_embeddings || !ckpt_.has("lm_head.weight")) return embed_tokens();
     return read_released("lm_head.weight");
   }
-  std::string describe() const override { return "checkpoint " + ckpt_.path(); }
+  std::string describe() const override {
+    if (!quant_) return "checkpoint " + ckpt_.path();
+    return std::string(quant_->format == io::HfQuantFormat::kAwq ? "AWQ" : "GPTQ") + " checkpoint " + ckpt_.path() +
+           " (" + std::to_string(quant_->bits) + "-bit, group_size " + std::to_string(quant_->group_size) + ", " +
+           io::name(quant_->format) + ")";
+  }
 
  private:
   std::vector<float> read_released(const std::string& name) const {
@@ -199,6 +210,7 @@ class CheckpointSource final : public WeightSource {
 
   const io::Checkpoint& ckpt_;
   const io::ModelConfig& config_;
+  std::optional<io::HfQuantConfig> quant_;
 };
 
 class QuantizedSource final : public WeightSource {
@@ -375,8 +387,9 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
   }
 }
 
-std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config) {
-  return std::make_unique<CheckpointSource>(checkpoint, config);
+std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config,
+                                                const io::HfQuantConfig* quant) {
+  return std::make_unique<CheckpointSource>(checkpoint, config, quant);
 }
 
 std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const io::ModelConfig& config) {

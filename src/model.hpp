@@ -97,7 +97,9 @@ class WeightSource {
   virtual std::string describe() const = 0;
 };
 
-std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config);
+// quant: a GPTQ or AWQ checkpoint (validated with it), whose linears are read as codes and tables (src/hf_source.hpp).
+std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint, const io::ModelConfig& config,
+                                                const io::HfQuantConfig* quant = nullptr);
 // A quantized output directory: packed linears dequantized on the fly, dense tensors as stored.
 std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const io::ModelConfig& config);
 

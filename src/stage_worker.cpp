@@ -552,9 +552,11 @@ void StageWorker::fold_awq_scales(int g, const std::vector<float>& s) {
   const int prev = g == 1 ? kVProj : kUpProj;
   PQ_ASSERT(pending_[static_cast<size_t>(prev)].has_value(), "fold_awq_scales: ", kLinears[static_cast<size_t>(prev)].module,
             " is not quantized yet");
-  QuantizedLinear& q = pending_[static_cast<size_t>(prev)]->q;
+  Linear& held = pending_[static_cast<size_t>(prev)]->linear;
+  QuantizedLinear q = std::get<QuantizedLinear>(*held.values);  // a copy: the runner may share the values
   divide_rows(q, s);
-  if (live) runner_->set_linear(prev, Linear::of(q.rows, q.cols, q));
+  held = Linear::of(q.rows, q.cols, std::move(q));
+  if (live) runner_->set_linear(prev, held);
 }
 
 // Linear `index` clipped and rounded with the group's scales (this rank's rows, then gathered); held until the block
@@ -579,10 +581,11 @@ double StageWorker::awq_linear(int64_t b, int index, const AwqScaleChoice& choic
   const double seconds = seconds_since(t0);
   metrics_.solve_seconds += seconds;
   note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
-  if (propagation_->feeds_quantized()) runner_->set_linear(index, Linear::of(ql.rows, ql.cols, ql));
   const double e = ql.relative_error;
+  Linear held = Linear::of(ql.rows, ql.cols, std::move(ql));
+  if (propagation_->feeds_quantized()) runner_->set_linear(index, held);
   pending_[static_cast<size_t>(index)] =
-      PendingLinear{std::move(ql), terms, seconds, choice.alpha, sums[2] > 0.0 ? sums[1] / sums[2] : 1.0};
+      PendingLinear{std::move(held), terms, seconds, choice.alpha, sums[2] > 0.0 ? sums[1] / sums[2] : 1.0};
   return e;
 }
 
@@ -591,7 +594,8 @@ void StageWorker::write_pending_linears(int64_t b) {
   for (int i = 0; i < kLinearCount; ++i) {
     auto& p = pending_[static_cast<size_t>(i)];
     if (!p) continue;
-    write_linear_result(b, i, p->q, p->terms, p->solve_seconds, p->awq_alpha, p->awq_clip);
+    write_linear_result(b, i, std::get<QuantizedLinear>(*p->linear.values), p->terms, p->solve_seconds, p->awq_alpha,
+                        p->awq_clip);
     p.reset();
   }
 }

@@ -71,9 +71,10 @@ class StageWorker {
     std::array<BaselineTerms, kLinearCount> terms{};
     std::vector<float> magnitudes;  // AWQ: RMS of each input channel, from diag(H)
   };
-  // An AWQ linear, quantized and held until its block ends: a later group's scales may fold into its rows.
+  // An AWQ linear, quantized and held until its block ends: a later group's scales may fold into its rows. Its
+  // values (a QuantizedLinear) are shared with the runner's copy under quantized propagation.
   struct PendingLinear {
-    QuantizedLinear q;
+    Linear linear;
     BaselineTerms terms;
     double solve_seconds = 0.0;
     double awq_alpha = -1.0;

@@ -117,6 +117,31 @@ TEST(AwqSearch, ErrorsMatchTheInputsAndBeatRoundToNearest) {
   EXPECT_NEAR(q.error2, direct, 1e-4 * direct);
 }
 
+TEST(AwqSearch, MeasuresEvenlySpacedRowsBeyondItsBudget) {
+  auto backend = cpu();
+  const int64_t rows = 30, cols = 64;
+  const Inputs in = inputs_with_gains(120, outlier_gains(cols), 12);
+  const std::vector<float> magnitudes = channel_magnitudes(in.h, cols);
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.1f, 13);
+  std::vector<float> every_third;  // rows 0, 3, ..., 27: what a budget of 10 rows measures
+  for (int64_t r = 0; r < rows; r += 3) every_third.insert(every_third.end(), w.begin() + r * cols, w.begin() + (r + 1) * cols);
+  QuantConfig cfg;
+  cfg.bits = 3;
+  cfg.group_size = 16;
+  const auto fill_from = [cols](const std::vector<float>& m) {
+    return FillRows([&m, cols](int64_t r0, int64_t r1, float* dst) {
+      std::copy(m.begin() + r0 * cols, m.begin() + r1 * cols, dst);
+    });
+  };
+  const auto sampled = search_awq_scales(*backend, {{fill_from(w), rows}}, cols, magnitudes, in.h.data(), cfg, 10 * cols);
+  const auto direct = search_awq_scales(*backend, {{fill_from(every_third), 10}}, cols, magnitudes, in.h.data(), cfg);
+  EXPECT_EQ(sampled.alpha, direct.alpha);
+  EXPECT_EQ(sampled.error2, direct.error2);
+  EXPECT_EQ(sampled.rtn_error2, direct.rtn_error2);
+  const auto all = search_awq_scales(*backend, {{fill_from(w), rows}}, cols, magnitudes, in.h.data(), cfg);
+  EXPECT_GT(all.rtn_error2, 2.0 * sampled.rtn_error2);  // all 30 rows measured without the budget
+}
+
 TEST(AwqQuantize, UnitScalesWithoutClipAreRoundToNearest) {
   auto backend = cpu();
   const int64_t rows = 9, cols = 40;  // a ragged last group of 8
