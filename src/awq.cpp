@@ -87,7 +87,7 @@ double scaled_rtn_error2(kernels::Backend& backend, const std::vector<std::vecto
       const int64_t m = std::min(chunk, n - r0);
       const float* wr = w.data() + r0 * cols;
       const std::vector<float> wq = scaled_rtn(backend, wr, m, cols, s, config);
-      e2 += output_terms(backend, wr, wq.data(), m, cols, hb).rtn_error2;
+      e2 += output_error2(backend, wr, wq.data(), m, cols, hb);
     }
   }
   return e2;
@@ -200,7 +200,7 @@ AwqQuantized awq_quantize(kernels::Backend& backend, const float* w, int64_t row
   out.clip_count = static_cast<int64_t>(chosen.size());
   std::vector<float> wq = out.q.dequantize();
   unscale_columns(wq.data(), rows, cols, scales);
-  out.error2 = output_terms(backend, w, wq.data(), rows, cols, h_backend).rtn_error2;
+  out.error2 = output_error2(backend, w, wq.data(), rows, cols, h_backend);
   return out;
 }
 

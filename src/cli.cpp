@@ -40,8 +40,8 @@ using Args = std::vector<std::string>;  // the words after the command
 const char* kUsage =
     "usage: pipequant <command> [options]   (pipequant <command> --help for its options)\n"
     "commands:\n"
-    "  quantize      quantize a Llama checkpoint (GPTQ or RTN) into packed HDF5 shards\n"
-    "  eval          perplexity of a checkpoint, or of a quantized output dequantized on the fly\n"
+    "  quantize      quantize a Llama checkpoint (GPTQ, AWQ or RTN) into packed HDF5 shards\n"
+    "  eval          perplexity of a checkpoint (also GPTQ/AWQ ones), or of a quantized output\n"
     "  inspect OUT   table of the blocks and linears of a quantized output, checksums verified\n"
     "  export OUT    a Hugging Face GPTQ or AWQ checkpoint directory from a quantized output\n"
     "  plan          the stages and memory per rank of a quantize run, for any world size (one process)\n"
@@ -336,7 +336,9 @@ int cmd_plan(const Args& args) {
 
 int cmd_eval(const Args& args) {
   Command cmd("eval");
-  cmd.add("model", Role::kInput, po::value<std::string>(), "checkpoint directory (its config.json is used)")
+  cmd.add("model", Role::kInput, po::value<std::string>(),
+          "checkpoint directory (its config.json is used): unquantized, or a GPTQ or AWQ checkpoint "
+          "(quantization_config), dequantized on load")
       .add("quantized", Role::kInput, po::value<std::string>(), "a quantized output directory, dequantized on the fly")
       .add("tokens", Role::kInput, po::value<std::string>(), "evaluation tokens (.npy int32/int64)")
       .add("seq-len", Role::kResult, po::value<int64_t>(), "tokens per non-overlapping window")

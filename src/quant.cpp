@@ -582,32 +582,34 @@ namespace {
 
 // tr(W H W^T) and tr(D H D^T), D = W - Wq, over the rows of w and wq [rows, cols] (host), H in backend memory.
 BaselineTerms quadratic_sums(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
-                             const float* hb) {
+                             const float* hb, bool weight_too = true) {
+  const int64_t parts = weight_too ? 2 : 1;  // [W_chunk; D_chunk], or D_chunk alone
   const int64_t chunk = std::clamp<int64_t>(kErrorChunkFloats / (2 * cols), 1, rows);
-  std::vector<float> stacked(static_cast<size_t>(2 * chunk * cols));  // [W_chunk; D_chunk] [2 * chunk, cols]
-  std::vector<float> product(stacked.size());                         // stacked @ H
-  Buffer<float> sb(backend, 2 * chunk * cols);
-  Buffer<float> pb(backend, 2 * chunk * cols);
+  std::vector<float> stacked(static_cast<size_t>(parts * chunk * cols));  // [parts * chunk, cols]
+  std::vector<float> product(stacked.size());                             // stacked @ H
+  Buffer<float> sb(backend, parts * chunk * cols);
+  Buffer<float> pb(backend, parts * chunk * cols);
   std::vector<double> num_rows(static_cast<size_t>(rows));
-  std::vector<double> den_rows(static_cast<size_t>(rows));
+  std::vector<double> den_rows(static_cast<size_t>(rows), 0.0);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t m = std::min(chunk, rows - r0);
-    std::copy(w + r0 * cols, w + (r0 + m) * cols, stacked.begin());
-    for (int64_t i = 0; i < m * cols; ++i)
-      stacked[static_cast<size_t>(m * cols + i)] = w[r0 * cols + i] - wq[r0 * cols + i];
-    upload(backend, sb, stacked.data(), 2 * m * cols);
-    backend.gemm(Trans::kNo, Trans::kNo, 2 * m, cols, cols, 1.0f, sb.data(), cols, hb, cols, 0.0f, pb.data(), cols);
-    download(backend, product.data(), pb, 2 * m * cols);
+    const int64_t d0 = (parts - 1) * m * cols;  // where D_chunk starts
+    if (weight_too) std::copy(w + r0 * cols, w + (r0 + m) * cols, stacked.begin());
+    for (int64_t i = 0; i < m * cols; ++i) stacked[static_cast<size_t>(d0 + i)] = w[r0 * cols + i] - wq[r0 * cols + i];
+    upload(backend, sb, stacked.data(), parts * m * cols);
+    backend.gemm(Trans::kNo, Trans::kNo, parts * m, cols, cols, 1.0f, sb.data(), cols, hb, cols, 0.0f, pb.data(),
+                 cols);
+    download(backend, product.data(), pb, parts * m * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < m; ++r) {
       double den = 0.0, num = 0.0;
-      const float* wr = stacked.data() + r * cols;
-      const float* dr = stacked.data() + (m + r) * cols;
-      const float* pw = product.data() + r * cols;
-      const float* pd = product.data() + (m + r) * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        den += static_cast<double>(wr[c]) * pw[c];
-        num += static_cast<double>(dr[c]) * pd[c];
+      const float* dr = stacked.data() + d0 + r * cols;
+      const float* pd = product.data() + d0 + r * cols;
+      for (int64_t c = 0; c < cols; ++c) num += static_cast<double>(dr[c]) * pd[c];
+      if (weight_too) {
+        const float* wr = stacked.data() + r * cols;
+        const float* pw = product.data() + r * cols;
+        for (int64_t c = 0; c < cols; ++c) den += static_cast<double>(wr[c]) * pw[c];
       }
       den_rows[static_cast<size_t>(r0 + r)] = den;
       num_rows[static_cast<size_t>(r0 + r)] = num;
@@ -638,10 +640,10 @@ void for_each_rtn_chunk(Backend& backend, const FillRows& w_rows, int64_t rows, 
 
 }  // namespace
 
-BaselineTerms output_terms(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
-                           const float* h_backend) {
-  PQ_ASSERT(w && wq && h_backend && rows > 0 && cols > 0, "output_terms: bad arguments");
-  return quadratic_sums(backend, w, wq, rows, cols, h_backend);
+double output_error2(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
+                     const float* h_backend) {
+  PQ_ASSERT(w && wq && h_backend && rows > 0 && cols > 0, "output_error2: bad arguments");
+  return quadratic_sums(backend, w, wq, rows, cols, h_backend, false).rtn_error2;
 }
 
 double relative_output_error(Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,

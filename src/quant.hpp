@@ -124,10 +124,10 @@ struct BaselineTerms {
     return *this;
   }
 };
-// tr(W H W^T) (weight2) and tr(D H D^T) (rtn_error2, whatever Wq is), D = W - Wq, for w and wq [rows, cols] on the
-// host and H [cols, cols] in backend memory: 4 rows cols^2 flops, each row's sums in fp64, added in row order.
-BaselineTerms output_terms(kernels::Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
-                           const float* h_backend);
+// tr(D H D^T), D = W - Wq, for w and wq [rows, cols] on the host and H [cols, cols] in backend memory: 2 rows cols^2
+// flops, each row's sum in fp64, added in row order.
+double output_error2(kernels::Backend& backend, const float* w, const float* wq, int64_t rows, int64_t cols,
+                     const float* h_backend);
 // Fills rows [r0, r1) of a weight matrix in fp32 into dst [r1 - r0, cols]: a linear expanded a chunk at a time.
 using FillRows = std::function<void(int64_t r0, int64_t r1, float* dst)>;
 // From H [cols, cols] (backend memory: upload it once for all the calls on a device) for `rows` rows of W given by
