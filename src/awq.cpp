@@ -56,13 +56,22 @@ std::vector<float> scaled_rtn(kernels::Backend& backend, const float* w, int64_t
   return wq;
 }
 
-// The rows of each linear the search measures: all of them while the group's rows fit max_floats, else as
-// many evenly spaced ones as fit (the same on every rank), held in fp32 [rows, cols] for the whole search.
-std::vector<std::vector<float>> search_rows(const std::vector<AwqLinear>& linears, int64_t cols, int64_t max_floats) {
-  const int64_t budget = std::max<int64_t>(1, max_floats / (cols * static_cast<int64_t>(linears.size())));
-  std::vector<std::vector<float>> out;
+// The rows of a linear the search measures, fp32 [rows, cols], and what their error counts for: rows / measured,
+// so that each linear weighs in with all its rows (q_proj has 16x the rows of k_proj in a 405B model).
+struct MeasuredRows {
+  std::vector<float> w;
+  double weight = 1.0;
+};
+
+// All rows of each linear while the group's rows fit max_floats, else as many evenly spaced ones as fit, the same
+// share of every linear's rows (the same on every rank), held for the whole search.
+std::vector<MeasuredRows> search_rows(const std::vector<AwqLinear>& linears, int64_t cols, int64_t max_floats) {
+  int64_t total = 0;
+  for (const AwqLinear& lin : linears) total += lin.rows;
+  const double share = std::min(1.0, static_cast<double>(max_floats) / static_cast<double>(total * cols));
+  std::vector<MeasuredRows> out;
   for (const AwqLinear& lin : linears) {
-    const int64_t keep = std::min(lin.rows, budget);
+    const int64_t keep = std::clamp<int64_t>(static_cast<int64_t>(share * static_cast<double>(lin.rows)), 1, lin.rows);
     std::vector<float> w(static_cast<size_t>(keep * cols));
     if (keep == lin.rows)
       lin.rows_f32(0, lin.rows, w.data());
@@ -71,24 +80,26 @@ std::vector<std::vector<float>> search_rows(const std::vector<AwqLinear>& linear
         const int64_t r = i * lin.rows / keep;
         lin.rows_f32(r, r + 1, w.data() + i * cols);
       }
-    out.push_back(std::move(w));
+    out.push_back({std::move(w), static_cast<double>(lin.rows) / static_cast<double>(keep)});
   }
   return out;
 }
 
 // The summed tr(D H D^T) over the measured rows for the scales s, a chunk of rows at a time.
-double scaled_rtn_error2(kernels::Backend& backend, const std::vector<std::vector<float>>& rows, int64_t cols,
+double scaled_rtn_error2(kernels::Backend& backend, const std::vector<MeasuredRows>& rows, int64_t cols,
                          const std::vector<float>& s, const float* hb, const QuantConfig& config) {
   double e2 = 0.0;
   const int64_t chunk = std::max<int64_t>(1, kErrorChunkFloats / (2 * cols));
-  for (const std::vector<float>& w : rows) {
+  for (const auto& [w, weight] : rows) {
     const int64_t n = static_cast<int64_t>(w.size()) / cols;
+    double part = 0.0;
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t m = std::min(chunk, n - r0);
       const float* wr = w.data() + r0 * cols;
       const std::vector<float> wq = scaled_rtn(backend, wr, m, cols, s, config);
-      e2 += output_error2(backend, wr, wq.data(), m, cols, hb);
+      part += output_error2(backend, wr, wq.data(), m, cols, hb);
     }
+    e2 += weight * part;
   }
   return e2;
 }
@@ -100,13 +111,14 @@ AwqScaleChoice search_awq_scales(kernels::Backend& backend, const std::vector<Aw
                                  const QuantConfig& config, int64_t max_floats) {
   PQ_ASSERT(static_cast<int64_t>(magnitudes.size()) == cols && !linears.empty(), "search_awq_scales: bad arguments");
   AwqScaleChoice best;
-  const std::vector<std::vector<float>> rows = search_rows(linears, cols, max_floats);
+  const std::vector<MeasuredRows> rows = search_rows(linears, cols, max_floats);
   for (int i = 0; i <= kAwqScaleGrid; ++i) {
     const double alpha = static_cast<double>(i) / kAwqScaleGrid;
     std::vector<float> s = awq_scales(magnitudes, alpha);
     const double e2 = scaled_rtn_error2(backend, rows, cols, s, h_backend, config);
     if (i == 0) best.rtn_error2 = e2;
     if (i == 0 || e2 < best.error2) {  // ties keep the smaller exponent
+      best.grid = i;
       best.alpha = alpha;
       best.error2 = e2;
       best.scales = std::move(s);
@@ -167,16 +179,16 @@ AwqQuantized awq_quantize(kernels::Backend& backend, const float* w, int64_t row
                           const QuantConfig& config) {
   PQ_ASSERT(w && h_host && rows > 0 && static_cast<int64_t>(scales.size()) == cols, "awq_quantize: bad arguments");
   const auto groups = natural_groups(cols, config.group_size);
-  std::vector<float> ws(static_cast<size_t>(rows * cols)), wc(ws.size()), d(ws.size());
+  const int steps = clip ? kAwqClipSteps : 1;
+  std::vector<float> ws(static_cast<size_t>(rows * cols)), wc(clip ? ws.size() : 0), d(wc.size());
   scale_columns(w, rows, cols, scales, ws.data());
   AwqQuantized out;
   std::vector<double> best(static_cast<size_t>(rows) * groups.size(), std::numeric_limits<double>::infinity());
   std::vector<float> chosen(best.size(), 1.0f);
-  const int steps = clip ? kAwqClipSteps : 1;
   for (int i = 0; i < steps; ++i) {
     const float ratio = 1.0f - static_cast<float>(i) / (2.0f * kAwqClipSteps);
-    clamp_groups(ws.data(), rows, cols, groups, ratio, wc.data());
-    QuantizedLinear q = rtn_quantize(backend, wc.data(), rows, cols, nullptr, config);
+    if (i > 0) clamp_groups(ws.data(), rows, cols, groups, ratio, wc.data());  // ratio 1 clamps nothing
+    QuantizedLinear q = rtn_quantize(backend, i > 0 ? wc.data() : ws.data(), rows, cols, nullptr, config);
     if (i == 0) out.q = q;
     if (steps == 1) break;
     const std::vector<float> wq = q.dequantize();

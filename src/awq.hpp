@@ -5,7 +5,7 @@
 //   2. scale search: for alpha in 0, 1/20, ..., 1, s = m^alpha (at least 1e-4) divided by sqrt(max(s) min(s)); the
 //      group's linears are rounded as Q(W diag(s)) diag(s)^-1 and the alpha whose summed output error
 //      tr(D H D^T), D = W - Q(W diag(s)) diag(s)^-1, is least wins (alpha 0 is plain round to nearest, so the choice
-//      is never worse than RTN on the calibration inputs);
+//      never loses to RTN on the search's measure);
 //   3. the scales are folded into what feeds the group: x / s comes from the preceding RMSNorm (q/k/v, gate/up) or
 //      from the preceding linear's rows (v -> o where v's outputs are o's inputs, up -> down): the caller does it;
 //   4. clip search (all linears but q and k, whose errors the attention scores amplify unevenly): per row and group,
@@ -46,13 +46,14 @@ struct AwqLinear {
 };
 
 struct AwqScaleChoice {
+  int grid = 0;  // alpha = grid / kAwqScaleGrid
   double alpha = 0.0;
   std::vector<float> scales;  // [K]
   double error2 = 0.0;        // the group's summed tr(D H D^T) at alpha
   double rtn_error2 = 0.0;    // ... at alpha 0 (round to nearest)
 };
 // The grid search of step 2 over the group's linears (the rows kAwqSearchFloats allows). h_backend: H [cols, cols]
-// in backend memory. error2 and rtn_error2 are over those rows.
+// in backend memory. error2 and rtn_error2 are over those rows, each linear's scaled by its rows / measured rows.
 AwqScaleChoice search_awq_scales(kernels::Backend& backend, const std::vector<AwqLinear>& linears, int64_t cols,
                                  const std::vector<float>& magnitudes, const float* h_backend,
                                  const QuantConfig& config, int64_t max_floats = kAwqSearchFloats);

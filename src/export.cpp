@@ -559,14 +559,20 @@ void move_into_place(const fs::path& partial, const fs::path& target) {
   std::error_code ec;
   fs::path aside = target;
   aside += ".replaced";
-  if (fs::exists(target)) {
-    fs::remove_all(aside, ec);
+  const bool replacing = fs::exists(target);
+  if (replacing) {
+    PQ_REQUIRE(!fs::exists(aside), aside.string(), ": exists (left by an earlier export that failed while replacing ",
+               target.string(), "; it may be the only copy of that export): move or remove it, then export again");
     fs::rename(target, aside, ec);
     PQ_REQUIRE(!ec, target.string(), ": cannot move the old directory aside: ", ec.message());
   }
   fs::rename(partial, target, ec);
+  if (ec && replacing) {
+    std::error_code back;
+    fs::rename(aside, target, back);  // the old export stays where it was
+  }
   PQ_REQUIRE(!ec, partial.string(), ": cannot rename to ", target.string(), ": ", ec.message());
-  fs::remove_all(aside, ec);
+  if (replacing) fs::remove_all(aside, ec);
 }
 
 std::string config_summary(const Plan& plan, ExportFormat format) {
@@ -609,6 +615,9 @@ void run_export(const ExportOptions& o) {
   if (o.format == ExportFormat::kGptq) plan.config.damp_percent = recorded_damp(plan.index);
   std::string note;
   const auto tokenizer_dir = tokenizer_source(o, plan.index, note);
+  if (tokenizer_dir)  // --overwrite would remove it
+    PQ_REQUIRE(!is_within(*tokenizer_dir, target), "--to ", o.to_dir, " would hold the model directory ",
+               tokenizer_dir->string(), " itself: choose another directory");
   if (o.format == ExportFormat::kAwq)
     refuse_awq_shapes(plan.linears);
   else

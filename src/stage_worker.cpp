@@ -527,6 +527,11 @@ double StageWorker::awq_group(int64_t b, int g, const GroupInputs& in) {
   AwqScaleChoice choice;
   if (awq_can_fold(g)) {
     choice = search_awq_scales(*backend_, linears, cols, in.magnitudes, hb, opt_.quant);
+    // the group root's choice for every member: the search's GEMMs may round otherwise on another node's CPU or
+    // thread count, and the members' rows must share one set of scales; the scales are rebuilt from H alike
+    group_->broadcast(choice.grid);
+    choice.alpha = static_cast<double>(choice.grid) / kAwqScaleGrid;
+    choice.scales = awq_scales(in.magnitudes, choice.alpha);
     fold_awq_scales(g, choice.scales);
   } else {
     choice.alpha = -1.0;  // nothing to fold into: clipping and rounding only

@@ -350,6 +350,17 @@ check("--overwrite replaces it with one file",
       os.listdir(one).count("model.safetensors") == 1 and not os.path.exists(one + ".replaced") and
       not os.path.exists(os.path.join(one, "model-00001-of-00002.safetensors")))
 
+# --overwrite never removes the model directory: a --to that is it (or holds it) is refused, the model stays
+model_copy = os.path.join(work, "model-copy")
+shutil.copytree(TINY, model_copy)
+p = export(tiny4, model_copy, extra=["--overwrite", "--model", model_copy], ok=False)
+err = error_lines(p)
+check("--to the model directory itself is refused with one line, the model untouched",
+      p.returncode != 0 and len(err) == 1 and "model directory" in err[0]
+      and sorted(os.listdir(model_copy)) == sorted(os.listdir(TINY)))
+p = export(tiny4, work, extra=["--overwrite", "--model", model_copy], ok=False)
+check("--to a directory holding the model is refused too", p.returncode != 0 and os.path.isdir(model_copy))
+
 incomplete = os.path.join(work, "incomplete")
 shutil.copytree(tiny4, incomplete)
 with h5py.File(os.path.join(incomplete, "model.h5"), "r+") as f:

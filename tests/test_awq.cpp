@@ -136,10 +136,10 @@ TEST(AwqSearch, MeasuresEvenlySpacedRowsBeyondItsBudget) {
   const auto sampled = search_awq_scales(*backend, {{fill_from(w), rows}}, cols, magnitudes, in.h.data(), cfg, 10 * cols);
   const auto direct = search_awq_scales(*backend, {{fill_from(every_third), 10}}, cols, magnitudes, in.h.data(), cfg);
   EXPECT_EQ(sampled.alpha, direct.alpha);
-  EXPECT_EQ(sampled.error2, direct.error2);
-  EXPECT_EQ(sampled.rtn_error2, direct.rtn_error2);
+  EXPECT_EQ(sampled.error2, 3.0 * direct.error2);  // the 10 measured rows stand for all 30
+  EXPECT_EQ(sampled.rtn_error2, 3.0 * direct.rtn_error2);
   const auto all = search_awq_scales(*backend, {{fill_from(w), rows}}, cols, magnitudes, in.h.data(), cfg);
-  EXPECT_GT(all.rtn_error2, 2.0 * sampled.rtn_error2);  // all 30 rows measured without the budget
+  EXPECT_NEAR(sampled.rtn_error2, all.rtn_error2, 0.25 * all.rtn_error2);  // an estimate of the whole
 }
 
 TEST(AwqQuantize, UnitScalesWithoutClipAreRoundToNearest) {
