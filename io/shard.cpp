@@ -655,6 +655,8 @@ void ShardWriter::write_linear(int64_t block, const PackedLinear& l) {
   write_attr_f64(gid, "damp", l.damp, at);
   write_attr_f64(gid, "relative_error", l.relative_error, at);
   write_attr_f64(gid, "rtn_relative_error", l.rtn_relative_error, at);
+  write_attr_f64(gid, "awq_scale_exponent", l.awq_scale_exponent, at);
+  write_attr_f64(gid, "awq_clip", l.awq_clip, at);
   write_attr_str(gid, "fallback", l.fallback, at);
   write_attr_i64(gid, "in_features", l.in_features, at);
   write_attr_i64(gid, "out_features", l.out_features, at);
@@ -794,6 +796,8 @@ PackedLinear ShardReader::read_linear_info(int64_t block, const std::string& mod
   l.damp = read_attr_f64(gid, "damp", at);
   l.relative_error = read_attr_f64(gid, "relative_error", at);
   l.rtn_relative_error = read_attr_f64(gid, "rtn_relative_error", at);
+  if (H5Aexists(gid, "awq_scale_exponent") > 0) l.awq_scale_exponent = read_attr_f64(gid, "awq_scale_exponent", at);
+  if (H5Aexists(gid, "awq_clip") > 0) l.awq_clip = read_attr_f64(gid, "awq_clip", at);
   l.fallback = read_attr_str(gid, "fallback", at);
   l.in_features = read_attr_i64(gid, "in_features", at);
   l.out_features = read_attr_i64(gid, "out_features", at);

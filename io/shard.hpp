@@ -9,7 +9,8 @@
 //   /blocks/<i>/<module>/scales   float16 [G, N]
 //   /blocks/<i>/<module>/g_idx    int32 [K]
 //     attributes: bits, group_size, sym, act_order, static_groups, damp, fallback, relative_error,
-//                 rtn_relative_error, in_features, out_features, groups, checksum_<dataset> (CRC-32 of the bytes)
+//                 rtn_relative_error, awq_scale_exponent, awq_clip (optional: -1 and 1 when absent), in_features,
+//                 out_features, groups, checksum_<dataset> (CRC-32 of the bytes)
 //   /blocks/<i>/<tensor name>     unquantized block tensors (norms, biases) in their source dtype (F32: float,
 //                                 F16: IEEE half, BF16: a 16-bit float type with bfloat16's fields), with
 //                                 attributes dtype and checksum
@@ -41,6 +42,8 @@ struct PackedLinear {
   std::string fallback = "none";    // none | damp | rtn | cpu
   double relative_error = 0.0;      // ||WX - QX||^2 / ||WX||^2 on the calibration inputs
   double rtn_relative_error = 0.0;  // the same for round-to-nearest on the same inputs (the baseline)
+  double awq_scale_exponent = -1.0;  // --method awq: the exponent of the scales folded into its inputs (-1: none)
+  double awq_clip = 1.0;             // --method awq: the mean clip ratio over its (row, group) pairs (1: none)
   std::vector<int32_t> qweight;     // [ceil(K*bits/32), N]
   std::vector<int32_t> qzeros;      // [G, ceil(N*bits/32)]
   std::vector<uint16_t> scales;     // fp16 bits [G, N]

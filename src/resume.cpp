@@ -197,7 +197,7 @@ std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_pat
       const io::PackedLinear p = reader.read_linear(b, kLinears[i].module);
       r.w[i] = unpack(p).dequantize();
       r.records[i] = {b,      kLinears[i].module,    p.out_features, p.in_features, p.relative_error,
-                      p.rtn_relative_error, p.fallback, p.damp,         0.0};
+                      p.rtn_relative_error, p.fallback, p.damp,         0.0, p.awq_scale_exponent, p.awq_clip};
     }
     const std::string where = shard_path + ": /blocks/" + std::to_string(b);
     r.norms = {dense_to_f32(reader.read_block_tensor(b, "input_layernorm.weight"), where),

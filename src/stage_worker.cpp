@@ -472,6 +472,8 @@ void StageWorker::write_linear_result(int64_t b, int index, const QuantizedLinea
   const auto t0 = Clock::now();
   io::PackedLinear p = pack(ql, module, opt_.quant);
   p.rtn_relative_error = terms.weight2 > 0.0 ? terms.rtn_error2 / terms.weight2 : 0.0;
+  p.awq_scale_exponent = awq_alpha;
+  p.awq_clip = awq_clip;
   shard_->write_linear(b, p);
   metrics_.write_seconds += seconds_since(t0);
   metrics_.linears.push_back({b, module, ql.rows, ql.cols, ql.relative_error, p.rtn_relative_error, name(ql.fallback),

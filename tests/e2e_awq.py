@@ -40,6 +40,7 @@ def block_norm(out, block, name):
         return d[()], d.attrs["dtype"]
 
 
+report_lines = {}
 for mode in ("quantized", "fp"):
     outs = {}
     for ranks, per_stage in ((1, 1), (3, 1), (4, 2)):
@@ -48,6 +49,7 @@ for mode in ("quantized", "fp"):
         outs[(ranks, per_stage)] = out
         if (ranks, per_stage) == (1, 1):
             chosen = [l for l in p.stdout.splitlines() if "awq scale exponent" in l]
+            report_lines[mode] = chosen
             results.append((f"{mode}: the report gives the chosen scale exponents and clip ratios for the q/k/v, "
                             f"gate/up and down linears ({len(chosen)} lines)", len(chosen) == 6))
     ref = outs[(1, 1)]
@@ -78,6 +80,8 @@ p = quantize(resumed, 1, 1, "quantized")
 diff = pq.compare_outputs(clean, resumed)
 results.append(("resume after blocks 3 and 4 were lost: 3 blocks resumed, output bit-identical"
                 + (f": {diff[:3]}" if diff else ""), not diff and p.stdout.count("resumed") >= 3))
+again = [l for l in p.stdout.splitlines() if "awq scale exponent" in l]
+results.append(("the resumed run reports the same AWQ choices (the shard keeps them)", again == report_lines["quantized"]))
 
 # the folds keep the model: at 8 bits (nearly lossless) the AWQ output's perplexity is the FP model's within 0.5%,
 # on stories260K (GQA: norms and up -> down) and on a synthetic model with as many KV heads as heads (v -> o too)
