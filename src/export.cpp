@@ -597,24 +597,19 @@ std::optional<double> recorded_damp(const io::ModelIndex& index) {
 
 }  // namespace
 
-void run_export(const ExportOptions& o) {
-  PQ_REQUIRE(o.max_shard_bytes > 0, "--max-shard-gb must be positive");
-  PQ_REQUIRE(o.format == ExportFormat::kGptq || o.checkpoint_format == CheckpointFormat::kAuto, "--checkpoint-format ",
-             name(o.checkpoint_format), " is for --format gptq (AWQ stores the zeros as they are)");
-  const fs::path target = target_dir(o.to_dir);
-  check_target(o, target);
+namespace {
 
+// Everything an export decides before it writes, the same on every rank: the files and their tensors, the
+// quantization config and the zero-point convention, where the tokenizer comes from. Throws UserError (nothing
+// written yet) for anything the format or the target refuses.
+Plan plan_export(const ExportOptions& o, io::ModelIndex index, const fs::path& target, const Shards& shards,
+                 std::optional<fs::path>& tokenizer_dir, std::string& note) {
   Plan plan;
-  plan.index = io::read_model_index(o.out_dir);
-  PQ_REQUIRE(plan.index.complete, o.out_dir,
-             "/model.h5: the run did not finish (complete = 0): run the same quantize command again to finish it, "
-             "then export");
-  const Shards shards = open_shards(o.out_dir, plan.index);
+  plan.index = std::move(index);
   collect_sources(plan, shards);
   plan.config = model_config(plan.linears, o.format);
   if (o.format == ExportFormat::kGptq) plan.config.damp_percent = recorded_damp(plan.index);
-  std::string note;
-  const auto tokenizer_dir = tokenizer_source(o, plan.index, note);
+  tokenizer_dir = tokenizer_source(o, plan.index, note);
   if (tokenizer_dir)  // --overwrite would remove it
     PQ_REQUIRE(!is_within(*tokenizer_dir, target), "--to ", o.to_dir, " would hold the model directory ",
                tokenizer_dir->string(), " itself: choose another directory");
@@ -628,6 +623,40 @@ void run_export(const ExportOptions& o) {
   else
     plan.config.format = zero_convention(plan, shards, o.checkpoint_format);
   if (tokenizer_dir) check_source_config(*tokenizer_dir, plan, o.out_dir);
+  return plan;
+}
+
+// Rank 0, after every rank wrote its files: the configs and the tokenizer files, then the rename into place.
+void finish_directory(const Plan& plan, const ExportOptions& o, const std::optional<fs::path>& tokenizer_dir,
+                      const std::string& note, const fs::path& partial, const fs::path& target) {
+  write_configs(plan, o, partial);
+  if (tokenizer_dir) {
+    const auto copied = copy_tokenizer_files(*tokenizer_dir, partial);
+    std::string list;
+    for (const auto& c : copied) list += (list.empty() ? "" : ", ") + c;
+    say("export: tokenizer files from ", tokenizer_dir->string(), ": ", copied.empty() ? "none found" : list);
+  } else {
+    say(note);
+  }
+  move_into_place(partial, target);
+}
+
+}  // namespace
+
+void run_export(const ExportOptions& o) {
+  PQ_REQUIRE(o.max_shard_bytes > 0, "--max-shard-gb must be positive");
+  PQ_REQUIRE(o.format == ExportFormat::kGptq || o.checkpoint_format == CheckpointFormat::kAuto, "--checkpoint-format ",
+             name(o.checkpoint_format), " is for --format gptq (AWQ stores the zeros as they are)");
+  const fs::path target = target_dir(o.to_dir);
+  check_target(o, target);
+  io::ModelIndex index = io::read_model_index(o.out_dir);
+  PQ_REQUIRE(index.complete, o.out_dir,
+             "/model.h5: the run did not finish (complete = 0): run the same quantize command again to finish it, "
+             "then export");
+  const Shards shards = open_shards(o.out_dir, index);
+  std::optional<fs::path> tokenizer_dir;
+  std::string note;
+  const Plan plan = plan_export(o, std::move(index), target, shards, tokenizer_dir, note);
   say("export: ", o.out_dir, " -> ", target.string(), ": ", config_summary(plan, o.format), ", ", plan.linears.size(),
       " linears, ", plan.dense.size(), " other tensors, ", plan.files.size(), " safetensors file(s), ",
       plan.total_bytes, " bytes");
@@ -657,18 +686,7 @@ void run_export(const ExportOptions& o) {
   });
   comm::world_barrier();
   if (world_rank() == 0) {
-    cleaned([&] {
-      write_configs(plan, o, partial);
-      if (tokenizer_dir) {
-        const auto copied = copy_tokenizer_files(*tokenizer_dir, partial);
-        std::string list;
-        for (const auto& c : copied) list += (list.empty() ? "" : ", ") + c;
-        say("export: tokenizer files from ", tokenizer_dir->string(), ": ", copied.empty() ? "none found" : list);
-      } else {
-        say(note);
-      }
-      move_into_place(partial, target);
-    });
+    cleaned([&] { finish_directory(plan, o, tokenizer_dir, note, partial, target); });
     say("export: wrote ", target.string());
   }
   comm::world_barrier();
