@@ -511,9 +511,9 @@ bool StageWorker::awq_can_fold(int g) const {
   return prev.out == next.in && prev.bias.empty();
 }
 
-// AWQ for linear group g (src/awq.hpp): the scale search over the group's linears (all rows, on every member of the
-// stage group alike, so each gets the same scales), the scales folded into what feeds the group, then each linear
-// clipped and rounded. Returns the group's largest relative error.
+// AWQ for linear group g (src/awq.hpp): the scale search over the group's linears (the rows it measures, on every
+// member of the stage group; the root's choice is everyone's), the scales folded into what feeds the group, then
+// each linear clipped and rounded, each member its own rows. Returns the group's largest relative error.
 double StageWorker::awq_group(int64_t b, int g, const GroupInputs& in) {
   const auto t0 = Clock::now();
   std::vector<AwqLinear> linears;
