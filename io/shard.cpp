@@ -809,20 +809,16 @@ PackedLinear ShardReader::read_linear_info(int64_t block, const std::string& mod
 }
 
 PackedLinear ShardReader::read_linear(int64_t block, const std::string& module) const {
-  PackedLinear l = read_linear_info(block, module);
+  PackedLinear l = read_linear_tables(block, module);  // the attributes, qzeros and g_idx
   const std::string object = block_path(block) + "/" + module;
   const Where at{path_, object};
   GroupHandle g = open_group(file_, object, at);
   const LinearShapes s = linear_shapes(l);
   l.qweight.resize(static_cast<size_t>(element_count(s.qweight)));
-  l.qzeros.resize(static_cast<size_t>(element_count(s.qzeros)));
   l.scales.resize(static_cast<size_t>(element_count(s.scales)));
-  l.g_idx.resize(static_cast<size_t>(element_count(s.g_idx)));
   TypeHandle half = half_type(at);
   read_dataset(g.get(), "qweight", H5T_NATIVE_INT32, s.qweight, l.qweight.data(), at);
-  read_dataset(g.get(), "qzeros", H5T_NATIVE_INT32, s.qzeros, l.qzeros.data(), at);
   read_dataset(g.get(), "scales", half.get(), s.scales, l.scales.data(), at);
-  read_dataset(g.get(), "g_idx", H5T_NATIVE_INT32, s.g_idx, l.g_idx.data(), at);
   return l;
 }
 
