@@ -1,6 +1,7 @@
 #pragma once
 // Conversions between float and the 16-bit formats of checkpoints (bf16, fp16) and of the output (fp16 scales).
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -57,8 +58,8 @@ inline uint16_t float_to_fp16(float f) {
   const uint32_t abs = bits & 0x7fffffffu;
   if (abs >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520 -> inf
-  if (abs < 0x38800000u) {                                                 // below the smallest normal fp16
-    if (abs < 0x33000000u) return sign;                                   // rounds to zero
+  if (abs < 0x38800000u) {                                               // below the smallest normal fp16
+    if (abs < 0x33000000u) return sign;                                  // rounds to zero
     const uint32_t exp = abs >> 23;
     const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
     const uint32_t shift = 126 - exp;  // 14 + (112 - exp) ... into the 10-bit subnormal field
@@ -75,5 +76,14 @@ inline uint16_t float_to_fp16(float f) {
 
 // The float nearest to f that fp16 can hold: used for scales, so the stored scale is the one quantized with.
 inline float round_to_fp16(float f) { return fp16_to_float(float_to_fp16(f)); }
+
+// Index of the first value of v[0, n) that is nan or infinite; n when every one is finite.
+inline int64_t first_non_finite(const float* v, int64_t n) {
+  int64_t first = n;
+#pragma omp parallel for schedule(static) reduction(min : first)
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i]) && i < first) first = i;
+  return first;
+}
 
 }  // namespace pipequant

@@ -21,6 +21,7 @@
 
 #include "base/error.hpp"
 #include "io/bitstream.hpp"
+#include "io/json.hpp"
 
 namespace pipequant::io {
 
@@ -153,16 +154,6 @@ HfQuantConfig parse_awq(const ConfigFields& f) {
   return c;
 }
 
-json read_json_file(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  PQ_REQUIRE(in.good(), file.string(), ": cannot be opened");
-  try {
-    return json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail(file.string(), ": not valid JSON: ", e.what());
-  }
-}
-
 // The AWQ nibble position p of column c within its word: kAwqOrder[p] == c % 8.
 constexpr std::array<int, 8> awq_position_of_column() {
   std::array<int, 8> pos{};
@@ -220,7 +211,7 @@ std::optional<HfQuantConfig> read_quantization_config(const std::string& model_d
   const fs::path dir = fs::is_regular_file(model_dir) ? fs::path(model_dir).parent_path() : fs::path(model_dir);
   const fs::path config = dir / "config.json";
   if (fs::exists(config)) {
-    const json j = read_json_file(config);
+    const json j = read_json_file(config.string());
     if (j.is_object() && j.contains("quantization_config") && !j["quantization_config"].is_null()) {
       const std::string origin = config.string() + ": quantization_config";
       const auto c = parse_quantization_config(j["quantization_config"], origin);
@@ -233,7 +224,7 @@ std::optional<HfQuantConfig> read_quantization_config(const std::string& model_d
   for (const char* file : {"quantize_config.json", "quant_config.json"}) {
     const fs::path p = dir / file;
     if (!fs::exists(p)) continue;
-    const auto c = parse_quantization_config(read_json_file(p), p.string());
+    const auto c = parse_quantization_config(read_json_file(p.string()), p.string());
     if (c) return c;
   }
   return std::nullopt;

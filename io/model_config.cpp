@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "base/error.hpp"
+#include "io/json.hpp"
 
 namespace pipequant::io {
 
@@ -148,15 +149,7 @@ ModelConfig ModelConfig::load(const std::string& path) {
   if (fs::is_directory(path, ec)) file = (fs::path(path) / "config.json").string();
   PQ_REQUIRE(fs::is_regular_file(file, ec), file,
              ": not found (expected a config.json file or a checkpoint directory holding one)");
-  std::ifstream in(file, std::ios::binary);
-  PQ_REQUIRE(in.good(), file, ": cannot open: ", std::strerror(errno));
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail(file, ": not valid JSON (", e.what(), ")");
-  }
-  return from_json(j, file);
+  return from_json(read_json_file(file), file);
 }
 
 namespace {

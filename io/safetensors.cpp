@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -21,8 +22,9 @@
 #include <sstream>
 
 #include "base/error.hpp"
-#include "base/shape.hpp"
 #include "base/numeric.hpp"
+#include "base/shape.hpp"
+#include "io/json.hpp"
 
 namespace pipequant::io {
 
@@ -136,18 +138,15 @@ RawHeader read_raw_header(const std::string& file) {
   for (int i = 7; i >= 0; --i) h.header_len = (h.header_len << 8) | len_bytes[i];
   PQ_REQUIRE(h.header_len <= kMaxHeaderBytes, file, ": header length ", h.header_len, " is absurd (limit ",
              kMaxHeaderBytes, " bytes); not a safetensors file?");
-  PQ_REQUIRE(h.header_len <= h.file_size - 8, file, ": header length ", h.header_len, " runs past the end of the file (",
-             h.file_size, " bytes, so at most ", h.file_size - 8, " bytes of header)");
+  PQ_REQUIRE(h.header_len <= h.file_size - 8, file, ": header length ", h.header_len,
+             " runs past the end of the file (", h.file_size, " bytes, so at most ", h.file_size - 8,
+             " bytes of header)");
   PQ_REQUIRE(h.header_len >= 2, file, ": header length ", h.header_len, " is too short for a JSON object");
 
   std::string text(h.header_len, '\0');
   PQ_REQUIRE(pread_all(fd, text.data(), h.header_len, 8), file, ": cannot read the ", h.header_len,
              "-byte header: ", std::strerror(errno));
-  try {
-    h.object = json::parse(text);
-  } catch (const json::parse_error& e) {
-    fail(file, ": header is not valid JSON (", e.what(), ")");
-  }
+  h.object = parse_json_strict(text, file + ": header");
   PQ_REQUIRE(h.object.is_object(), file, ": header is a JSON ", h.object.type_name(),
              ", expected an object mapping tensor names to {dtype, shape, data_offsets}");
   return h;
@@ -171,8 +170,7 @@ std::vector<int64_t> parse_shape(const json& shape, const std::string& where, ui
 }
 
 // One tensor's entry {dtype, shape, data_offsets}, its byte range checked against the data region and its shape.
-TensorInfo parse_tensor_entry(const std::string& file, const std::string& name, const json& entry,
-                              const RawHeader& h) {
+TensorInfo parse_tensor_entry(const std::string& file, const std::string& name, const json& entry, const RawHeader& h) {
   const std::string where = file + ": tensor " + name;
   PQ_REQUIRE(entry.is_object(), where, ": entry is a JSON ", entry.type_name(),
              ", expected an object {dtype, shape, data_offsets}");
@@ -206,20 +204,32 @@ TensorInfo parse_tensor_entry(const std::string& file, const std::string& name, 
   return t;
 }
 
-// Sorted by start, each tensor must end before the next begins (empty tensors overlap nothing).
-void check_no_overlap(const std::string& file, const std::vector<TensorInfo>& tensors, uint64_t data_start) {
+// As the safetensors format requires: sorted by offset, the tensors cover the data region exactly: each begins where
+// the one before ends (no overlap, no hole) and the last ends at the end of the file (no trailing bytes).
+void check_tensors_cover_data(const std::string& file, const std::vector<TensorInfo>& tensors, uint64_t data_start,
+                              uint64_t data_size) {
   std::vector<const TensorInfo*> by_offset;
-  for (const auto& t : tensors)
-    if (t.nbytes > 0) by_offset.push_back(&t);
-  std::sort(by_offset.begin(), by_offset.end(),
-            [](const TensorInfo* a, const TensorInfo* b) { return a->offset < b->offset; });
-  for (size_t i = 1; i < by_offset.size(); ++i) {
-    const TensorInfo& a = *by_offset[i - 1];
-    const TensorInfo& b = *by_offset[i];
-    PQ_REQUIRE(a.offset + a.nbytes <= b.offset, file, ": tensor ", b.name, ": data_offsets [", b.offset - data_start,
-               ", ", b.offset - data_start + b.nbytes, "] overlap those of tensor ", a.name, " [",
-               a.offset - data_start, ", ", a.offset - data_start + a.nbytes, "]");
+  for (const auto& t : tensors) by_offset.push_back(&t);
+  std::sort(by_offset.begin(), by_offset.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
+  });
+  const auto span = [&](const TensorInfo& t) {
+    return "[" + std::to_string(t.offset - data_start) + ", " + std::to_string(t.offset - data_start + t.nbytes) + "]";
+  };
+  uint64_t end = 0;  // of the data covered so far, relative to the data region
+  const TensorInfo* before = nullptr;
+  for (const TensorInfo* t : by_offset) {
+    const uint64_t begin = t->offset - data_start;
+    PQ_REQUIRE(begin >= end, file, ": tensor ", t->name, ": data_offsets ", span(*t), " overlap those of tensor ",
+               before ? before->name : "?", " ", before ? span(*before) : "");
+    PQ_REQUIRE(begin == end, file, ": tensor ", t->name, ": data_offsets ", span(*t), " leave bytes [", end, ", ",
+               begin, ") of the data region to no tensor; safetensors requires the tensors to cover it without holes");
+    end = begin + t->nbytes;
+    before = t;
   }
+  PQ_REQUIRE(end == data_size, file, ": ", data_size - end, " bytes after the last tensor",
+             before ? " (" + before->name + " ends at " + std::to_string(end) + ")" : std::string(), " of the ",
+             data_size, "-byte data region; safetensors refuses trailing bytes");
 }
 
 // Reads and validates the header of one .safetensors file; every offset is checked against the file size.
@@ -235,18 +245,32 @@ std::vector<TensorInfo> read_header(const std::string& file) {
     }
     tensors.push_back(parse_tensor_entry(file, name, entry, h));
   }
-  check_no_overlap(file, tensors, h.data_start());
+  check_tensors_cover_data(file, tensors, h.data_start(), h.data_size());
   return tensors;
 }
 
-json read_json_file(const std::string& file) {
-  std::ifstream in(file, std::ios::binary);
-  PQ_REQUIRE(in.good(), file, ": cannot open: ", std::strerror(errno));
-  try {
-    return json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail(file, ": not valid JSON (", e.what(), ")");
+// Index of the first F16/BF16 value (raw bits) that is not finite (all-ones exponent); n when all are.
+size_t first_non_finite_half(const std::byte* p, size_t n, DType dtype) {
+  const uint16_t exponent = dtype == DType::kF16 ? 0x7c00 : 0x7f80;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    if ((h & exponent) == exponent) return i;
   }
+  return n;
+}
+
+// Refuses tensor t when index i < its size: "FILE: tensor NAME: element [3, 17] is nan".
+void refuse_non_finite_at(const TensorInfo& t, size_t i, float value) {
+  if (i >= static_cast<size_t>(t.numel())) return;
+  std::vector<int64_t> index(t.shape.size());
+  size_t rest = i;
+  for (size_t d = t.shape.size(); d-- > 0;) {
+    index[d] = static_cast<int64_t>(rest % static_cast<size_t>(t.shape[d]));
+    rest /= static_cast<size_t>(t.shape[d]);
+  }
+  fail(t.file, ": tensor ", t.name, ": element ", shape_str(index), " is ",
+       std::isnan(value) ? "nan" : (value > 0 ? "inf" : "-inf"), "; every value of a checkpoint tensor must be finite");
 }
 
 }  // namespace
@@ -436,14 +460,16 @@ void Checkpoint::read_f32(const std::string& name, float* out) const {
   // The data region has no alignment guarantee: every element is read with memcpy.
   if (t.dtype == DType::kF32) {
     std::memcpy(out, bytes.data(), n * sizeof(float));
-    return;
+  } else {
+    const std::byte* p = bytes.data();
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      out[i] = t.dtype == DType::kF16 ? fp16_to_float(h) : bf16_to_float(h);
+    }
   }
-  const std::byte* p = bytes.data();
-  for (size_t i = 0; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, p + 2 * i, 2);
-    out[i] = t.dtype == DType::kF16 ? fp16_to_float(h) : bf16_to_float(h);
-  }
+  const auto bad = static_cast<size_t>(first_non_finite(out, static_cast<int64_t>(n)));
+  if (bad < n) refuse_non_finite_at(t, bad, out[bad]);
 }
 
 std::vector<uint16_t> Checkpoint::read_u16(const std::string& name) const {
@@ -453,7 +479,35 @@ std::vector<uint16_t> Checkpoint::read_u16(const std::string& name) const {
   const std::span<const std::byte> bytes = raw(name);
   std::vector<uint16_t> out(static_cast<size_t>(t.numel()));
   if (!out.empty()) std::memcpy(out.data(), bytes.data(), out.size() * sizeof(uint16_t));
+  require_finite(name);
   return out;
+}
+
+void Checkpoint::require_finite(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  const std::span<const std::byte> bytes = raw(name);
+  const size_t n = static_cast<size_t>(t.numel());
+  if (t.dtype == DType::kF16 || t.dtype == DType::kBF16) {
+    const size_t i = first_non_finite_half(bytes.data(), n, t.dtype);
+    if (i < n) {
+      uint16_t h;
+      std::memcpy(&h, bytes.data() + 2 * i, 2);
+      refuse_non_finite_at(t, i, t.dtype == DType::kF16 ? fp16_to_float(h) : bf16_to_float(h));
+    }
+  } else if (t.dtype == DType::kF32 || t.dtype == DType::kF64) {
+    const size_t width = dtype_size(t.dtype);
+    for (size_t i = 0; i < n; ++i) {
+      double v;
+      if (t.dtype == DType::kF32) {
+        float f;
+        std::memcpy(&f, bytes.data() + width * i, 4);
+        v = f;
+      } else {
+        std::memcpy(&v, bytes.data() + width * i, 8);
+      }
+      if (!std::isfinite(v)) refuse_non_finite_at(t, i, static_cast<float>(v));
+    }
+  }
 }
 
 void Checkpoint::release(const std::string& name) const {

@@ -47,12 +47,16 @@ class Checkpoint {
   std::vector<std::string> names() const;
   // The raw bytes of a tensor, from the mapped file.
   std::span<const std::byte> raw(const std::string& name) const;
-  // The tensor converted to fp32 (F32, F16, BF16; others throw UserError naming the dtype).
+  // The tensor converted to fp32 (F32, F16, BF16; others throw UserError naming the dtype; a value that is not finite
+  // throws UserError naming the tensor and its index).
   std::vector<float> read_f32(const std::string& name) const;
   // Same, into caller memory of info(name).numel() floats.
   void read_f32(const std::string& name, float* out) const;
   // The raw 16-bit values of an F16 or BF16 tensor (others throw UserError naming the dtype).
   std::vector<uint16_t> read_u16(const std::string& name) const;
+  // Throws UserError naming the tensor and the index of its first value that is nan or infinite (floating-point
+  // dtypes; others have none). read_f32 and read_u16 check what they return the same way.
+  void require_finite(const std::string& name) const;
   // Drops the tensor's mapped pages from this process's memory (they count in its resident set once read; the
   // page cache keeps them). Reading the tensor again maps them back in.
   void release(const std::string& name) const;

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "comm/mpi_env.hpp"
 
 namespace pipequant {
@@ -25,9 +26,12 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
     return backend;
   };
   switch (run.backend) {
-    case BackendKind::kCpu: return kernels::make_cpu_backend(threads);
-    case BackendKind::kCuda: return cuda();
-    case BackendKind::kAuto: break;
+    case BackendKind::kCpu:
+      return kernels::make_cpu_backend(threads);
+    case BackendKind::kCuda:
+      return cuda();
+    case BackendKind::kAuto:
+      break;
   }
   if (kernels::cuda_device_count() > 0) return cuda();
   return kernels::make_cpu_backend(threads);
@@ -36,10 +40,14 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
 std::optional<kernels::HalfFormat> forward_format(const RunOptions& run, const kernels::Backend& backend,
                                                   const io::ModelConfig& config) {
   switch (run.compute_dtype) {
-    case ComputeDtype::kFp32: return std::nullopt;
-    case ComputeDtype::kBf16: return kernels::HalfFormat::kBF16;
-    case ComputeDtype::kFp16: return kernels::HalfFormat::kF16;
-    case ComputeDtype::kAuto: break;
+    case ComputeDtype::kFp32:
+      return std::nullopt;
+    case ComputeDtype::kBf16:
+      return kernels::HalfFormat::kBF16;
+    case ComputeDtype::kFp16:
+      return kernels::HalfFormat::kF16;
+    case ComputeDtype::kAuto:
+      break;
   }
   // the CPU backend is the fp32 reference; on a GPU the checkpoint's own 16-bit dtype runs on tensor cores
   if (backend.name() != "cuda") return std::nullopt;
@@ -82,6 +90,7 @@ void prepare_out_dir(const std::string& dir) {
 
 io::DenseTensor dense_from_checkpoint(const io::Checkpoint& ckpt, const std::string& name, const std::string& as) {
   const auto& info = ckpt.info(name);
+  ckpt.require_finite(name);
   const auto raw = ckpt.raw(name);
   io::DenseTensor t;
   t.name = as;
@@ -101,6 +110,17 @@ void propagate(BlockRunner& runner, std::vector<float>& x, int64_t samples, int6
                                                    static_cast<size_t>(n * seq * hidden) * sizeof(float));
                        });
   x.swap(next);
+}
+
+void require_finite_activations(const std::vector<float>& x, int64_t b, int64_t first_sample, int64_t seq,
+                                int64_t hidden, const char* sample_word) {
+  const int64_t n = static_cast<int64_t>(x.size());
+  const int64_t i = first_non_finite(x.data(), n);
+  if (i == n) return;
+  const float v = x[static_cast<size_t>(i)];
+  fail("block ", b, ": its output holds ", std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"), " at ", sample_word, " ",
+       first_sample + i / (seq * hidden), ", token ", i / hidden % seq, ", channel ", i % hidden,
+       " from finite inputs: the forward overflows float32 in this block (every checkpoint value is finite)");
 }
 
 }  // namespace pipequant

@@ -62,4 +62,11 @@ void for_each_micro_batch(BlockRunner& runner, const float* x, int64_t samples, 
 // x [samples * seq, hidden] <- the block outputs of x (in place, through host staging).
 void propagate(BlockRunner& runner, std::vector<float>& x, int64_t samples, int64_t hidden);
 
+// x = [samples, seq, hidden] after block b, its first sample being number `first_sample` of the run's (a
+// calibration sample or an eval window: `sample_word` names which). Throws UserError naming the block, sample,
+// token and channel of the first value that is nan or infinite: a checkpoint of finite values can still overflow
+// float32 in the forward, and nothing computed from it may be written or reported.
+void require_finite_activations(const std::vector<float>& x, int64_t b, int64_t first_sample, int64_t seq,
+                                int64_t hidden, const char* sample_word);
+
 }  // namespace pipequant

@@ -49,7 +49,13 @@ io::PackedLinear pack(const QuantizedLinear& ql, const std::string& module, cons
   p.qzeros = pack_rows(zero_codes.data(), g, n, ql.bits);
 
   p.scales.resize(ql.scales.size());
-  for (size_t i = 0; i < ql.scales.size(); ++i) p.scales[i] = float_to_fp16(ql.scales[i]);
+  for (size_t i = 0; i < ql.scales.size(); ++i) {
+    p.scales[i] = float_to_fp16(ql.scales[i]);
+    // a weight group too wide for an fp16 scale (range / maxq above 65504) has no packed form
+    PQ_REQUIRE((p.scales[i] & 0x7c00u) != 0x7c00u, module, ": the scale of group ", static_cast<int64_t>(i) / n,
+               ", row ", static_cast<int64_t>(i) % n, " is ", ql.scales[i],
+               ", beyond what the fp16 scales of the format can hold (65504): the weights are too large");
+  }
   p.g_idx = ql.g_idx;
   return p;
 }

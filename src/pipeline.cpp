@@ -10,13 +10,13 @@
 #include <iostream>
 #include <sstream>
 
+#include "base/abort.hpp"
+#include "base/error.hpp"
 #include "comm/world.hpp"
 #include "io/model_config.hpp"
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
-#include "base/abort.hpp"
-#include "base/error.hpp"
 #include "src/calibration.hpp"
 #include "src/driver_util.hpp"
 #include "src/hf_source.hpp"
@@ -64,6 +64,7 @@ EvalResult run_eval(const EvalOptions& opt) {
     for (int64_t b = 0; b < config.num_layers; ++b) {
       runner.set_block(source->load_block(b));
       propagate(runner, x, n, hidden);
+      require_finite_activations(x, b, w0, seq, hidden, "eval window");
     }
     // loss over positions 0..seq-2 predicting tokens 1..seq-1 of each window
     for (int64_t w = 0; w < n; ++w) {
@@ -75,6 +76,8 @@ EvalResult run_eval(const EvalOptions& opt) {
   r.nll_sum = comm::world_sum(nll);
   r.predicted = comm::world_sum(predicted);
   r.perplexity = std::exp(r.nll_sum / static_cast<double>(r.predicted));
+  PQ_REQUIRE(std::isfinite(r.nll_sum), "eval: the loss is ", r.nll_sum, " although every block's output is finite: ",
+             "the head's logits overflow float32 (model.norm / lm_head; every checkpoint value is finite)");
   r.seconds = seconds_since(t_start);
   if (root) {
     std::printf("eval: %s on %s, %lld windows of %lld tokens, %lld predictions, backend %s, forward GEMMs %s, %.2f s\n",

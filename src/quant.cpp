@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "base/timing.hpp"
 
 namespace pipequant {
@@ -89,12 +90,10 @@ void check_inputs(const float* w, int64_t rows, int64_t cols, const QuantConfig&
   PQ_REQUIRE(rows > 0 && cols > 0, "quantize: the weight shape must be positive, got [", rows, ", ", cols, "]");
   PQ_REQUIRE(w != nullptr, "quantize: no weights given");
   // a NaN or infinite weight has no grid point; it would turn into an arbitrary code
-  int64_t bad = -1;
-#pragma omp parallel for schedule(static) reduction(max : bad)
-  for (int64_t i = 0; i < rows * cols; ++i)
-    if (!std::isfinite(w[i])) bad = std::max(bad, i);
-  PQ_REQUIRE(bad < 0, "quantize: the weights hold a non-finite value (at row ", bad / std::max<int64_t>(cols, 1),
-             ", column ", bad % std::max<int64_t>(cols, 1), "); check the checkpoint");
+  const int64_t bad = first_non_finite(w, rows * cols);
+  PQ_REQUIRE(bad == rows * cols, "quantize: the weights hold a non-finite value (at row ",
+             bad / std::max<int64_t>(cols, 1), ", column ", bad % std::max<int64_t>(cols, 1),
+             "); check the checkpoint");
 }
 
 // Backend memory that gptq_quantize (and rtn_quantize with an error check) holds at its peak, bounding both of
@@ -165,12 +164,7 @@ double diag_mean(const ColumnPlan& plan) {
   return sum / static_cast<double>(plan.perm.size());
 }
 
-bool all_finite(const float* v, int64_t count) {
-  bool finite = true;
-#pragma omp parallel for schedule(static) reduction(&& : finite)
-  for (int64_t i = 0; i < count; ++i) finite = finite && std::isfinite(v[i]);
-  return finite;
-}
+bool all_finite(const float* v, int64_t count) { return first_non_finite(v, count) == count; }
 
 // A result with its shape and nothing quantized yet.
 QuantizedLinear empty_result(int64_t rows, int64_t cols, int64_t groups, int bits) {
@@ -334,7 +328,8 @@ Damping factor_in_place(Backend& backend, std::vector<float>& h, int64_t cols, c
     damp_add = static_cast<float>(d.damp * mean);
     if (attempt > 0) mirror_lower_to_upper(h.data(), cols);
     for (int64_t a = 0; a < cols; ++a)
-      h[static_cast<size_t>(a * cols + a)] = plan.diag[static_cast<size_t>(plan.perm[static_cast<size_t>(a)])] + damp_add;
+      h[static_cast<size_t>(a * cols + a)] =
+          plan.diag[static_cast<size_t>(plan.perm[static_cast<size_t>(a)])] + damp_add;
     if (backend.reverse_cholesky(h.data(), cols)) {
       d.factored = true;
       return d;
@@ -348,8 +343,7 @@ Damping factor_in_place(Backend& backend, std::vector<float>& h, int64_t cols, c
 // backend.
 std::vector<float> factor_diagonal(Backend& backend, const float* r, int64_t cols) {
   std::vector<float> rdiag(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j)
-    backend.download(&rdiag[static_cast<size_t>(j)], r + j * cols + j, sizeof(float));
+  for (int64_t j = 0; j < cols; ++j) backend.download(&rdiag[static_cast<size_t>(j)], r + j * cols + j, sizeof(float));
   return rdiag;
 }
 
@@ -597,8 +591,7 @@ BaselineTerms quadratic_sums(Backend& backend, const float* w, const float* wq, 
     if (weight_too) std::copy(w + r0 * cols, w + (r0 + m) * cols, stacked.begin());
     for (int64_t i = 0; i < m * cols; ++i) stacked[static_cast<size_t>(d0 + i)] = w[r0 * cols + i] - wq[r0 * cols + i];
     upload(backend, sb, stacked.data(), parts * m * cols);
-    backend.gemm(Trans::kNo, Trans::kNo, parts * m, cols, cols, 1.0f, sb.data(), cols, hb, cols, 0.0f, pb.data(),
-                 cols);
+    backend.gemm(Trans::kNo, Trans::kNo, parts * m, cols, cols, 1.0f, sb.data(), cols, hb, cols, 0.0f, pb.data(), cols);
     download(backend, product.data(), pb, parts * m * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < m; ++r) {
@@ -650,7 +643,8 @@ double relative_output_error(Backend& backend, const float* w, const float* wq, 
                              const float* h) {
   PQ_ASSERT(w && wq && h && rows > 0 && cols > 0, "relative_output_error: bad arguments");
   Buffer<float> copy;
-  const BaselineTerms t = quadratic_sums(backend, w, wq, rows, cols, kernels::host_floats_on_backend(backend, h, cols * cols, copy));
+  const BaselineTerms t =
+      quadratic_sums(backend, w, wq, rows, cols, kernels::host_floats_on_backend(backend, h, cols * cols, copy));
   return t.weight2 == 0.0 ? 0.0 : t.rtn_error2 / t.weight2;
 }
 
@@ -675,28 +669,29 @@ BaselineTerms baseline_terms_from_inputs(Backend& backend, const float* x, int64
   Buffer<float> sb(backend, 2 * chunk * cols), yb(backend, 2 * chunk * m);
   std::vector<double> w2(static_cast<size_t>(m)), d2(static_cast<size_t>(m));
   BaselineTerms total;
-  for_each_rtn_chunk(backend, w_rows, rows, cols, chunk, config, [&](int64_t, int64_t t, const float* wc, const float* wq) {
-    std::copy(wc, wc + t * cols, stacked.begin());
+  for_each_rtn_chunk(
+      backend, w_rows, rows, cols, chunk, config, [&](int64_t, int64_t t, const float* wc, const float* wq) {
+        std::copy(wc, wc + t * cols, stacked.begin());
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < t * cols; ++i) stacked[static_cast<size_t>(t * cols + i)] = wc[i] - wq[i];
-    upload(backend, sb, stacked.data(), 2 * t * cols);
-    // y [m, 2t] = x [m, cols] stacked^T: the outputs of W and of D for every token
-    backend.gemm(Trans::kNo, Trans::kYes, m, 2 * t, cols, 1.0f, x, cols, sb.data(), cols, 0.0f, yb.data(), 2 * t);
-    download(backend, y.data(), yb, 2 * t * m);
+        for (int64_t i = 0; i < t * cols; ++i) stacked[static_cast<size_t>(t * cols + i)] = wc[i] - wq[i];
+        upload(backend, sb, stacked.data(), 2 * t * cols);
+        // y [m, 2t] = x [m, cols] stacked^T: the outputs of W and of D for every token
+        backend.gemm(Trans::kNo, Trans::kYes, m, 2 * t, cols, 1.0f, x, cols, sb.data(), cols, 0.0f, yb.data(), 2 * t);
+        download(backend, y.data(), yb, 2 * t * m);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-      const float* yi = y.data() + i * 2 * t;
-      double a = 0.0, b = 0.0;
-      for (int64_t j = 0; j < t; ++j) a += static_cast<double>(yi[j]) * yi[j];
-      for (int64_t j = t; j < 2 * t; ++j) b += static_cast<double>(yi[j]) * yi[j];
-      w2[static_cast<size_t>(i)] = a;
-      d2[static_cast<size_t>(i)] = b;
-    }
-    for (int64_t i = 0; i < m; ++i) {  // in token order, whatever the thread count
-      total.weight2 += scale * w2[static_cast<size_t>(i)];
-      total.rtn_error2 += scale * d2[static_cast<size_t>(i)];
-    }
-  });
+        for (int64_t i = 0; i < m; ++i) {
+          const float* yi = y.data() + i * 2 * t;
+          double a = 0.0, b = 0.0;
+          for (int64_t j = 0; j < t; ++j) a += static_cast<double>(yi[j]) * yi[j];
+          for (int64_t j = t; j < 2 * t; ++j) b += static_cast<double>(yi[j]) * yi[j];
+          w2[static_cast<size_t>(i)] = a;
+          d2[static_cast<size_t>(i)] = b;
+        }
+        for (int64_t i = 0; i < m; ++i) {  // in token order, whatever the thread count
+          total.weight2 += scale * w2[static_cast<size_t>(i)];
+          total.rtn_error2 += scale * d2[static_cast<size_t>(i)];
+        }
+      });
   return total;
 }
 

@@ -1,6 +1,7 @@
 #include "src/stage_worker.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string_view>
 #include <cstdio>
@@ -9,6 +10,7 @@
 
 #include "base/abort.hpp"
 #include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "comm/world.hpp"
 #include "src/driver_util.hpp"
 #include "src/hessian.hpp"
@@ -231,6 +233,7 @@ void StageWorker::quantize_block(int64_t b) {
   // the block's outputs are the next block's inputs
   t0 = Clock::now();
   propagate(*runner_, x_, batches_.samples, config_.hidden_size);
+  require_finite_activations(x_, b, sample_begin_, calib_.seq, config_.hidden_size, "calibration sample");
   metrics_.forward_seconds += seconds_since(t0);
   note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
   post_progress(b, seconds_since(t_block), errors);
@@ -256,7 +259,7 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
   shard_->begin_block(b);
   for (int g = 0; g < kLinearGroups; ++g) {
     auto t0 = Clock::now();
-    GroupInputs in = group_hessian(g);
+    GroupInputs in = group_hessian(b, g);
     metrics_.forward_seconds += seconds_since(t0);
     note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
     t0 = Clock::now();
@@ -362,7 +365,30 @@ void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
 
 // H of linear group g over the whole stage group's samples (each rank accumulates its own, in global sample order),
 // and the baseline terms when they come from the inputs (this rank's, kept for it: fewer floats than H).
-StageWorker::GroupInputs StageWorker::group_hessian(int g) {
+namespace {
+
+const char* non_finite_name(float v) { return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"); }
+
+// "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj": the linears of group g.
+std::string group_modules(int g) {
+  std::string names;
+  for (const auto& l : kLinears)
+    if (l.group == g) names += (names.empty() ? "" : ", ") + std::string(l.module);
+  return names;
+}
+
+// A checkpoint of finite values can still overflow float32 in the forward; the Hessian shows it first.
+void require_finite_hessian(const std::vector<float>& h, int64_t width, int64_t b, int g) {
+  const int64_t i = first_non_finite(h.data(), static_cast<int64_t>(h.size()));
+  if (i == static_cast<int64_t>(h.size())) return;
+  fail("block ", b, ": the Hessian of the inputs of ", group_modules(g), " holds ", non_finite_name(h[i]), " at [",
+       i / width, ", ", i % width, "]: the activations overflow float32 in this block (every checkpoint value is "
+       "finite); the model cannot be quantized as it is");
+}
+
+}  // namespace
+
+StageWorker::GroupInputs StageWorker::group_hessian(int64_t b, int g) {
   const Until until = static_cast<Until>(g);
   const int64_t width = runner_->width(until);
   const int64_t seq = calib_.seq;
@@ -380,6 +406,7 @@ StageWorker::GroupInputs StageWorker::group_hessian(int g) {
   if (terms) add_terms_from_inputs(g, inputs, in);
   inputs = std::vector<float>();
   in.h = acc.finish(*group_, calib_.count * seq);
+  require_finite_hessian(in.h, width, b, g);
   if (opt_.quant.method == Method::kAwq) in.magnitudes = channel_magnitudes(in.h, width);
   return in;
 }
@@ -470,7 +497,12 @@ void StageWorker::write_linear_result(int64_t b, int index, const QuantizedLinea
                                       double solve_seconds, double awq_alpha, double awq_clip) {
   const char* module = kLinears[static_cast<size_t>(index)].module;
   const auto t0 = Clock::now();
-  io::PackedLinear p = pack(ql, module, opt_.quant);
+  io::PackedLinear p;
+  try {
+    p = pack(ql, module, opt_.quant);
+  } catch (const UserError& e) {
+    fail("block ", b, ": ", e.what());  // which block the module is in
+  }
   p.rtn_relative_error = terms.weight2 > 0.0 ? terms.rtn_error2 / terms.weight2 : 0.0;
   p.awq_scale_exponent = awq_alpha;
   p.awq_clip = awq_clip;

@@ -82,7 +82,7 @@ class StageWorker {
   };
   GroupErrors solve_block(int64_t b);
   GroupErrors replay_resumed_block(int64_t b);
-  GroupInputs group_hessian(int group);
+  GroupInputs group_hessian(int64_t b, int group);
   bool terms_from_inputs(int group) const;
   void add_terms_from_inputs(int group, const std::vector<float>& x, GroupInputs& in);
   void add_terms_from_hessian(int group, GroupInputs& in);

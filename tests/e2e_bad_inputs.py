@@ -58,6 +58,12 @@ def model_copy(name, edit_header=None, edit_config=None, truncate=None, raw=None
     return d
 
 
+def write_raw(h, d):  # header h and data d as a safetensors file's bytes
+    raw = json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + d
+
+
 def tokens(name, arr):
     p = os.path.join(work, name)
     np.save(p, arr)
@@ -98,11 +104,18 @@ m = model_copy("shape-mismatch", edit_header=lambda h: h[T0].update(shape=[64, 1
 cases.append(("shape x dtype not matching the span", quantize_args(m), ["model.safetensors", T0]))
 
 
-def drop_tensor(h):
-    del h["model.layers.3.self_attn.v_proj.weight"]
+def drop_tensor(name):  # the tensor's entry and its bytes removed; later tensors move down
+    def f(h, d):
+        b, e = h[name]["data_offsets"]
+        h = {k: v for k, v in h.items() if k != name}
+        for k, v in h.items():
+            if k != "__metadata__" and v["data_offsets"][0] >= e:
+                h[k] = dict(v, data_offsets=[v["data_offsets"][0] - (e - b), v["data_offsets"][1] - (e - b)])
+        return write_raw(h, d[:b] + d[e:])
+    return f
 
 
-m = model_copy("missing-tensor", edit_header=drop_tensor)
+m = model_copy("missing-tensor", raw=drop_tensor("model.layers.3.self_attn.v_proj.weight"))
 cases.append(("tensor missing for the config", quantize_args(m), ["model.layers.3.self_attn.v_proj.weight"]))
 m = model_copy("config-missing-field", edit_config=lambda c: c.pop("hidden_size"))
 cases.append(("config missing a field", quantize_args(m), ["config.json", "hidden_size"]))
@@ -117,9 +130,7 @@ def add_tensor(name, shape):  # the checkpoint with one more F32 tensor of 0.5s 
     def f(h, d):
         h = dict(h)
         h[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(d), len(d) + 4 * int(np.prod(shape))]}
-        raw = json.dumps(h).encode()
-        raw += b" " * (-len(raw) % 8)
-        return struct.pack("<Q", len(raw)) + raw + d + np.full(shape, 0.5, np.float32).tobytes()
+        return write_raw(h, d + np.full(shape, 0.5, np.float32).tobytes())
     return f
 
 
@@ -141,6 +152,87 @@ cases.append(("unknown architecture", quantize_args(m), ["config.json", "archite
 m = model_copy("no-architectures-qwen3", edit_config=lambda c: (c.pop("architectures"), c.update(model_type="qwen3")))
 cases.append(("no architectures, model_type of another model", quantize_args(m),
               ["config.json", "architectures", "model_type", "qwen3"]))
+# the safetensors format: one entry per name, tensors covering the data region without holes or trailing bytes
+def duplicate_entry(name):
+    def f(h, d):
+        entry = json.dumps({name: h[name]})[1:-1].encode()
+        raw = json.dumps(h).encode()
+        raw = raw[:-1] + b", " + entry + b"}"
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + d
+    return f
+
+
+def hole_after(name, gap=8):  # `gap` bytes of nothing after tensor `name`; later tensors move up
+    def f(h, d):
+        h = dict(h)
+        end = h[name]["data_offsets"][1]
+        for k, v in h.items():
+            if k != "__metadata__" and v["data_offsets"][0] >= end:
+                h[k] = dict(v, data_offsets=[v["data_offsets"][0] + gap, v["data_offsets"][1] + gap])
+        return write_raw(h, d[:end] + b"\0" * gap + d[end:])
+    return f
+
+
+def set_value(name, index, value):  # one F32 element of a tensor set to `value` (flat index)
+    def f(h, d):
+        at = h[name]["data_offsets"][0] + 4 * index
+        return write_raw(h, d[:at] + struct.pack("<f", value) + d[at + 4:])
+    return f
+
+
+def scale_tensor(name, factor):  # a tensor multiplied by `factor`: finite values that overflow in the forward
+    def f(h, d):
+        b, e = h[name]["data_offsets"]
+        v = (np.frombuffer(d[b:e], np.float32) * np.float32(factor)).astype(np.float32)
+        return write_raw(h, d[:b] + v.tobytes() + d[e:])
+    return f
+
+
+m = model_copy("duplicate-name", raw=duplicate_entry(T1))
+cases.append(("a tensor name twice in the header", quantize_args(m), ["model.safetensors", T1, "twice"]))
+m = model_copy("hole", raw=hole_after(T0))
+cases.append(("a hole between two tensors", quantize_args(m), ["model.safetensors", "holes"]))
+m = model_copy("trailing-bytes", raw=lambda h, d: write_raw(h, d + b"\0" * 16))
+cases.append(("bytes after the last tensor", quantize_args(m), ["model.safetensors", "16 bytes after the last",
+                                                                "trailing"]))
+EMBED = "model.embed_tokens.weight"
+m = model_copy("embed-inf", raw=set_value(EMBED, 5 * 64 + 7, float("inf")))
+cases.append(("an inf in the embedding", quantize_args(m), ["model.safetensors", EMBED, "[5, 7]", "inf"]))
+cases.append(("eval: an inf in the embedding", ["eval", "--model", m, "--tokens",
+                                                pq.testdata("text/tinystories_eval.tok512.npy"), "--seq-len", 256],
+              ["model.safetensors", EMBED, "[5, 7]", "inf"]))
+NORM3 = "model.layers.3.post_attention_layernorm.weight"
+m = model_copy("norm-nan", raw=set_value(NORM3, 10, float("nan")))
+cases.append(("a nan in a norm", quantize_args(m), ["model.safetensors", NORM3, "[10]", "nan"]))
+Q4 = "model.layers.4.self_attn.q_proj.weight"
+m = model_copy("weight-minus-inf", raw=set_value(Q4, 3 * 64 + 2, float("-inf")))
+cases.append(("a -inf in a weight", quantize_args(m), ["model.safetensors", Q4, "[3, 2]", "-inf"]))
+m = model_copy("overflow-hessian", raw=scale_tensor("model.layers.2.input_layernorm.weight", 1e30))
+cases.append(("finite weights whose activations overflow float32", quantize_args(m),
+              ["block 2", "Hessian", "self_attn.q_proj", "overflow"]))
+cases.append(("eval: finite weights whose activations overflow float32",
+              ["eval", "--model", m, "--tokens", pq.testdata("text/tinystories_eval.tok512.npy"), "--seq-len", 256],
+              ["block 2", "output holds nan", "eval window 0", "overflow"]))
+
+
+def config_with_duplicate(d):
+    cfg_path = os.path.join(d, "config.json")
+    os.chmod(cfg_path, 0o644)
+    text = open(cfg_path).read().rstrip().rstrip("}")
+    open(cfg_path, "w").write(text + ', "hidden_size": 128}')
+
+
+m = model_copy("config-duplicate-key")
+config_with_duplicate(m)
+cases.append(("config.json with a key twice", quantize_args(m), ["config.json", "hidden_size", "twice"]))
+m = model_copy("index-duplicate-key")
+os.rename(os.path.join(m, "model.safetensors"), os.path.join(m, "model-00001-of-00001.safetensors"))
+weight_map = ", ".join(f'"{k}": "model-00001-of-00001.safetensors"' for k in hdr if k != "__metadata__")
+open(os.path.join(m, "model.safetensors.index.json"), "w").write(
+    '{"metadata": {}, "weight_map": {' + weight_map + f', "{T0}": "model-00001-of-00001.safetensors"' + '}}')
+cases.append(("an index with a tensor twice", quantize_args(m), ["model.safetensors.index.json", T0, "twice"]))
+
 bad_ids = calib_ids.copy()
 bad_ids[100] = 600
 cases.append(("token id >= vocab", quantize_args(calib=tokens("ids-too-big.npy", bad_ids)),
@@ -175,7 +267,9 @@ count = 0
 for np_ranks in (1, 2):
     for name, args, expect in cases:
         if np_ranks == 2 and name not in ("truncated safetensors", "token id >= vocab", "unwritable output dir",
-                                          "unknown flag", "config missing a field"):
+                                          "unknown flag", "config missing a field", "a tensor name twice in the header",
+                                          "an inf in the embedding", "a nan in a norm",
+                                          "finite weights whose activations overflow float32"):
             continue
         count += 1
         out_dir = args[args.index("--out") + 1] if "--out" in args else None

@@ -8,21 +8,21 @@
 #include <fstream>
 #include <functional>
 #include <initializer_list>
+#include <limits>
 #include <nlohmann/json.hpp>
 
-#include "io/safetensors.hpp"
 #include "base/error.hpp"
 #include "base/numeric.hpp"
+#include "io/safetensors.hpp"
 #include "tests/testdata.hpp"
 
 namespace pipequant::io {
 namespace {
 
 using nlohmann::json;
-using pipequant::testing::scratch_dir;
 using pipequant::testing::expect_user_error;
+using pipequant::testing::scratch_dir;
 using pipequant::testing::testdata;
-
 
 std::vector<char> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -349,6 +349,64 @@ TEST_F(BadSafetensors, ShapeOverflowIsCaught) {
              {"w", "more than 2^64"});
 }
 
+TEST_F(BadSafetensors, DuplicateTensorName) {
+  expect_bad(R"({"a.w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                 "a.w": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}})",
+             24, {"header", "\"a.w\"", "twice"});
+}
+
+TEST_F(BadSafetensors, DuplicateKeyInsideAnEntry) {
+  expect_bad(R"({"a.w": {"dtype": "F32", "shape": [4], "dtype": "F16", "data_offsets": [0, 16]}})", 16,
+             {"\"dtype\"", "twice"});
+}
+
+TEST_F(BadSafetensors, HoleBetweenTensors) {
+  expect_bad(R"({"a.w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b.w": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}})",
+             20, {"b.w", "bytes [8, 12)", "holes"});
+}
+
+TEST_F(BadSafetensors, HoleBeforeFirstTensor) {
+  expect_bad(R"({"a.w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12, {"a.w", "bytes [0, 4)"});
+}
+
+TEST_F(BadSafetensors, TrailingBytes) {
+  expect_bad(R"({"a.w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", 11,
+             {"3 bytes after the last tensor", "a.w ends at 8", "trailing"});
+}
+
+TEST_F(BadSafetensors, UnorderedEntriesAreFine) {
+  // the header's order is not the data's: only the covering matters (an empty tensor may sit anywhere in order)
+  write_raw(file_, R"({"b.w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                       "e.w": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+                       "a.w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})",
+            std::vector<char>(8, 0));
+  const Checkpoint ck = Checkpoint::open(file_);
+  EXPECT_EQ(ck.names(), (std::vector<std::string>{"a.w", "b.w", "e.w"}));
+}
+
+// Non-finite values: read_f32, read_u16 and require_finite name the tensor and the first bad element.
+TEST_F(BadSafetensors, NonFiniteValuesAreNamedWithTheirIndex) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> f32 = {1, 2, 3, 4, 5, std::nanf(""), 7, -inf};  // [2, 4]: first bad at [1, 1]
+  std::vector<uint16_t> bf16 = {float_to_bf16(1.0f), float_to_bf16(-inf), float_to_bf16(2.0f)};
+  std::vector<uint16_t> f16 = {float_to_fp16(1.0f), float_to_fp16(2.0f), float_to_fp16(1e6f)};  // 1e6 -> inf
+  std::vector<std::byte> b16(6), h16(6);
+  std::memcpy(b16.data(), bf16.data(), 6);
+  std::memcpy(h16.data(), f16.data(), 6);
+  write_safetensors(file_, {{"w.f32", DType::kF32, {2, 4}, f32_bytes(f32)},
+                            {"w.bf16", DType::kBF16, {3}, b16},
+                            {"w.f16", DType::kF16, {3}, h16},
+                            {"ok", DType::kF32, {2}, f32_bytes({1, 2})}});
+  const Checkpoint ck = Checkpoint::open(file_);
+  EXPECT_EQ(ck.read_f32("ok"), (std::vector<float>{1, 2}));
+  expect_user_error([&] { ck.read_f32("w.f32"); }, {file_, "tensor w.f32", "element [1, 1] is nan", "finite"});
+  expect_user_error([&] { ck.require_finite("w.f32"); }, {"tensor w.f32", "element [1, 1] is nan"});
+  expect_user_error([&] { ck.read_u16("w.bf16"); }, {"tensor w.bf16", "element [1] is -inf"});
+  expect_user_error([&] { ck.read_f32("w.bf16"); }, {"tensor w.bf16", "element [1] is -inf"});
+  expect_user_error([&] { ck.read_u16("w.f16"); }, {"tensor w.f16", "element [2] is inf"});
+}
+
 TEST_F(BadSafetensors, MetadataIsAllowed) {
   write_raw(file_,
             R"({"__metadata__": {"format": "pt"}, "w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}})",
@@ -400,6 +458,12 @@ TEST_F(BadIndex, WeightMapNotObject) {
 TEST_F(BadIndex, NotJson) {
   write_index("{\"weight_map\": ");
   expect_user_error([&] { Checkpoint::open(dir_); }, {"model.safetensors.index.json", "not valid JSON"});
+}
+
+TEST_F(BadIndex, TensorListedTwice) {
+  write_index(
+      R"({"weight_map": {"model.norm.weight": "part1.safetensors", "model.norm.weight": "part2.safetensors"}})");
+  expect_user_error([&] { Checkpoint::open(dir_); }, {"model.safetensors.index.json", "model.norm.weight", "twice"});
 }
 
 TEST_F(BadIndex, TensorNotInItsFile) {
