@@ -192,6 +192,10 @@ int64_t NpyArray::numel() const {
 }
 
 NpyArray read_npy(const std::string& path) {
+  std::error_code kind;
+  // opening a FIFO or a device would block or read forever: only regular files are read
+  PQ_REQUIRE(std::filesystem::is_regular_file(path, kind), path,
+             std::filesystem::exists(path, kind) ? ": not a regular file" : ": no such file");
   std::ifstream in(path, std::ios::binary);
   PQ_REQUIRE(in.good(), path, ": cannot open: ", std::strerror(errno));
   std::error_code ec;

@@ -122,7 +122,7 @@ struct RawHeader {
 };
 
 RawHeader read_raw_header(const std::string& file) {
-  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
   if (fd < 0) fail(file, ": cannot open: ", std::strerror(errno));
   FdCloser closer{fd};
   struct stat st {};
@@ -297,7 +297,7 @@ int64_t TensorInfo::numel() const {
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path) : path_(path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail(path, ": cannot open for mapping: ", std::strerror(errno));
     FdCloser closer{fd};
     struct stat st {};

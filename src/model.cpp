@@ -287,6 +287,9 @@ std::vector<float> dense_to_f32(const io::DenseTensor& t, const std::string& whe
   } else {
     fail(where, ": tensor ", t.name, " has dtype ", t.dtype, ", expected F32, F16 or BF16");
   }
+  const int64_t bad = first_non_finite(out.data(), n);
+  PQ_REQUIRE(bad == n, where, ": tensor ", t.name, ": element ", bad, " (flat) is ", out[static_cast<size_t>(bad)],
+             "; every stored value must be finite");
   return out;
 }
 

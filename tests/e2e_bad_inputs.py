@@ -233,6 +233,14 @@ open(os.path.join(m, "model.safetensors.index.json"), "w").write(
     '{"metadata": {}, "weight_map": {' + weight_map + f', "{T0}": "model-00001-of-00001.safetensors"' + '}}')
 cases.append(("an index with a tensor twice", quantize_args(m), ["model.safetensors.index.json", T0, "twice"]))
 
+# special files where a regular one is expected: refused at once, never opened (a FIFO would block the open)
+m = model_copy("fifo-checkpoint")
+os.remove(os.path.join(m, "model.safetensors"))
+os.mkfifo(os.path.join(m, "model.safetensors"))
+cases.append(("the checkpoint file is a FIFO", quantize_args(m), ["model.safetensors", "not a regular file"]))
+fifo_tokens = os.path.join(work, "fifo-tokens.npy")
+os.mkfifo(fifo_tokens)
+cases.append(("the token file is a FIFO", quantize_args(calib=fifo_tokens), ["fifo-tokens.npy", "not a regular file"]))
 bad_ids = calib_ids.copy()
 bad_ids[100] = 600
 cases.append(("token id >= vocab", quantize_args(calib=tokens("ids-too-big.npy", bad_ids)),

@@ -146,7 +146,7 @@ class BadNpy : public ::testing::Test {
 };
 
 TEST_F(BadNpy, MissingFile) {
-  expect_user_error([&] { read_tokens(dir_ + "/absent.npy"); }, {"absent.npy", "cannot open"});
+  expect_user_error([&] { read_tokens(dir_ + "/absent.npy"); }, {"absent.npy", "no such file"});
 }
 
 TEST_F(BadNpy, BadMagic) {
