@@ -241,6 +241,9 @@ std::vector<TensorInfo> read_header(const std::string& file) {
     if (name == "__metadata__") {
       PQ_REQUIRE(entry.is_object() || entry.is_null(), file, ": __metadata__ is a JSON ", entry.type_name(),
                  ", expected an object of strings");
+      for (const auto& [key, value] : entry.items())
+        PQ_REQUIRE(value.is_string(), file, ": __metadata__: field ", key, " is a JSON ", value.type_name(),
+                   ", expected a string (safetensors metadata maps strings to strings)");
       continue;
     }
     tensors.push_back(parse_tensor_entry(file, name, entry, h));

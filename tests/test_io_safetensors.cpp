@@ -407,6 +407,11 @@ TEST_F(BadSafetensors, NonFiniteValuesAreNamedWithTheirIndex) {
   expect_user_error([&] { ck.read_u16("w.f16"); }, {"tensor w.f16", "element [2] is inf"});
 }
 
+TEST_F(BadSafetensors, MetadataValueNotAString) {
+  expect_bad(R"({"__metadata__": {"format": 3}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 4,
+             {"__metadata__", "format", "expected a string"});
+}
+
 TEST_F(BadSafetensors, MetadataIsAllowed) {
   write_raw(file_,
             R"({"__metadata__": {"format": "pt"}, "w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}})",
