@@ -57,10 +57,18 @@ void abort_job(const std::string& message, int code, Failure kind) {
   } else {
     std::fprintf(stderr, "%s %s\n", rank_label().c_str(), message.c_str());
   }
+  if (kind == Failure::kInternal && !(mpi_running() && several)) {
+    std::fflush(stderr);
+    std::fflush(stdout);
+    std::abort();  // one rank: a core dump where the system keeps them
+  }
+  end_job(code);
+}
+
+void end_job(int code) {
   std::fflush(stderr);
   std::fflush(stdout);
-  if (mpi_running() && several) MPI_Abort(MPI_COMM_WORLD, code);
-  if (kind == Failure::kInternal) std::abort();
+  if (mpi_running() && world_size() > 1) MPI_Abort(MPI_COMM_WORLD, code);
   // One rank: end without MPI_Finalize. Finalize runs the callbacks of libraries that hold files open (parallel
   // HDF5 closes and flushes its files there), and a file whose write failed (a full disk) crashes that flush;
   // the error is said, and nothing of the output is marked complete, so there is nothing left to finish.

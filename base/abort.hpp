@@ -21,4 +21,8 @@ enum class Failure { kUser, kInternal };
 // rank_label()) and ends every rank of the job with `code`. Never returns.
 [[noreturn]] void abort_job(const std::string& message, int code, Failure kind = Failure::kUser);
 
+// abort_job's last step, for a caller that has said what it had to: flushes stdout and stderr and ends every rank
+// of the job with `code` (MPI_Abort when several ranks run, else _Exit). Never returns.
+[[noreturn]] void end_job(int code);
+
 }  // namespace pipequant

@@ -18,6 +18,7 @@
 #include <cctype>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "base/error.hpp"
 #include "io/bitstream.hpp"
@@ -43,9 +44,14 @@ class ConfigFields {
     return nullptr;
   }
 
+  // Bits and group sizes: 32-bit integers (a larger one, 4294967300 say, must not pass for the 4 it truncates to).
   int64_t integer(const char* key) const {
     const json& v = j_[key];
-    PQ_REQUIRE(v.is_number_integer(), origin_, ": field ", key, ": expected an integer, got ", v.dump());
+    constexpr int64_t kMin = std::numeric_limits<int32_t>::min(), kMax = std::numeric_limits<int32_t>::max();
+    const bool in_range = v.is_number_unsigned()
+                              ? v.get<uint64_t>() <= static_cast<uint64_t>(kMax)
+                              : v.is_number_integer() && v.get<int64_t>() >= kMin && v.get<int64_t>() <= kMax;
+    PQ_REQUIRE(in_range, origin_, ": field ", key, ": expected a 32-bit integer, got ", v.dump());
     return v.get<int64_t>();
   }
   bool boolean(const char* key, bool absent) const {
@@ -208,9 +214,11 @@ std::optional<HfQuantConfig> parse_quantization_config(const nlohmann::json& j, 
 
 std::optional<HfQuantConfig> read_quantization_config(const std::string& model_dir) {
   // a config.json or checkpoint file names its directory
-  const fs::path dir = fs::is_regular_file(model_dir) ? fs::path(model_dir).parent_path() : fs::path(model_dir);
+  // error_code forms: a path the file system refuses (too long, no permission) is a file that is not there here
+  std::error_code ec;
+  const fs::path dir = fs::is_regular_file(model_dir, ec) ? fs::path(model_dir).parent_path() : fs::path(model_dir);
   const fs::path config = dir / "config.json";
-  if (fs::exists(config)) {
+  if (fs::exists(config, ec)) {
     const json j = read_json_file(config.string());
     if (j.is_object() && j.contains("quantization_config") && !j["quantization_config"].is_null()) {
       const std::string origin = config.string() + ": quantization_config";
@@ -223,7 +231,7 @@ std::optional<HfQuantConfig> read_quantization_config(const std::string& model_d
   }
   for (const char* file : {"quantize_config.json", "quant_config.json"}) {
     const fs::path p = dir / file;
-    if (!fs::exists(p)) continue;
+    if (!fs::exists(p, ec)) continue;
     const auto c = parse_quantization_config(read_json_file(p.string()), p.string());
     if (c) return c;
   }

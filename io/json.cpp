@@ -13,11 +13,17 @@ namespace pipequant::io {
 
 using json = nlohmann::json;
 
+constexpr int kMaxJsonDepth = 64;
+
 json parse_json_strict(std::string_view text, const std::string& origin) {
   std::vector<std::set<std::string>> keys;  // the keys seen so far in each object being parsed, innermost last
   std::string duplicate;
   bool found = false;
-  const json::parser_callback_t note_keys = [&](int, json::parse_event_t event, json& parsed) {
+  const json::parser_callback_t note_keys = [&](int depth, json::parse_event_t event, json& parsed) {
+    // deeper documents would overflow the stack of the recursive copies and dumps that follow; no config needs them
+    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
+        depth >= kMaxJsonDepth)
+      fail(origin, ": nested deeper than ", kMaxJsonDepth, " levels");
     if (event == json::parse_event_t::object_start) keys.emplace_back();
     if (event == json::parse_event_t::object_end && !keys.empty()) keys.pop_back();
     if (event == json::parse_event_t::key && !keys.empty() && !keys.back().insert(parsed.get<std::string>()).second &&

@@ -248,7 +248,11 @@ NpyArray read_npy(const std::string& path) {
   a.shape = *shape;
   uint64_t nbytes = item;
   bool too_big = false;
-  for (int64_t d : a.shape) too_big |= __builtin_mul_overflow(nbytes, static_cast<uint64_t>(d), &nbytes);
+  int64_t count = 1;  // numel() multiplies in this order: every partial product must fit, even before a 0
+  for (int64_t d : a.shape) {
+    too_big |= __builtin_mul_overflow(nbytes, static_cast<uint64_t>(d), &nbytes);
+    too_big |= __builtin_mul_overflow(count, d, &count);
+  }
   const uint64_t have = file_size - data_start;
   PQ_REQUIRE(!too_big && nbytes == have, path, ": data is ", have, " bytes but shape ", shape_str(a.shape), " x ",
              a.descr, " needs ", too_big ? std::string("more than 2^64") : std::to_string(nbytes));

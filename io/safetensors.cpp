@@ -159,12 +159,14 @@ std::vector<int64_t> parse_shape(const json& shape, const std::string& where, ui
   std::vector<int64_t> dims;
   numel = 1;
   too_big = false;
+  int64_t count = 1;  // TensorInfo::numel() multiplies in this order: every partial product must fit, even before a 0
   for (size_t d = 0; d < shape.size(); ++d) {
     uint64_t n = 0;
     PQ_REQUIRE(as_count(shape[d], &n) && n <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where,
                ": shape ", show(shape), ": dimension ", d, " is ", show(shape[d]), ", expected a non-negative integer");
     dims.push_back(static_cast<int64_t>(n));
     too_big |= __builtin_mul_overflow(numel, n, &numel);
+    too_big |= __builtin_mul_overflow(count, static_cast<int64_t>(n), &count);
   }
   return dims;
 }
@@ -337,8 +339,9 @@ struct CheckpointFiles {
 // A directory holds model.safetensors.index.json, model.safetensors, or exactly one other *.safetensors file.
 CheckpointFiles files_in_directory(const std::string& path) {
   const fs::path dir(path);
-  if (fs::exists(dir / kIndexName)) return {(dir / kIndexName).string(), ""};
-  if (fs::exists(dir / kSingleName)) return {"", (dir / kSingleName).string()};
+  std::error_code missing;
+  if (fs::exists(dir / kIndexName, missing)) return {(dir / kIndexName).string(), ""};
+  if (fs::exists(dir / kSingleName, missing)) return {"", (dir / kSingleName).string()};
   std::error_code ec;
   std::vector<std::string> found;
   for (const auto& e : fs::directory_iterator(dir, ec))
@@ -395,7 +398,8 @@ std::map<std::string, TensorInfo> tensors_of_index(const std::string& index_file
     auto it = shards.find(file_name);
     if (it == shards.end()) {
       const std::string shard_path = (dir / file_name).string();
-      PQ_REQUIRE(fs::is_regular_file(shard_path), index_file, ": weight_map: tensor ", name, ": shard file ",
+      std::error_code bad_name;
+      PQ_REQUIRE(fs::is_regular_file(shard_path, bad_name), index_file, ": weight_map: tensor ", name, ": shard file ",
                  shard_path, " does not exist");
       it = shards.emplace(file_name, tensors_by_name(shard_path)).first;
     }

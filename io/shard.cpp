@@ -12,6 +12,7 @@
 #include "io/shard.hpp"
 
 #include <hdf5.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -20,10 +21,12 @@
 #include <filesystem>
 #include <limits>
 #include <optional>
+#include <string_view>
 #include <utility>
 
 #include "base/error.hpp"
 #include "base/shape.hpp"
+#include "base/stop.hpp"
 
 namespace pipequant::io {
 
@@ -173,6 +176,16 @@ bool link_exists(hid_t loc, const std::string& name, const Where& at) {
   return r > 0;
 }
 
+// Whether `name` is a hard link in `loc` (a path's earlier parts checked the same way first). The reader follows no
+// soft or external link: a damaged shard must not send it into another file, and libhdf5 1.10 reads past the end of
+// an external link's value that lacks its terminating NUL when it follows one.
+bool hard_link_exists(hid_t loc, const std::string& name, const Where& at) {
+  if (!link_exists(loc, name, at)) return false;
+  H5L_info_t info;
+  check(H5Lget_info(loc, name.c_str(), &info, H5P_DEFAULT), at.file, at.object, "cannot read link '" + name + "'");
+  return info.type == H5L_TYPE_HARD;
+}
+
 void delete_if_exists(hid_t loc, const std::string& name, const Where& at) {
   if (link_exists(loc, name, at))
     check(H5Ldelete(loc, name.c_str(), H5P_DEFAULT), at.file, at.object, "cannot delete '" + name + "'");
@@ -312,9 +325,12 @@ std::vector<Child> children(hid_t group, const Where& at) {
   std::vector<Child> out;
   out.reserve(names.size());
   for (auto& n : names) {
+    H5L_info_t link;
     H5O_info_t info;
     Child c{std::move(n), H5O_TYPE_UNKNOWN};
-    if (H5Oget_info_by_name2(group, c.name.c_str(), &info, H5O_INFO_BASIC, H5P_DEFAULT) >= 0)
+    // the objects of hard links only (hard_link_exists says why); other links read as unknown
+    if (H5Lget_info(group, c.name.c_str(), &link, H5P_DEFAULT) >= 0 && link.type == H5L_TYPE_HARD &&
+        H5Oget_info_by_name2(group, c.name.c_str(), &info, H5O_INFO_BASIC, H5P_DEFAULT) >= 0)
       c.type = info.type;
     else
       H5Eclear2(H5E_DEFAULT);
@@ -357,6 +373,15 @@ int64_t element_count(const std::vector<int64_t>& shape) {
   return n;
 }
 
+// The element count of a shape read from a file, where a dimension may be anything: nullopt when it is negative
+// (above 2^63 as hsize_t) or the product does not fit in int64.
+std::optional<int64_t> checked_element_count(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return std::nullopt;
+  return n;
+}
+
 SpaceHandle simple_space(const std::vector<int64_t>& shape, const Where& at) {
   if (shape.empty())
     return checked<SpaceHandle>(H5Screate(H5S_SCALAR), at.file, at.object, "cannot create a dataspace");
@@ -378,27 +403,62 @@ std::vector<int64_t> dataset_shape(hid_t dset, const Where& at) {
   return shape;
 }
 
-// Reads a whole dataset of the expected shape into `out` (elements of mem_type).
+// Whether the file stores every byte of a dataset's declared shape (`count` elements of its stored type). The shape
+// comes from the file and sizes the reader's buffers and loops: a dataset declared larger than what it stores (never
+// written, or damaged) would read as fill values, terabytes of them. Chunked data may be compressed, up to zlib's
+// ratio of about 1032:1.
+bool stored_in_full(hid_t dset, int64_t count, const Where& at) {
+  TypeHandle ft = checked<TypeHandle>(H5Dget_type(dset), at.file, at.object, "cannot read the type");
+  PlistHandle dcpl = checked<PlistHandle>(H5Dget_create_plist(dset), at.file, at.object, "cannot read the layout");
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(count), static_cast<uint64_t>(H5Tget_size(ft.get())), &bytes))
+    return false;
+  const uint64_t stored = H5Dget_storage_size(dset);
+  const bool compressed = H5Pget_layout(dcpl.get()) == H5D_CHUNKED && H5Pget_nfilters(dcpl.get()) > 0;
+  return compressed ? bytes / 1032 <= stored : bytes <= stored;
+}
+
+// The element count of an open dataset of `shape`; throws UserError when the count does not fit in int64 or the
+// file does not store it.
+int64_t stored_element_count(hid_t dset, const std::vector<int64_t>& shape, const Where& at) {
+  const auto count = checked_element_count(shape);
+  PQ_REQUIRE(count.has_value(), at.file, ": ", at.object, ": shape ", shape_str(shape),
+             " has more elements than 64 bits count");
+  PQ_REQUIRE(stored_in_full(dset, *count, at), at.file, ": ", at.object, ": shape ", shape_str(shape),
+             " needs more bytes than the file stores for it (never written, or damaged)");
+  return *count;
+}
+
+// Reads a whole dataset of the expected shape into `out` (resized to it; elements of mem_type), the shape checked
+// against `expected` (from the attributes) and against what the file stores before anything is allocated.
+template <typename T>
 void read_dataset(hid_t parent, const std::string& name, hid_t mem_type, const std::vector<int64_t>& expected,
-                  void* out, const Where& at) {
+                  std::vector<T>& out, const Where& at) {
   const Where here{at.file, at.object + "/" + name};
-  PQ_REQUIRE(link_exists(parent, name, at), at.file, ": ", at.object, ": dataset ", name, " is missing");
+  PQ_REQUIRE(hard_link_exists(parent, name, at), at.file, ": ", at.object, ": dataset ", name, " is missing");
   DatasetHandle d = checked<DatasetHandle>(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), here.file, here.object,
                                            "cannot open dataset");
   const auto shape = dataset_shape(d.get(), here);
   PQ_REQUIRE(shape == expected, here.file, ": ", here.object, ": shape ", shape_str(shape), ", expected ",
              shape_str(expected), " from the attributes");
-  if (element_count(shape) == 0) return;
-  check(H5Dread(d.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out), here.file, here.object, "cannot read dataset");
+  out.resize(static_cast<size_t>(stored_element_count(d.get(), shape, here)));
+  if (out.empty()) return;
+  check(H5Dread(d.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()), here.file, here.object,
+        "cannot read dataset");
 }
 
-// CRC-32 of a dataset's bytes as stored, read in slabs of rows so that memory stays bounded.
-uint32_t dataset_crc(hid_t dset, const Where& at) {
+// CRC-32 of a dataset's bytes as stored, read in slabs of rows so that memory stays bounded; nullopt when the
+// dataset holds no numbers or not all its bytes (its checksum cannot match).
+std::optional<uint32_t> dataset_crc(hid_t dset, const Where& at) {
   TypeHandle ft = checked<TypeHandle>(H5Dget_type(dset), at.file, at.object, "cannot read the type");
+  const H5T_class_t cls = H5Tget_class(ft.get());
+  if (cls != H5T_INTEGER && cls != H5T_FLOAT) return std::nullopt;
   const size_t elem = H5Tget_size(ft.get());
   const auto shape = dataset_shape(dset, at);
+  const auto total = checked_element_count(shape);
+  if (!total || !stored_in_full(dset, *total, at)) return std::nullopt;
   uLong crc = crc32(0L, Z_NULL, 0);
-  if (element_count(shape) == 0) return static_cast<uint32_t>(crc);
+  if (*total == 0) return static_cast<uint32_t>(crc);
   std::vector<char> buf;
   if (shape.empty()) {
     buf.resize(elem);
@@ -407,7 +467,7 @@ uint32_t dataset_crc(hid_t dset, const Where& at) {
     return static_cast<uint32_t>(crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(elem)));
   }
   constexpr int64_t kSlabBytes = int64_t{64} << 20;
-  const int64_t row_bytes = element_count(shape) / shape[0] * static_cast<int64_t>(elem);
+  const int64_t row_bytes = *total / shape[0] * static_cast<int64_t>(elem);
   const int64_t rows_per_slab = std::max<int64_t>(1, kSlabBytes / std::max<int64_t>(row_bytes, 1));
   SpaceHandle fspace = checked<SpaceHandle>(H5Dget_space(dset), at.file, at.object, "cannot read the dataspace");
   auto dims = to_dims(shape);
@@ -436,7 +496,7 @@ uint32_t dataset_crc(hid_t dset, const Where& at) {
 // Compares a dataset's CRC with the attribute `attr` on `holder`; returns a problem or nothing.
 std::optional<std::string> check_dataset(hid_t parent, const std::string& name, hid_t holder, const std::string& attr,
                                          const std::string& label, const Where& at) {
-  if (!link_exists(parent, name, at)) return label + " (missing)";
+  if (!hard_link_exists(parent, name, at)) return label + " (missing)";
   const Where here{at.file, at.object + "/" + name};
   DatasetHandle d = checked<DatasetHandle>(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), here.file, here.object,
                                            "cannot open dataset");
@@ -444,7 +504,9 @@ std::optional<std::string> check_dataset(hid_t parent, const std::string& name, 
   if (has < 0) hdf5_fail(at.file, at.object, "cannot look up attribute " + attr);
   if (has == 0) return label + " (no checksum)";
   const uint32_t expected = read_attr_u32(holder, attr, at);
-  if (dataset_crc(d.get(), here) != expected) return label;
+  const std::optional<uint32_t> crc = dataset_crc(d.get(), here);
+  if (!crc) return label + " (not numbers stored in full)";
+  if (*crc != expected) return label;
   return std::nullopt;
 }
 
@@ -499,6 +561,14 @@ void validate_linear(const PackedLinear& l, const std::string& file) {
 
 std::string model_path(const std::string& out_dir) { return out_dir + "/model.h5"; }
 
+// The device and inode of the file at `path` ({0, 0}: nothing there): whether a path still names the file a writer
+// opened.
+std::pair<uint64_t, uint64_t> file_identity(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return {0, 0};
+  return {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -541,6 +611,7 @@ ShardWriter::ShardWriter(const std::string& path, MPI_Comm comm, bool resume) : 
   open_or_create_group(file.get(), "blocks", at);
   open_or_create_group(file.get(), "tensors", at);
   file_ = file.release();
+  if (rank_ == 0) identity_ = file_identity(path_);
 }
 
 ShardWriter::~ShardWriter() { close_file(); }
@@ -558,6 +629,16 @@ void ShardWriter::close() {
   const hid_t f = file_;
   file_ = -1;
   check(H5Fclose(f), path_, "", "cannot close file (was the disk full?)");
+  check_still_in_place();
+}
+
+void ShardWriter::check_still_in_place() const {
+  int in_place = 1;
+  if (rank_ == 0) in_place = identity_.second != 0 && file_identity(path_) == identity_ ? 1 : 0;
+  MPI_Bcast(&in_place, 1, MPI_INT, 0, comm_);
+  PQ_REQUIRE(in_place, path_,
+             ": the shard file was removed or replaced while it was being written; run the same command again to "
+             "resume");
 }
 
 void ShardWriter::begin_block(int64_t block) {
@@ -706,10 +787,33 @@ void ShardWriter::mark_complete(int64_t block) {
              ": block not begun (begin_block first)");
   // data first, then the flag, each flushed: a crash leaves either a complete block or one without the flag
   check(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_, bpath, "cannot flush (is the disk full?)");
+  check_still_in_place();
+  // a stop by signal says the blocks durable so far and lets no marker be written after it (base/stop.hpp)
+  DurableMark mark;
   GroupHandle g = open_group(file_, bpath, at);
   write_attr_i32(g.get(), "complete", 1, at);
   g.reset();
   check(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_, bpath, "cannot flush (is the disk full?)");
+  mark.done(path_, block);
+}
+
+void remove_unfinished(const std::string& path, const std::set<int64_t>& keep) {
+  PlistHandle fapl = checked<PlistHandle>(H5Pcreate(H5P_FILE_ACCESS), path, "", "cannot create a property list");
+  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_LATEST), path, "", "cannot set the format");
+  FileHandle file = checked<FileHandle>(H5Fopen(path.c_str(), H5F_ACC_RDWR, fapl.get()), path, "",
+                                        "cannot open the shard to resume (is it writable?)");
+  for (const char* group : {"/blocks", "/tensors"}) {
+    const Where at{path, group};
+    if (!link_exists(file.get(), group, at)) continue;
+    GroupHandle g = open_group(file.get(), group, at);
+    for (const auto& name : link_names(g.get(), at)) {
+      const auto block = parse_block(name);
+      if (group == std::string_view("/blocks") && block && keep.count(*block)) continue;
+      check(H5Ldelete(g.get(), name.c_str(), H5P_DEFAULT), path, group, "cannot delete '" + name + "'");
+    }
+  }
+  check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "", "cannot flush (is the disk full?)");
+  check(H5Fclose(file.release()), path, "", "cannot close file (was the disk full?)");
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -732,7 +836,7 @@ ShardReader::~ShardReader() {
 std::vector<int64_t> ShardReader::blocks() const {
   const Where at{path_, "/blocks"};
   std::vector<int64_t> out;
-  if (!link_exists(file_, "blocks", at)) return out;
+  if (!hard_link_exists(file_, "blocks", at)) return out;
   GroupHandle g = open_group(file_, "/blocks", at);
   for (const auto& c : children(g.get(), at))
     if (auto b = parse_block(c.name); b && c.type == H5O_TYPE_GROUP) out.push_back(*b);
@@ -743,7 +847,7 @@ std::vector<int64_t> ShardReader::blocks() const {
 bool ShardReader::block_complete(int64_t block) const {
   const std::string bpath = block_path(block);
   const Where at{path_, bpath};
-  if (block < 0 || !link_exists(file_, "blocks", at) || !link_exists(file_, bpath, at)) return false;
+  if (block < 0 || !hard_link_exists(file_, "blocks", at) || !hard_link_exists(file_, bpath, at)) return false;
   GroupHandle g = open_group(file_, bpath, at);
   const htri_t has = H5Aexists(g.get(), "complete");
   if (has < 0) hdf5_fail(path_, bpath, "cannot look up attribute complete");
@@ -754,8 +858,8 @@ namespace {
 GroupHandle open_block(hid_t file, int64_t block, const std::string& path) {
   const std::string bpath = block_path(block);
   const Where at{path, bpath};
-  PQ_REQUIRE(block >= 0 && link_exists(file, "blocks", at) && link_exists(file, bpath, at), path, ": block ", block,
-             " is not in the shard");
+  PQ_REQUIRE(block >= 0 && hard_link_exists(file, "blocks", at) && hard_link_exists(file, bpath, at), path, ": block ",
+             block, " is not in the shard");
   return open_group(file, bpath, at);
 }
 }  // namespace
@@ -782,7 +886,7 @@ PackedLinear ShardReader::read_linear_info(int64_t block, const std::string& mod
   GroupHandle bg = open_block(file_, block, path_);
   const std::string object = block_path(block) + "/" + module;
   const Where bat{path_, block_path(block)};
-  PQ_REQUIRE(!module.empty() && link_exists(bg.get(), module, bat), path_, ": ", object, ": no such linear");
+  PQ_REQUIRE(!module.empty() && hard_link_exists(bg.get(), module, bat), path_, ": ", object, ": no such linear");
   GroupHandle g = open_group(bg.get(), module, bat);
   const Where at{path_, object};
   const hid_t gid = g.get();
@@ -802,9 +906,13 @@ PackedLinear ShardReader::read_linear_info(int64_t block, const std::string& mod
   l.in_features = read_attr_i64(gid, "in_features", at);
   l.out_features = read_attr_i64(gid, "out_features", at);
   l.groups = read_attr_i64(gid, "groups", at);
-  PQ_REQUIRE(l.in_features > 0 && l.out_features > 0 && l.groups > 0 && l.bits >= 1 && l.bits <= 16, path_, ": ",
-             object, ": attributes describe no valid linear (in ", l.in_features, ", out ", l.out_features, ", groups ",
-             l.groups, ", bits ", l.bits, ")");
+  // at most 2^31 - 1 features, so that the dataset shapes computed from them (linear_shapes) stay in int64
+  constexpr int64_t kMaxFeatures = std::numeric_limits<int32_t>::max();
+  PQ_REQUIRE(l.in_features > 0 && l.in_features <= kMaxFeatures && l.out_features > 0 &&
+                 l.out_features <= kMaxFeatures && l.groups > 0 && l.groups <= l.in_features && l.bits >= 1 &&
+                 l.bits <= 16,
+             path_, ": ", object, ": attributes describe no valid linear (in ", l.in_features, ", out ", l.out_features,
+             ", groups ", l.groups, ", bits ", l.bits, ")");
   return l;
 }
 
@@ -814,11 +922,9 @@ PackedLinear ShardReader::read_linear(int64_t block, const std::string& module) 
   const Where at{path_, object};
   GroupHandle g = open_group(file_, object, at);
   const LinearShapes s = linear_shapes(l);
-  l.qweight.resize(static_cast<size_t>(element_count(s.qweight)));
-  l.scales.resize(static_cast<size_t>(element_count(s.scales)));
   TypeHandle half = half_type(at);
-  read_dataset(g.get(), "qweight", H5T_NATIVE_INT32, s.qweight, l.qweight.data(), at);
-  read_dataset(g.get(), "scales", half.get(), s.scales, l.scales.data(), at);
+  read_dataset(g.get(), "qweight", H5T_NATIVE_INT32, s.qweight, l.qweight, at);
+  read_dataset(g.get(), "scales", half.get(), s.scales, l.scales, at);
   return l;
 }
 
@@ -828,10 +934,8 @@ PackedLinear ShardReader::read_linear_tables(int64_t block, const std::string& m
   const Where at{path_, object};
   GroupHandle g = open_group(file_, object, at);
   const LinearShapes s = linear_shapes(l);
-  l.qzeros.resize(static_cast<size_t>(element_count(s.qzeros)));
-  l.g_idx.resize(static_cast<size_t>(element_count(s.g_idx)));
-  read_dataset(g.get(), "qzeros", H5T_NATIVE_INT32, s.qzeros, l.qzeros.data(), at);
-  read_dataset(g.get(), "g_idx", H5T_NATIVE_INT32, s.g_idx, l.g_idx.data(), at);
+  read_dataset(g.get(), "qzeros", H5T_NATIVE_INT32, s.qzeros, l.qzeros, at);
+  read_dataset(g.get(), "g_idx", H5T_NATIVE_INT32, s.g_idx, l.g_idx, at);
   return l;
 }
 
@@ -845,6 +949,7 @@ DenseTensor read_dense(hid_t parent, const std::string& name, const std::string&
   DenseTensor t;
   t.name = name;
   t.shape = dataset_shape(d.get(), at);
+  const int64_t count = stored_element_count(d.get(), t.shape, at);
   const htri_t has = H5Aexists(d.get(), "dtype");
   if (has < 0) hdf5_fail(file, object, "cannot look up attribute dtype");
   if (has > 0) {
@@ -865,7 +970,7 @@ DenseTensor read_dense(hid_t parent, const std::string& name, const std::string&
   PQ_REQUIRE(elem > 0, file, ": ", object, ": dtype '", t.dtype, "' is not one of F32, F16, BF16");
   if (!with_data) return t;
   TypeHandle mt = dense_type(t.dtype, at);
-  t.bytes.resize(static_cast<size_t>(element_count(t.shape)) * elem);
+  t.bytes.resize(static_cast<size_t>(count) * elem);
   if (!t.bytes.empty())
     check(H5Dread(d.get(), mt.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.bytes.data()), file, object,
           "cannot read dataset");
@@ -878,7 +983,7 @@ DenseTensor read_block_dense(hid_t file, const std::string& path, int64_t block,
                              bool with_data) {
   GroupHandle g = open_block(file, block, path);
   const std::string object = block_path(block) + "/" + name;
-  PQ_REQUIRE(!name.empty() && link_exists(g.get(), name, Where{path, block_path(block)}), path, ": ", object,
+  PQ_REQUIRE(!name.empty() && hard_link_exists(g.get(), name, Where{path, block_path(block)}), path, ": ", object,
              ": no such tensor");
   return read_dense(g.get(), name, path, object, with_data);
 }
@@ -894,9 +999,9 @@ DenseTensor ShardReader::read_block_tensor_info(int64_t block, const std::string
 
 bool ShardReader::has_tensor(const std::string& name) const {
   const Where at{path_, "/tensors"};
-  if (name.empty() || !link_exists(file_, "tensors", at)) return false;
+  if (name.empty() || !hard_link_exists(file_, "tensors", at)) return false;
   GroupHandle g = open_group(file_, "/tensors", at);
-  return link_exists(g.get(), name, at);
+  return hard_link_exists(g.get(), name, at);
 }
 
 DenseTensor ShardReader::read_tensor(const std::string& name) const {
@@ -914,7 +1019,7 @@ DenseTensor ShardReader::read_tensor_info(const std::string& name) const {
 std::vector<std::string> ShardReader::tensors() const {
   const Where at{path_, "/tensors"};
   std::vector<std::string> out;
-  if (!link_exists(file_, "tensors", at)) return out;
+  if (!hard_link_exists(file_, "tensors", at)) return out;
   GroupHandle g = open_group(file_, "/tensors", at);
   for (const auto& c : children(g.get(), at))
     if (c.type == H5O_TYPE_DATASET) out.push_back(c.name);
@@ -948,7 +1053,7 @@ std::vector<std::string> ShardReader::verify_block(int64_t block) const {
 std::vector<std::string> ShardReader::verify_tensors() const {
   std::vector<std::string> bad;
   const Where at{path_, "/tensors"};
-  if (!link_exists(file_, "tensors", at)) return bad;
+  if (!hard_link_exists(file_, "tensors", at)) return bad;
   GroupHandle g = open_group(file_, "/tensors", at);
   for (const auto& c : children(g.get(), at)) {
     if (c.type != H5O_TYPE_DATASET) {
@@ -976,6 +1081,11 @@ void write_model_index(const std::string& out_dir, const ModelIndex& index) {
     PQ_REQUIRE(s >= 0 && s < nshards, final_path, ": tensor ", name, " points to shard ", s, " of ", nshards);
   }
   for (const auto& f : index.shard_files) PQ_REQUIRE(!f.empty(), final_path, ": empty shard file name");
+  // complete = 1 promises every shard: one removed after its stage closed it must not be linked as done
+  if (index.complete)
+    for (const auto& f : index.shard_files)
+      PQ_REQUIRE(std::filesystem::is_regular_file(out_dir + "/" + f), out_dir, "/", f,
+                 ": the shard is missing; the output is not marked complete (run the same command again to resume)");
 
   {
     // one process, default (POSIX) driver: the index is small and written after the shards are closed
@@ -1042,12 +1152,13 @@ int64_t link_shard(hid_t group, const std::string& name, const std::vector<std::
   H5L_info_t info;
   check(H5Lget_info(group, name.c_str(), &info, H5P_DEFAULT), at.file, object, "cannot read link");
   PQ_REQUIRE(info.type == H5L_TYPE_EXTERNAL, at.file, ": ", object, ": not an external link into a shard");
-  std::vector<char> buf(info.u.val_size);
-  check(H5Lget_val(group, name.c_str(), buf.data(), buf.size(), H5P_DEFAULT), at.file, object, "cannot read link");
+  // one NUL more than the value: H5Lunpack_elink_val finds the names with strlen, and a damaged value may lack its own
+  std::vector<char> buf(info.u.val_size + 1, '\0');
+  check(H5Lget_val(group, name.c_str(), buf.data(), info.u.val_size, H5P_DEFAULT), at.file, object, "cannot read link");
   unsigned flags = 0;
   const char* file = nullptr;
   const char* obj = nullptr;
-  check(H5Lunpack_elink_val(buf.data(), buf.size(), &flags, &file, &obj), at.file, object, "cannot read link");
+  check(H5Lunpack_elink_val(buf.data(), info.u.val_size, &flags, &file, &obj), at.file, object, "cannot read link");
   const auto it = std::find(shards.begin(), shards.end(), std::string(file ? file : ""));
   PQ_REQUIRE(it != shards.end(), at.file, ": ", object, ": links to ", file ? file : "?", ", which is not in /shards");
   return static_cast<int64_t>(it - shards.begin());
@@ -1072,7 +1183,7 @@ ModelIndex read_model_index(const std::string& out_dir) {
 
   {
     const Where sat{path, "/shards"};
-    PQ_REQUIRE(link_exists(file.get(), "shards", at), path, ": /shards is missing");
+    PQ_REQUIRE(hard_link_exists(file.get(), "shards", at), path, ": /shards is missing");
     DatasetHandle d =
         checked<DatasetHandle>(H5Dopen2(file.get(), "shards", H5P_DEFAULT), path, "/shards", "cannot open dataset");
     const auto shape = dataset_shape(d.get(), sat);
@@ -1081,16 +1192,27 @@ ModelIndex read_model_index(const std::string& out_dir) {
     PQ_REQUIRE(H5Tget_class(ft.get()) == H5T_STRING && H5Tis_variable_str(ft.get()) > 0, path,
                ": /shards is not a list of strings");
     TypeHandle st = string_type(sat);
-    std::vector<char*> names(static_cast<size_t>(shape[0]), nullptr);
-    if (!names.empty()) {
-      check(H5Dread(d.get(), st.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, names.data()), path, "/shards",
+    // one shard per stage: far fewer than a model has blocks
+    constexpr int64_t kMaxShards = 4096;
+    const int64_t count = stored_element_count(d.get(), shape, sat);
+    PQ_REQUIRE(count <= kMaxShards, path, ": /shards lists ", count, " files, more than the ", kMaxShards,
+               " stages a run can have");
+    // one name at a time: each string's length comes from the file's heap, so a damaged one can make every name as
+    // long as the file
+    SpaceHandle fspace = checked<SpaceHandle>(H5Dget_space(d.get()), path, "/shards", "cannot read the dataspace");
+    SpaceHandle one = checked<SpaceHandle>(H5Screate(H5S_SCALAR), path, "/shards", "cannot create a dataspace");
+    for (hsize_t i = 0; i < static_cast<hsize_t>(count); ++i) {
+      const hsize_t n = 1;
+      check(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, &i, nullptr, &n, nullptr), path, "/shards",
+            "cannot select an entry");
+      char* name = nullptr;
+      check(H5Dread(d.get(), st.get(), one.get(), fspace.get(), H5P_DEFAULT, &name), path, "/shards",
             "cannot read dataset");
-      for (char* n : names) index.shard_files.emplace_back(n ? n : "");
-      SpaceHandle space = checked<SpaceHandle>(H5Dget_space(d.get()), path, "/shards", "cannot read the dataspace");
-      H5Dvlen_reclaim(st.get(), space.get(), H5P_DEFAULT, names.data());
+      index.shard_files.emplace_back(name ? name : "");
+      H5Dvlen_reclaim(st.get(), one.get(), H5P_DEFAULT, &name);
     }
   }
-  if (link_exists(file.get(), "blocks", at)) {
+  if (hard_link_exists(file.get(), "blocks", at)) {
     const Where bat{path, "/blocks"};
     GroupHandle g = open_group(file.get(), "/blocks", at);
     const std::vector<std::string> names = link_names(g.get(), bat);
@@ -1100,7 +1222,7 @@ ModelIndex read_model_index(const std::string& out_dir) {
       index.block_shard[*b] = link_shard(g.get(), n, index.shard_files, bat);
     }
   }
-  if (link_exists(file.get(), "tensors", at)) {
+  if (hard_link_exists(file.get(), "tensors", at)) {
     const Where tat{path, "/tensors"};
     GroupHandle g = open_group(file.get(), "/tensors", at);
     const std::vector<std::string> names = link_names(g.get(), tat);

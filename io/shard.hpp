@@ -22,7 +22,9 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pipequant::io {
@@ -93,9 +95,13 @@ class ShardWriter {
   void write_dataset(long long parent, const std::string& object, const std::string& name, long long file_type,
                      long long mem_type, const std::vector<int64_t>& shape, const void* data, size_t elem_bytes);
   void close_file();
+  // Collective: throws UserError when path_ no longer names the file this writer opened (removed or replaced: the
+  // rest of the run would go to an unlinked file, and the output be marked complete without it).
+  void check_still_in_place() const;
 
   std::string path_;
   long long file_ = -1;  // hid_t
+  std::pair<uint64_t, uint64_t> identity_{0, 0};  // device and inode of the opened file (rank 0)
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
@@ -104,6 +110,12 @@ class ShardWriter {
   uint64_t bytes_written_ = 0;
   uint64_t rank_bytes_written_ = 0;
 };
+
+// Resume: opens an existing shard alone (no MPI) and deletes what an interrupted run left unfinished, every
+// /blocks/<i> not in `keep` and every /tensors entry (the resumed run writes them again), so that the run never
+// has to replace an object that a kill in the middle of a metadata flush may have left half written. Throws
+// UserError when HDF5 cannot delete one (a damaged object header): the caller starts the shard over.
+void remove_unfinished(const std::string& path, const std::set<int64_t>& keep);
 
 class ShardReader {
  public:

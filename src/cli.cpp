@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <boost/program_options.hpp>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <initializer_list>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -86,18 +88,31 @@ struct Command {
   }
 };
 
+// Boost.Program_options (1.74) words an error by replacing each placeholder (%value%, ...) with the offending text
+// until none is left, so text that holds the placeholder itself makes what() loop forever. It is refused first.
+void refuse_placeholders(const std::string& text, const std::string& where) {
+  for (const char* token :
+       {"%canonical_option%", "%option%", "%original_token%", "%prefix%", "%value%", "%invalid_line%"})
+    PQ_REQUIRE(text.find(token) == std::string::npos, where, ": '", token,
+               "' is not allowed in options (the option parser's error messages use it as a placeholder)");
+}
+
 // Parses args and the optional --config file; true when --help was asked.
 bool parse(Command& cmd, const Args& args) {
   cmd.add("help,h", Role::kRun, "show this help")
       .add("config", Role::kRun, po::value<std::string>(), "read options from FILE (`name = value` lines)");
+  for (const auto& a : args) refuse_placeholders(a, "pipequant " + cmd.name);
   try {
     po::store(po::command_line_parser(args).options(cmd.desc).positional(cmd.positional).run(), cmd.vm);
     if (cmd.vm.count("config")) {
       const std::string path = cmd.vm["config"].as<std::string>();
       std::ifstream f(path);
       PQ_REQUIRE(f.good(), "--config ", path, ": cannot open the file");
+      const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      refuse_placeholders(text, "--config " + path);
+      std::istringstream lines(text);
       try {
-        po::store(po::parse_config_file(f, cmd.desc), cmd.vm);
+        po::store(po::parse_config_file(lines, cmd.desc), cmd.vm);
       } catch (const po::error& e) {
         fail("pipequant ", cmd.name, ": --config ", path, ": ", e.what(), " (names as in pipequant ", cmd.name,
              " --help, without the dashes)");
@@ -134,6 +149,14 @@ E enum_option(const po::variables_map& vm, const std::string& option, const std:
   return parse_enum("--" + option, vm[option].as<std::string>(), values);
 }
 
+// An option in GB (1e9 bytes): finite and in [0, 1e9] (an exabyte), so that its byte count is a uint64 (a cast
+// from inf or 1e300 would be undefined).
+double gb_option(const po::variables_map& vm, const std::string& option) {
+  const double gb = vm[option].as<double>();
+  PQ_REQUIRE(std::isfinite(gb) && gb >= 0.0 && gb <= 1e9, "--", option, " must be >= 0 and at most 1e9 (GB), got ", gb);
+  return gb;
+}
+
 // A parsed option's value as JSON.
 nlohmann::json json_value(const std::string& option, const boost::any& v) {
   if (const auto* s = boost::any_cast<std::string>(&v)) return *s;
@@ -152,6 +175,12 @@ nlohmann::json options_json(const Command& cmd, std::initializer_list<Role> role
     if (std::find(roles.begin(), roles.end(), cmd.roles.at(option)) != roles.end())
       j[option] = json_value(option, value.value());
   return j;
+}
+
+// JSON text of recorded options. Paths are bytes, not always UTF-8: an invalid byte is written as U+FFFD instead of
+// making dump() throw (nlohmann's type_error 316).
+std::string json_text(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 void add_quant_options(Command& cmd) {
@@ -202,9 +231,8 @@ RunOptions run_options(const po::variables_map& vm) {
   r.backend = enum_option(vm, "backend", kBackendKinds);
   r.threads = vm["threads"].as<int>();
   r.micro_batch = vm["micro-batch"].as<int64_t>();
-  r.gpu_mem_gb = vm["gpu-mem"].as<double>();
+  r.gpu_mem_gb = gb_option(vm, "gpu-mem");
   r.compute_dtype = enum_option(vm, "compute-dtype", kComputeDtypes);
-  PQ_REQUIRE(r.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", r.gpu_mem_gb);
   PQ_REQUIRE(r.micro_batch > 0, "--micro-batch must be positive, got ", r.micro_batch);
   PQ_REQUIRE(r.threads >= 0, "--threads must be >= 0, got ", r.threads);
   return r;
@@ -254,13 +282,10 @@ QuantizeOptions quantize_options(const Command& cmd) {
   o.ranks_per_stage = vm["ranks-per-stage"].as<int>();
   o.blocks_per_stage = vm["blocks-per-stage"].as<std::string>();
   o.dry_run = vm["dry-run"].as<bool>();
-  const double resident_gb = vm["fp-resident-gb"].as<double>();
-  PQ_REQUIRE(resident_gb >= 0.0, "--fp-resident-gb must be >= 0, got ", resident_gb);
-  o.fp_resident_bytes = static_cast<uint64_t>(resident_gb * 1e9);
-  o.host_mem_gb = vm["host-mem"].as<double>();
-  PQ_REQUIRE(o.host_mem_gb >= 0.0, "--host-mem must be >= 0 (GB), got ", o.host_mem_gb);
-  o.args_json = options_json(cmd, {Role::kResult, Role::kInput}).dump();
-  o.fingerprint_args_json = options_json(cmd, {Role::kResult}).dump();
+  o.fp_resident_bytes = static_cast<uint64_t>(gb_option(vm, "fp-resident-gb") * 1e9);
+  o.host_mem_gb = gb_option(vm, "host-mem");
+  o.args_json = json_text(options_json(cmd, {Role::kResult, Role::kInput}));
+  o.fingerprint_args_json = json_text(options_json(cmd, {Role::kResult}));
   return o;
 }
 
@@ -308,22 +333,18 @@ PlanOptions plan_options(const Command& cmd) {
   o.blocks_per_stage = vm["blocks-per-stage"].as<std::string>();
   o.nsamples = vm["nsamples"].as<int64_t>();
   o.propagation = enum_option(vm, "propagation", kPropagations);
-  const double resident_gb = vm["fp-resident-gb"].as<double>();
-  o.fp_resident_bytes = static_cast<uint64_t>(resident_gb * 1e9);
+  o.fp_resident_bytes = static_cast<uint64_t>(gb_option(vm, "fp-resident-gb") * 1e9);
   o.run.backend = enum_option(vm, "backend", kBackendKinds);
   o.run.compute_dtype = enum_option(vm, "compute-dtype", kComputeDtypes);
   o.run.micro_batch = vm["micro-batch"].as<int64_t>();
-  o.run.gpu_mem_gb = vm["gpu-mem"].as<double>();
-  o.host_mem_gb = vm["host-mem"].as<double>();
+  o.run.gpu_mem_gb = gb_option(vm, "gpu-mem");
+  o.host_mem_gb = gb_option(vm, "host-mem");
   o.json = vm["json"].as<bool>();
   o.verbose = vm["verbose"].as<bool>();
   PQ_REQUIRE(o.world > 0, "--world must be positive, got ", o.world);
   PQ_REQUIRE(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
   PQ_REQUIRE(o.nsamples > 0, "--nsamples must be positive, got ", o.nsamples);
   PQ_REQUIRE(o.run.micro_batch > 0, "--micro-batch must be positive, got ", o.run.micro_batch);
-  PQ_REQUIRE(resident_gb >= 0.0, "--fp-resident-gb must be >= 0, got ", resident_gb);
-  PQ_REQUIRE(o.run.gpu_mem_gb >= 0.0, "--gpu-mem must be >= 0 (GB), got ", o.run.gpu_mem_gb);
-  PQ_REQUIRE(o.host_mem_gb >= 0.0, "--host-mem must be >= 0 (GB), got ", o.host_mem_gb);
   return o;
 }
 
@@ -396,7 +417,7 @@ int cmd_export(const Args& args) {
   o.format = parse_enum("--format", required<std::string>(cmd.vm, "format", cmd.name), kExportFormats);
   o.checkpoint_format = enum_option(cmd.vm, "checkpoint-format", kCheckpointFormats);
   if (cmd.vm.count("model")) o.model_dir = cmd.vm["model"].as<std::string>();
-  const double gb = cmd.vm["max-shard-gb"].as<double>();
+  const double gb = gb_option(cmd.vm, "max-shard-gb");
   PQ_REQUIRE(gb > 0.0, "--max-shard-gb must be positive, got ", gb);
   o.max_shard_bytes = static_cast<uint64_t>(gb * 1e9);
   o.overwrite = cmd.vm["overwrite"].as<bool>();
@@ -440,7 +461,8 @@ int cmd_layer(const Args& args) {
   const std::string wpath = required<std::string>(cmd.vm, "weight", cmd.name);
   const std::string xpath = required<std::string>(cmd.vm, "inputs", cmd.name);
   const QuantConfig q = quant_config(cmd.vm);
-  PQ_REQUIRE(q.method != Method::kAwq, "layer: --method awq scales a linear's inputs, which only a whole block can fold "
+  PQ_REQUIRE(q.method != Method::kAwq,
+             "layer: --method awq scales a linear's inputs, which only a whole block can fold "
              "into what precedes it; use `pipequant quantize --method awq`");
   const io::Matrix w = io::read_matrix_f32(wpath, "--weight");
   const io::Matrix x = io::read_matrix_f32(xpath, "--inputs");

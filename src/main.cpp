@@ -4,16 +4,21 @@
 #include <new>
 
 #include "base/abort.hpp"
+#include "base/error.hpp"
+#include "base/stop.hpp"
 #include "comm/mpi_env.hpp"
 #include "io/shard.hpp"
-#include "base/error.hpp"
 #include "src/cli.hpp"
 
 int main(int argc, char** argv) {
+  // before MPI and OpenMP start their threads, which inherit the blocked SIGTERM and SIGINT (base/stop.hpp)
+  pipequant::install_stop_on_signal();
   pipequant::comm::MpiEnv env(&argc, &argv);
   pipequant::io::silence_hdf5_errors();
   try {
-    return pipequant::run_cli(argc, argv);
+    const int code = pipequant::run_cli(argc, argv);
+    pipequant::note_finishing();
+    return code;
   } catch (const pipequant::UserError& e) {
     pipequant::abort_job(e.what(), 2);
   } catch (const std::bad_alloc&) {

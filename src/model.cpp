@@ -276,7 +276,7 @@ std::vector<float> dense_to_f32(const io::DenseTensor& t, const std::string& whe
   std::vector<float> out(static_cast<size_t>(n));
   if (t.dtype == "F32") {
     PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 4, where, ": tensor ", t.name, " has a wrong byte size");
-    std::memcpy(out.data(), t.bytes.data(), out.size() * 4);
+    if (n > 0) std::memcpy(out.data(), t.bytes.data(), out.size() * 4);
   } else if (t.dtype == "F16" || t.dtype == "BF16") {
     PQ_REQUIRE(t.bytes.size() == static_cast<size_t>(n) * 2, where, ": tensor ", t.name, " has a wrong byte size");
     for (int64_t i = 0; i < n; ++i) {

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.hpp"
+#include "base/stop.hpp"
 #include "src/driver_util.hpp"
 #include "src/quant.hpp"
 
@@ -96,20 +97,46 @@ std::string fingerprint_difference(const std::string& previous, const std::strin
   return what.empty() ? "fingerprint " + previous + ", this run " + now : what;
 }
 
-// Removes model.h5 and the shards of an earlier run.
+// Removes the shards of an earlier run, then its model.h5: a run killed in between leaves model.h5 with some of
+// its shards (resumed or refused as before), never shards without a model.h5, which the same command refuses.
 void clear_earlier_output(const std::string& out_dir) {
+  std::vector<std::filesystem::path> shards;
   for (const auto& entry : std::filesystem::directory_iterator(out_dir)) {
     const std::string n = entry.path().filename().string();
-    if (n == "model.h5" || (n.rfind("shard-", 0) == 0 && entry.path().extension() == ".h5"))
-      std::filesystem::remove(entry.path());
+    if (n.rfind("shard-", 0) == 0 && entry.path().extension() == ".h5") shards.push_back(entry.path());
   }
+  for (const auto& p : shards) std::filesystem::remove(p);
+  std::filesystem::remove(out_dir + "/model.h5");
 }
 
-// The blocks of an existing shard whose complete marker and checksums verify (read by the group root, which says
-// why a block is redone or the shard is started over).
+// Reads the attributes load_resumed_blocks reads besides the checksummed data (every linear's, the norms' dtype):
+// throws UserError where they cannot be read.
+void read_block_attributes(const io::ShardReader& reader, int64_t b) {
+  for (const auto& linear : kLinears) reader.read_linear_info(b, linear.module);
+  for (const char* norm : {"input_layernorm.weight", "post_attention_layernorm.weight"})
+    reader.read_block_tensor_info(b, norm);
+}
+
+// A finding of verify_block that is damaged metadata (an object HDF5 cannot read), not a data checksum.
+bool damaged_metadata(const std::vector<std::string>& findings) {
+  const std::string kUnreadable = "(unreadable)";
+  for (const auto& f : findings)
+    if (f.size() >= kUnreadable.size() &&
+        f.compare(f.size() - kUnreadable.size(), kUnreadable.size(), kUnreadable) == 0)
+      return true;
+  return false;
+}
+
+// The blocks of an existing shard whose complete marker, checksums and attributes verify (read by the group root,
+// which says why a block is redone or the shard is started over). A block is redone in place only when its data
+// fails a checksum; damaged metadata starts the shard over, since replacing the block would edit the damaged
+// objects.
 ShardState verified_blocks(const std::string& path, int64_t first, int64_t count) {
   ShardState state;
-  if (!std::filesystem::exists(path)) return state;
+  if (!std::filesystem::exists(path)) {
+    std::printf("resume: %s is missing; the stage starts over\n", path.c_str());
+    return state;
+  }
   try {
     io::ShardReader reader(path);
     state.readable = true;
@@ -117,16 +144,32 @@ ShardState verified_blocks(const std::string& path, int64_t first, int64_t count
       if (!reader.block_complete(b)) continue;
       const auto bad = reader.verify_block(b);
       if (bad.empty()) {
+        read_block_attributes(reader, b);
         state.done.insert(b);
         continue;
       }
       std::string names;
       for (const auto& n : bad) names += " " + n;
+      if (damaged_metadata(bad)) {
+        std::printf("resume: %s block %lld has damaged metadata (%s ); the stage starts over\n", path.c_str(),
+                    static_cast<long long>(b), names.c_str());
+        return ShardState{};
+      }
       std::printf("resume: %s block %lld fails its checksums (%s ); it is redone\n", path.c_str(),
                   static_cast<long long>(b), names.c_str());
     }
   } catch (const UserError& e) {
     std::printf("resume: %s cannot be read (%s); the stage starts over\n", path.c_str(), e.what());
+    state = ShardState{};
+  }
+  if (!state.readable) return state;
+  // an interrupted run may have left a block or a tensor half written; one that cannot be removed cleanly
+  // would make every resume fail where the run rewrites it
+  try {
+    io::remove_unfinished(path, state.done);
+  } catch (const UserError& e) {
+    std::printf("resume: %s: what an interrupted run left unfinished cannot be removed (%s); the stage starts over\n",
+                path.c_str(), e.what());
     state = ShardState{};
   }
   return state;
@@ -168,11 +211,11 @@ bool decide_resume(const QuantizeOptions& opt, io::ModelIndex& index) {
                    std::filesystem::exists(opt.out_dir + "/model.h5"),
                "--out ", opt.out_dir, ": holds shards without a model.h5; use --overwrite to replace them");
   }
-  if (!resume) {
-    clear_earlier_output(opt.out_dir);
-    index.complete = false;
-    io::write_model_index(opt.out_dir, index);
-  }
+  if (!resume) clear_earlier_output(opt.out_dir);
+  // complete again only when this run finishes: a resume may redo a block that fails its checksums, and a run
+  // killed meanwhile must not leave a model.h5 that calls the output whole
+  index.complete = false;
+  io::write_model_index(opt.out_dir, index);
   return resume;
 }
 
@@ -184,7 +227,10 @@ ShardState agree_on_shard_state(const comm::StageGroup& group, const std::string
   int readable = state.readable ? 1 : 0;
   group.broadcast(done);
   group.broadcast(readable);
-  return {std::set<int64_t>(done.begin(), done.end()), readable != 0};
+  state = {std::set<int64_t>(done.begin(), done.end()), readable != 0};
+  // what a stop by signal says from here on: the kept blocks, then each block marked complete
+  note_stage(group.layout().stage, shard_path, first_block, blocks, group.root(), state.done);
+  return state;
 }
 
 std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_path, const std::set<int64_t>& blocks) {
@@ -196,8 +242,17 @@ std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_pat
     for (size_t i = 0; i < kLinears.size(); ++i) {
       const io::PackedLinear p = reader.read_linear(b, kLinears[i].module);
       r.w[i] = unpack(p).dequantize();
-      r.records[i] = {b,      kLinears[i].module,    p.out_features, p.in_features, p.relative_error,
-                      p.rtn_relative_error, p.fallback, p.damp,         0.0, p.awq_scale_exponent, p.awq_clip};
+      r.records[i] = {b,
+                      kLinears[i].module,
+                      p.out_features,
+                      p.in_features,
+                      p.relative_error,
+                      p.rtn_relative_error,
+                      p.fallback,
+                      p.damp,
+                      0.0,
+                      p.awq_scale_exponent,
+                      p.awq_clip};
     }
     const std::string where = shard_path + ": /blocks/" + std::to_string(b);
     r.norms = {dense_to_f32(reader.read_block_tensor(b, "input_layernorm.weight"), where),

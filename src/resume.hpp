@@ -34,8 +34,9 @@ RunFingerprint fingerprint_run(const io::ModelConfig& config, const io::Checkpoi
                                const std::string& fingerprint_args_json, bool sample_weights);
 
 // Rank 0: whether opt.out_dir is resumed (its model.h5 has index.fingerprint and no --overwrite). A fresh start
-// removes what an earlier run left and writes model.h5 with complete = 0. Throws UserError when the directory
-// holds another run's output (saying what differs) or shards without a model.h5, unless --overwrite.
+// removes what an earlier run left; either way model.h5 is written with complete = 0 until the run finishes.
+// Throws UserError when the directory holds another run's output (saying what differs) or shards without a
+// model.h5, unless --overwrite.
 bool decide_resume(const QuantizeOptions& opt, io::ModelIndex& index);
 
 // What an earlier run left in this stage's shard: the blocks whose complete marker and checksums verify (read by

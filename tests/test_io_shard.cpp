@@ -363,6 +363,49 @@ TEST(ShardIo, BlockWithoutMarkCompleteReadsIncompleteAndResumeReplacesIt) {
   EXPECT_EQ(r.verify_block(1), std::vector<std::string>{});
 }
 
+// A shard file removed while its writer has it open: the writes would go on into the unlinked file, so the next
+// mark_complete refuses (on every rank), and an index marked complete is refused while a shard is missing.
+TEST(ShardIo, AShardRemovedWhileWrittenIsNeverMarkedComplete) {
+  const SharedDir scratch("removed");
+  const std::string& dir = scratch;
+  const std::string path = dir + "/shard-00000-of-00001.h5";
+  const Fixture f = make_fixture();
+  {
+    ShardWriter w(path, MPI_COMM_WORLD, false);
+    write_fixture(w, f, 0, 1, false);
+    barrier();
+    if (world_rank() == 0) std::filesystem::remove(path);
+    barrier();
+    write_fixture(w, f, 1, 1, false, /*complete=*/false);
+    try {
+      w.mark_complete(1);
+      ADD_FAILURE() << "block 1 marked complete in a removed shard";
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find(path + ": the shard file was removed or replaced"), std::string::npos)
+          << e.what();
+    }
+  }
+  barrier();
+  if (world_rank() == 0) {
+    ModelIndex index;
+    index.fingerprint = "0123456789abcdef";
+    index.shard_files = {"shard-00000-of-00001.h5"};
+    index.block_shard = {{0, 0}, {1, 0}};
+    index.complete = true;
+    try {
+      write_model_index(dir, index);
+      ADD_FAILURE() << "model.h5 marked complete without its shard";
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find(path + ": the shard is missing"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(model_index_exists(dir));
+    index.complete = false;  // an index of a run in progress may precede its shards
+    write_model_index(dir, index);
+    EXPECT_TRUE(model_index_exists(dir));
+  }
+  barrier();
+}
+
 // Flips one bit of a dataset in place through the serial C API (no pipequant code involved).
 void flip_bit(const std::string& file, const std::string& dataset, size_t byte) {
   const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
