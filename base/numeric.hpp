@@ -86,4 +86,7 @@ inline int64_t first_non_finite(const float* v, int64_t n) {
   return first;
 }
 
+// How an error names a value that is not finite: "nan", "inf" or "-inf".
+inline const char* non_finite_name(double v) { return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"); }
+
 }  // namespace pipequant

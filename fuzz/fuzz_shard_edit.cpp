@@ -23,6 +23,7 @@
 
 #include "fuzz/fuzz_util.hpp"
 #include "fuzz/shard_fixture.hpp"
+#include "io/hdf5_handle.hpp"
 
 namespace {
 
@@ -134,32 +135,13 @@ inline constexpr const char* kExternalFiles[] = {"shard-00000.h5",    "model.h5"
 // ---------------------------------------------------------------------------------------------------------
 // HDF5 handles (closed on scope exit; an edit that fails is skipped)
 
-template <herr_t (*Close)(hid_t)>
-class Handle {
- public:
-  explicit Handle(hid_t id = -1) : id_(id) {}
-  ~Handle() {
-    if (id_ >= 0) Close(id_);
-  }
-  Handle(const Handle&) = delete;
-  Handle& operator=(const Handle&) = delete;
-  void reset(hid_t id) {
-    if (id_ >= 0) Close(id_);
-    id_ = id;
-  }
-  hid_t get() const { return id_; }
-  bool ok() const { return id_ >= 0; }
-
- private:
-  hid_t id_;
-};
-using File = Handle<H5Fclose>;
-using Object = Handle<H5Oclose>;
-using Dataset = Handle<H5Dclose>;
-using Space = Handle<H5Sclose>;
-using Type = Handle<H5Tclose>;
-using Plist = Handle<H5Pclose>;
-using Attr = Handle<H5Aclose>;
+using File = io::FileHandle;
+using Object = io::Handle<H5Oclose>;
+using Dataset = io::DatasetHandle;
+using Space = io::SpaceHandle;
+using Type = io::TypeHandle;
+using Plist = io::PlistHandle;
+using Attr = io::AttrHandle;
 
 // ---------------------------------------------------------------------------------------------------------
 // What is in the file: every link (hard links followed into groups), with its kind and the type of its object
@@ -570,7 +552,7 @@ void edit_set_complete(Script& s, hid_t file, const std::vector<Link>& links) {
 void edit_create_group(Script& s, hid_t file, const std::vector<Link>& links) {
   const Link* g = pick_link(s, of_kind(links, H5O_TYPE_GROUP));
   if (!g) return;
-  Handle<H5Gclose> created(
+  io::GroupHandle created(
       H5Gcreate2(file, child(g->path, s.pick_from(kLinkNames)).c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
 }
 

@@ -216,7 +216,9 @@ void check_tensors_cover_data(const std::string& file, const std::vector<TensorI
     return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
   });
   const auto span = [&](const TensorInfo& t) {
-    return "[" + std::to_string(t.offset - data_start) + ", " + std::to_string(t.offset - data_start + t.nbytes) + "]";
+    std::string s = "[";  // built in steps: GCC 12 warns falsely (-Wrestrict) on "[" + std::string&&
+    s += std::to_string(t.offset - data_start) + ", " + std::to_string(t.offset - data_start + t.nbytes) + "]";
+    return s;
   };
   uint64_t end = 0;  // of the data covered so far, relative to the data region
   const TensorInfo* before = nullptr;
@@ -275,7 +277,7 @@ void refuse_non_finite_at(const TensorInfo& t, size_t i, float value) {
     rest /= static_cast<size_t>(t.shape[d]);
   }
   fail(t.file, ": tensor ", t.name, ": element ", shape_str(index), " is ",
-       std::isnan(value) ? "nan" : (value > 0 ? "inf" : "-inf"), "; every value of a checkpoint tensor must be finite");
+       non_finite_name(value), "; every value of a checkpoint tensor must be finite");
 }
 
 }  // namespace

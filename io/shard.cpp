@@ -27,50 +27,15 @@
 #include "base/error.hpp"
 #include "base/shape.hpp"
 #include "base/stop.hpp"
+#include "io/hdf5_handle.hpp"
+#include "io/hdf5_probe.hpp"
 
 namespace pipequant::io {
 
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
-// Handles and errors
-
-// Owns one HDF5 identifier and closes it with Close.
-template <herr_t (*Close)(hid_t)>
-class Handle {
- public:
-  Handle() = default;
-  explicit Handle(hid_t id) : id_(id) {}
-  ~Handle() { reset(); }
-  Handle(Handle&& other) noexcept : id_(std::exchange(other.id_, -1)) {}
-  Handle& operator=(Handle&& other) noexcept {
-    if (this != &other) {
-      reset();
-      id_ = std::exchange(other.id_, -1);
-    }
-    return *this;
-  }
-  Handle(const Handle&) = delete;
-  Handle& operator=(const Handle&) = delete;
-
-  hid_t get() const { return id_; }
-  hid_t release() { return std::exchange(id_, -1); }
-  void reset() {
-    if (id_ >= 0) Close(id_);  // closing errors have nowhere to go here; close() paths check explicitly
-    id_ = -1;
-  }
-
- private:
-  hid_t id_ = -1;
-};
-
-using FileHandle = Handle<H5Fclose>;
-using GroupHandle = Handle<H5Gclose>;
-using DatasetHandle = Handle<H5Dclose>;
-using SpaceHandle = Handle<H5Sclose>;
-using TypeHandle = Handle<H5Tclose>;
-using PlistHandle = Handle<H5Pclose>;
-using AttrHandle = Handle<H5Aclose>;
+// Errors
 
 // The most specific message on HDF5's error stack: the system or MPI error text where HDF5 quotes one
 // ("error message = 'Permission denied'", "MPI error string is '...'"), else the description. Empty when the
@@ -821,6 +786,7 @@ void remove_unfinished(const std::string& path, const std::set<int64_t>& keep) {
 
 ShardReader::ShardReader(const std::string& path) : path_(path) {
   PQ_REQUIRE(std::filesystem::is_regular_file(path_), path_, ": no such shard file");
+  require_hdf5_file_survives(path_);
   PlistHandle fapl = checked<PlistHandle>(H5Pcreate(H5P_FILE_ACCESS), path_, "", "cannot create a property list");
   // lock where the file system supports it, read anyway where it does not (Lustre, some NFS)
   check(H5Pset_file_locking(fapl.get(), true, true), path_, "", "cannot set file locking");
@@ -1170,6 +1136,7 @@ ModelIndex read_model_index(const std::string& out_dir) {
   std::error_code ec;
   PQ_REQUIRE(std::filesystem::is_regular_file(path, ec), path,
              ": not found (is this a pipequant output directory, and did the run finish?)");
+  require_hdf5_file_survives(path);
   FileHandle file = checked<FileHandle>(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path, "",
                                         "cannot open (not an HDF5 file, or damaged)");
   const Where at{path, "/"};

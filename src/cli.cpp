@@ -4,6 +4,7 @@
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <iostream>
@@ -106,6 +107,14 @@ bool parse(Command& cmd, const Args& args) {
     po::store(po::command_line_parser(args).options(cmd.desc).positional(cmd.positional).run(), cmd.vm);
     if (cmd.vm.count("config")) {
       const std::string path = cmd.vm["config"].as<std::string>();
+      // a FIFO would block the open and /dev/zero would never end: only regular files of option lines
+      std::error_code ec;
+      PQ_REQUIRE(std::filesystem::is_regular_file(path, ec), "--config ", path, ": not found or not a regular file");
+      constexpr uintmax_t kMaxConfigBytes = 1 << 20;
+      const uintmax_t bytes = std::filesystem::file_size(path, ec);
+      PQ_REQUIRE(!ec, "--config ", path, ": cannot read its size");
+      PQ_REQUIRE(bytes <= kMaxConfigBytes, "--config ", path, ": ", bytes, " bytes, more than the ", kMaxConfigBytes,
+                 " a file of options may have");
       std::ifstream f(path);
       PQ_REQUIRE(f.good(), "--config ", path, ": cannot open the file");
       const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());

@@ -118,7 +118,7 @@ void require_finite_activations(const std::vector<float>& x, int64_t b, int64_t 
   const int64_t i = first_non_finite(x.data(), n);
   if (i == n) return;
   const float v = x[static_cast<size_t>(i)];
-  fail("block ", b, ": its output holds ", std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"), " at ", sample_word, " ",
+  fail("block ", b, ": its output holds ", non_finite_name(v), " at ", sample_word, " ",
        first_sample + i / (seq * hidden), ", token ", i / hidden % seq, ", channel ", i % hidden,
        " from finite inputs: the forward overflows float32 in this block (every checkpoint value is finite)");
 }

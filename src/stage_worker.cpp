@@ -367,8 +367,6 @@ void StageWorker::add_terms_from_hessian(int g, GroupInputs& in) {
 // and the baseline terms when they come from the inputs (this rank's, kept for it: fewer floats than H).
 namespace {
 
-const char* non_finite_name(float v) { return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"); }
-
 // "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj": the linears of group g.
 std::string group_modules(int g) {
   std::string names;

@@ -260,6 +260,9 @@ cases.append(("unwritable --metrics", quantize_args(extra=["--metrics", os.path.
 cfg = os.path.join(work, "run.cfg")
 open(cfg, "w").write("bits = 4\nbogus = 3\n")
 cases.append(("--config with an unknown name", quantize_args(extra=["--config", cfg]), ["run.cfg", "bogus"]))
+fifo_cfg = os.path.join(work, "fifo.cfg")
+os.mkfifo(fifo_cfg)
+cases.append(("--config is a FIFO", quantize_args(extra=["--config", fifo_cfg]), ["fifo.cfg", "not a regular file"]))
 cases.append(("2-D token rows shorter than --seq-len",
               quantize_args(calib=tokens("short-rows.npy", calib_ids[:64 * 40].reshape(40, 64))),
               ["short-rows.npy", "[40, 64]", "--seq-len 128"]))

@@ -459,6 +459,38 @@ TEST(ShardIo, VerifyBlockNamesCorruptedAndMissingDatasets) {
   EXPECT_THROW(r.verify_block(2), UserError);
 }
 
+// libhdf5 1.10 reads the first byte of an external link's value when it lists the link (H5L__extern_query), so a
+// zero-length value crashes any reader of the file: the reader's child process takes the crash, and the reader refuses
+// the file with one line.
+TEST(ShardIo, AFileThatCrashesLibhdf5IsRefusedNotFatal) {
+  const SharedDir scratch("crashes_hdf5");
+  const std::string& dir = scratch;
+  const std::string path = dir + "/shard.h5";
+  const Fixture f = make_fixture();
+  {
+    ShardWriter w(path, MPI_COMM_WORLD, false);
+    write_fixture(w, f, 0, 1, true);
+    w.close();
+  }
+  barrier();
+  EXPECT_NO_THROW(ShardReader{path});  // the healthy file passes its check
+  barrier();
+  if (world_rank() == 0) {
+    const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(file, 0);
+    ASSERT_GE(H5Lcreate_ud(file, "/blocks/0/empty_external", H5L_TYPE_EXTERNAL, nullptr, 0, H5P_DEFAULT, H5P_DEFAULT),
+              0);
+    ASSERT_GE(H5Fclose(file), 0);
+  }
+  barrier();
+  try {
+    ShardReader r(path);
+    FAIL() << "a file that crashes libhdf5 was opened";
+  } catch (const UserError& e) {
+    EXPECT_EQ(std::string(e.what()), path + ": damaged: libhdf5 crashes reading its metadata (Segmentation fault)");
+  }
+}
+
 // Reads a whole int32 dataset through a path in an open file (external links followed).
 std::vector<int32_t> read_i32(hid_t file, const std::string& dataset) {
   std::vector<int32_t> out;
