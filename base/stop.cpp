@@ -210,7 +210,7 @@ std::string stage_stop_report(int stage, const std::string& shard_file, int64_t 
     s += blocks(open) + " not complete";
   else
     s += blocks(done) + " complete, " + block_ranges(open) + " not";
-  return s + "; rerun the same command to resume";
+  return s + "; rerun the same command without --overwrite to resume";
 }
 
 }  // namespace pipequant

@@ -9,7 +9,7 @@
 //
 // The line, one per stage:
 //   pipequant: stopped by SIGTERM: stage 1 (shard-00001-of-00003.h5): blocks 1-2 complete, 3 not; rerun the same
-//   command to resume
+//   command without --overwrite to resume
 
 #include <cstdint>
 #include <set>
@@ -57,7 +57,8 @@ std::string stop_line(int sig);
 std::string block_ranges(const std::set<int64_t>& blocks);
 
 // The stop line's text after "stopped by SIGNAL: " for a stage whose blocks [first, first + count) are
-// `durable`: "stage 1 (shard-00001-of-00003.h5): blocks 1-2 complete, 3 not; rerun the same command to resume".
+// `durable`: "stage 1 (shard-00001-of-00003.h5): blocks 1-2 complete, 3 not; rerun the same command without
+// --overwrite to resume".
 std::string stage_stop_report(int stage, const std::string& shard_file, int64_t first, int64_t count,
                               const std::set<int64_t>& durable);
 

@@ -13,10 +13,14 @@
 
 #include <hdf5.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -76,6 +80,28 @@ H checked(hid_t id, const std::string& file, const std::string& object, const st
 
 void check(herr_t rc, const std::string& file, const std::string& object, const std::string& what) {
   if (rc < 0) hdf5_fail(file, object, what);
+}
+
+// What the file system says about path after a write to it failed: removed, on a read-only file system, not
+// writable, or else how much space is left (HDF5's and MPI-IO's own reason follows in the message).
+std::string write_failure_cause(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return "the file was removed";
+  struct statvfs fs;
+  if (::statvfs(path.c_str(), &fs) == 0 && (fs.f_flag & ST_RDONLY)) return "the file system is read-only";
+  if (::access(path.c_str(), W_OK) != 0) return std::string("the file is not writable: ") + std::strerror(errno);
+  if (::statvfs(path.c_str(), &fs) != 0) return "";
+  const double free_mb = static_cast<double>(fs.f_bavail) * static_cast<double>(fs.f_frsize) / 1e6;
+  char text[64];
+  std::snprintf(text, sizeof text, "%.0f MB free on its file system", free_mb);
+  return text;
+}
+
+// check() for a write, a flush or a close after writes: the message adds what the file system says.
+void check_write(herr_t rc, const std::string& file, const std::string& object, const std::string& what) {
+  if (rc >= 0) return;
+  const std::string cause = write_failure_cause(file);
+  hdf5_fail(file, object, cause.empty() ? what : what + " (" + cause + ")");
 }
 
 // Where one file's errors are reported.
@@ -593,7 +619,7 @@ void ShardWriter::close() {
   if (file_ < 0) return;
   const hid_t f = file_;
   file_ = -1;
-  check(H5Fclose(f), path_, "", "cannot close file (was the disk full?)");
+  check_write(H5Fclose(f), path_, "", "cannot close file");
   check_still_in_place();
 }
 
@@ -628,9 +654,10 @@ void ShardWriter::write_dataset(long long parent, const std::string& object, con
   // every byte is written right after: no fill pass
   check(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), path_, full, "cannot set the fill time");
   delete_if_exists(parent, name, Where{path_, object});
-  DatasetHandle dset = checked<DatasetHandle>(
-      H5Dcreate2(parent, name.c_str(), file_type, fspace.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), path_, full,
-      "cannot create dataset (is the disk full?)");
+  const hid_t created =
+      H5Dcreate2(parent, name.c_str(), file_type, fspace.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT);
+  check_write(created < 0 ? -1 : 0, path_, full, "cannot create dataset");
+  DatasetHandle dset(created);
 
   // this rank's part: rows [r0, r1) of the first dimension (a scalar counts as one row)
   const int64_t count = element_count(shape);
@@ -661,8 +688,8 @@ void ShardWriter::write_dataset(long long parent, const std::string& object, con
 
   PlistHandle dxpl = checked<PlistHandle>(H5Pcreate(H5P_DATASET_XFER), path_, full, "cannot create a property list");
   check(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_COLLECTIVE), path_, full, "cannot set the transfer mode");
-  check(H5Dwrite(dset.get(), mem_type, mspace.get(), fspace.get(), dxpl.get(), ptr), path_, full,
-        "cannot write dataset (is the disk full?)");
+  check_write(H5Dwrite(dset.get(), mem_type, mspace.get(), fspace.get(), dxpl.get(), ptr), path_, full,
+              "cannot write dataset");
   uint32_t local_cause = 0, global_cause = 0;
   check(H5Pget_mpio_no_collective_cause(dxpl.get(), &local_cause, &global_cause), path_, full,
         "cannot query the transfer mode");
@@ -751,14 +778,14 @@ void ShardWriter::mark_complete(int64_t block) {
   PQ_REQUIRE(link_exists(file_, "/blocks", at) && link_exists(file_, bpath, at), path_, ": ", bpath,
              ": block not begun (begin_block first)");
   // data first, then the flag, each flushed: a crash leaves either a complete block or one without the flag
-  check(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_, bpath, "cannot flush (is the disk full?)");
+  check_write(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_, bpath, "cannot flush");
   check_still_in_place();
   // a stop by signal says the blocks durable so far and lets no marker be written after it (base/stop.hpp)
   DurableMark mark;
   GroupHandle g = open_group(file_, bpath, at);
   write_attr_i32(g.get(), "complete", 1, at);
   g.reset();
-  check(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_, bpath, "cannot flush (is the disk full?)");
+  check_write(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_, bpath, "cannot flush");
   mark.done(path_, block);
 }
 
@@ -777,8 +804,8 @@ void remove_unfinished(const std::string& path, const std::set<int64_t>& keep) {
       check(H5Ldelete(g.get(), name.c_str(), H5P_DEFAULT), path, group, "cannot delete '" + name + "'");
     }
   }
-  check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "", "cannot flush (is the disk full?)");
-  check(H5Fclose(file.release()), path, "", "cannot close file (was the disk full?)");
+  check_write(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), path, "", "cannot flush");
+  check_write(H5Fclose(file.release()), path, "", "cannot close file");
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1099,7 +1126,7 @@ void write_model_index(const std::string& out_dir, const ModelIndex& index) {
     tensors.reset();
     blocks.reset();
     root.reset();
-    check(H5Fclose(file.release()), tmp, "", "cannot close file (was the disk full?)");
+    check_write(H5Fclose(file.release()), tmp, "", "cannot close file");
   }
   std::error_code ec;
   std::filesystem::rename(tmp, final_path, ec);

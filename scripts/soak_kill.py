@@ -42,7 +42,7 @@ import pq  # noqa: E402
 CRASH_MARKS = ("Segmentation", "HDF5-DIAG", "terminate called")
 END_LIMIT_S = 30.0  # every process of a killed run must be gone this long after the kill
 STOP_LINE = re.compile(r"pipequant: stopped by (SIGTERM|SIGINT): stage (\d+) \((shard-[^)]+)\): (.*); rerun the same "
-                       r"command to resume")
+                       r"command without --overwrite to resume")
 ANY_STOP_LINE = re.compile(r"pipequant: stopped by SIG(TERM|INT)")
 # rank 0's progress lines and the phase each begins (None: the line itself, "block k/N")
 PHASES = [("plan:", "start"), ("pipequant quantize:", "setup"), ("block ", None), ("== pipequant report", "report"),

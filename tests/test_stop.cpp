@@ -12,7 +12,7 @@
 namespace pipequant {
 namespace {
 
-constexpr const char* kResume = "; rerun the same command to resume";
+constexpr const char* kResume = "; rerun the same command without --overwrite to resume";
 
 TEST(Stop, BlockRanges) {
   EXPECT_EQ(block_ranges({}), "");
