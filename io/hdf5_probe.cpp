@@ -240,7 +240,8 @@ int probe_timeout_s() {
 }
 
 // This process's environment with the probe's variable and, for AddressSanitizer builds, an allocation cap that
-// fails instead of aborting (later ASAN_OPTIONS entries win).
+// fails instead of aborting and the crash signals left to the system (later ASAN_OPTIONS entries win): a crash the
+// child exists to take ends it by its signal, as in other builds, without a sanitizer report.
 std::vector<std::string> child_environment(const std::string& path) {
   std::vector<std::string> env;
   std::string asan = "ASAN_OPTIONS=";
@@ -251,7 +252,9 @@ std::vector<std::string> child_environment(const std::string& path) {
     else if (entry.rfind(std::string(kProbeVariable) + "=", 0) != 0)
       env.push_back(entry);
   }
-  env.push_back(asan + "allocator_may_return_null=1:max_allocation_size_mb=1024:detect_leaks=0");
+  env.push_back(asan +
+                "allocator_may_return_null=1:max_allocation_size_mb=1024:detect_leaks=0:"
+                "handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_sigill=0");
   env.push_back(std::string(kProbeVariable) + "=" + path);
   return env;
 }

@@ -92,8 +92,11 @@ std::string write_failure_cause(const std::string& path) {
   if (::access(path.c_str(), W_OK) != 0) return std::string("the file is not writable: ") + std::strerror(errno);
   if (::statvfs(path.c_str(), &fs) != 0) return "";
   const double free_mb = static_cast<double>(fs.f_bavail) * static_cast<double>(fs.f_frsize) / 1e6;
-  char text[64];
-  std::snprintf(text, sizeof text, "%.0f MB free on its file system", free_mb);
+  // below this, a write of a block's tensors cannot have fitted
+  constexpr double kFullBelowMb = 16;
+  char text[80];
+  std::snprintf(text, sizeof text, "%s%.0f MB free on its file system", free_mb < kFullBelowMb ? "disk full: " : "",
+                free_mb);
   return text;
 }
 
