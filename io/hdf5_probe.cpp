@@ -17,6 +17,7 @@
 #include <cstring>
 #include <fstream>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -147,34 +148,66 @@ void read_dataset(hid_t dset, Walk& walk) {
 }
 
 // The object a hard link names: its attributes, and a dataset's shape, type and sample data.
-void read_object(hid_t loc, const char* name, Walk& walk) {
-  H5O_info_t info;
-  if (H5Oget_info_by_name2(loc, name, &info, H5O_INFO_BASIC, H5P_DEFAULT) < 0) return walk.note_failure();
+void read_object(hid_t loc, const char* name, const H5O_info_t& info, Walk& walk) {
   Handle<H5Oclose> object(H5Oopen(loc, name, H5P_DEFAULT));
   if (object.get() < 0) return walk.note_failure();
   read_attributes(object.get(), walk);
   if (info.type == H5O_TYPE_DATASET) read_dataset(object.get(), walk);
 }
 
-// Every link in the file, each with its info (the external-link values are decoded, as read_model_index decodes
-// them), and the object of every hard link.
-void visit_links(hid_t file, Walk& walk) {
-  auto visit = [](hid_t group, const char* name, const H5L_info_t* info, void* data) -> herr_t {
-    Walk& w = *static_cast<Walk*>(data);
-    if (info->type == H5L_TYPE_HARD) {
-      read_object(group, name, w);
-    } else if (info->type == H5L_TYPE_EXTERNAL && info->u.val_size > 0 && info->u.val_size < (1u << 20)) {
-      std::vector<char> value(info->u.val_size);
-      unsigned flags = 0;
-      const char* target_file = nullptr;
-      const char* target_object = nullptr;
-      if (H5Lget_val(group, name, value.data(), value.size(), H5P_DEFAULT) < 0 ||
-          H5Lunpack_elink_val(value.data(), value.size(), &flags, &target_file, &target_object) < 0)
-        w.note_failure();
-    }
+// The value of an external link decoded as read_model_index decodes it.
+void read_external_link(hid_t group, const char* name, size_t size, Walk& walk) {
+  if (size == 0 || size >= (1u << 20)) return walk.note_failure();
+  std::vector<char> value(size);
+  unsigned flags = 0;
+  const char* target_file = nullptr;
+  const char* target_object = nullptr;
+  if (H5Lget_val(group, name, value.data(), value.size(), H5P_DEFAULT) < 0 ||
+      H5Lunpack_elink_val(value.data(), value.size(), &flags, &target_file, &target_object) < 0)
+    walk.note_failure();
+}
+
+// The link names of a group in name order, listed as the readers list them (a listing that fails part way keeps
+// the names it has).
+std::vector<std::string> list_links(hid_t group, Walk& walk) {
+  std::vector<std::string> names;
+  auto collect = [](hid_t, const char* name, const H5L_info_t*, void* data) -> herr_t {
+    static_cast<std::vector<std::string>*>(data)->emplace_back(name);
     return 0;
   };
-  if (H5Lvisit(file, H5_INDEX_NAME, H5_ITER_INC, visit, &walk) < 0) walk.note_failure();
+  hsize_t idx = 0;
+  if (H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, &idx, collect, &names) < 0) walk.note_failure();
+  return names;
+}
+
+constexpr int kMaxDepth = 16;  // pipequant's files nest three groups deep
+
+// Every link of a group and of the groups below it, each listed, looked up and followed as the readers do: a
+// failure on one link does not end the walk (a reader may go on to the next block), and each group is walked once
+// (hard links may form cycles).
+void walk_group(hid_t group, int depth, std::set<haddr_t>& seen, Walk& walk) {
+  for (const std::string& name : list_links(group, walk)) {
+    H5L_info_t link;
+    if (H5Lget_info(group, name.c_str(), &link, H5P_DEFAULT) < 0) {
+      walk.note_failure();
+      continue;
+    }
+    if (link.type == H5L_TYPE_EXTERNAL) read_external_link(group, name.c_str(), link.u.val_size, walk);
+    if (link.type != H5L_TYPE_HARD) continue;
+    H5O_info_t info;
+    if (H5Oget_info_by_name2(group, name.c_str(), &info, H5O_INFO_BASIC, H5P_DEFAULT) < 0) {
+      walk.note_failure();
+      continue;
+    }
+    read_object(group, name.c_str(), info, walk);
+    if (info.type != H5O_TYPE_GROUP || depth >= kMaxDepth || !seen.insert(info.addr).second) continue;
+    GroupHandle child(H5Gopen2(group, name.c_str(), H5P_DEFAULT));
+    if (child.get() < 0) {
+      walk.note_failure();
+      continue;
+    }
+    walk_group(child.get(), depth + 1, seen, walk);
+  }
 }
 
 // Every read above on the file at path; true when libhdf5 could not allocate what the file asks for.
@@ -188,7 +221,10 @@ bool read_metadata(const char* path) {
     return walk.out_of_memory;
   }
   read_attributes(file.get(), walk);
-  visit_links(file.get(), walk);
+  std::set<haddr_t> seen;
+  H5O_info_t root;
+  if (H5Oget_info2(file.get(), &root, H5O_INFO_BASIC) >= 0) seen.insert(root.addr);
+  walk_group(file.get(), 0, seen, walk);
   return walk.out_of_memory;
 }
 
@@ -239,22 +275,30 @@ int probe_timeout_s() {
   return s > 0 ? s : kTimeoutDefaultS;
 }
 
-// This process's environment with the probe's variable and, for AddressSanitizer builds, an allocation cap that
-// fails instead of aborting and the crash signals left to the system (later ASAN_OPTIONS entries win): a crash the
-// child exists to take ends it by its signal, as in other builds, without a sanitizer report.
+// This process's environment with the probe's variable, and the child's allocator set to fill every allocation
+// with a non-zero byte (glibc's perturb with its per-thread cache off; AddressSanitizer's fill, which covers only
+// the first 4 KiB by default): libhdf5 frees or follows uninitialized table entries when a damaged count promises
+// more entries than the file holds, and a fresh process's zeroed pages would hide that where the reading process's
+// reused memory crashes. AddressSanitizer builds also get an allocation cap that fails instead of aborting and the
+// crash signals left to the system (later ASAN_OPTIONS entries win): a crash the child exists to take ends it by
+// its signal, as in other builds, without a sanitizer report.
 std::vector<std::string> child_environment(const std::string& path) {
   std::vector<std::string> env;
   std::string asan = "ASAN_OPTIONS=";
+  std::string tunables = "GLIBC_TUNABLES=";
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string entry = *e;
-    if (entry.rfind("ASAN_OPTIONS=", 0) == 0)
+    if (entry.rfind(asan, 0) == 0)
       asan = entry + ":";
+    else if (entry.rfind(tunables, 0) == 0)
+      tunables = entry + ":";
     else if (entry.rfind(std::string(kProbeVariable) + "=", 0) != 0)
       env.push_back(entry);
   }
   env.push_back(asan +
-                "allocator_may_return_null=1:max_allocation_size_mb=1024:detect_leaks=0:"
-                "handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_sigill=0");
+                "allocator_may_return_null=1:max_allocation_size_mb=1024:detect_leaks=0:max_malloc_fill_size=" +
+                std::to_string(kMemoryLimitBytes) + ":handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_sigill=0");
+  env.push_back(tunables + "glibc.malloc.perturb=190:glibc.malloc.tcache_count=0");
   env.push_back(std::string(kProbeVariable) + "=" + path);
   return env;
 }
