@@ -119,7 +119,7 @@ TEST(AwqSearch, ErrorsMatchTheInputsAndBeatRoundToNearest) {
 
 TEST(AwqSearch, MeasuresEvenlySpacedRowsBeyondItsBudget) {
   auto backend = cpu();
-  const int64_t rows = 30, cols = 64;
+  constexpr int64_t rows = 30, cols = 64;
   const Inputs in = inputs_with_gains(120, outlier_gains(cols), 12);
   const std::vector<float> magnitudes = channel_magnitudes(in.h, cols);
   const auto w = normal(static_cast<size_t>(rows * cols), 0.1f, 13);
@@ -128,8 +128,8 @@ TEST(AwqSearch, MeasuresEvenlySpacedRowsBeyondItsBudget) {
   QuantConfig cfg;
   cfg.bits = 3;
   cfg.group_size = 16;
-  const auto fill_from = [cols](const std::vector<float>& m) {
-    return FillRows([&m, cols](int64_t r0, int64_t r1, float* dst) {
+  const auto fill_from = [](const std::vector<float>& m) {
+    return FillRows([&m](int64_t r0, int64_t r1, float* dst) {
       std::copy(m.begin() + r0 * cols, m.begin() + r1 * cols, dst);
     });
   };
