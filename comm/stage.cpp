@@ -131,17 +131,20 @@ std::string table_row(int64_t count, const SizeTiming& st) {
 
 }  // namespace
 
-int run_transport_benchmark(int64_t min_bytes, int64_t max_bytes, int iters, int warmup, std::string& table) {
+int run_transport_benchmark(TransportKind kind, int device, int64_t min_bytes, int64_t max_bytes, int iters, int warmup,
+                            std::string& table) {
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   if (size < 2) return 1;
   // one rank per stage: rank 0 is stage 0 and rank 1 stage 1, neighbours as in the driver
   StageLayout layout = make_stage_layout(1);
-  const std::unique_ptr<ActivationTransport> transport = make_mpi_transport(layout);
+  const std::unique_ptr<ActivationTransport> transport =
+      kind == TransportKind::kNccl ? make_nccl_transport(layout, device) : make_mpi_transport(layout);
   std::ostringstream os;
   os << "# pipequant transport benchmark: " << transport->name()
-     << " transport, rank 0 -> rank 1 (host-staged fp32 activations)\n";
+     << " transport, rank 0 -> rank 1 (fp32 activations from host memory"
+     << (kind == TransportKind::kNccl ? ", staged through the GPUs" : "") << ")\n";
   os << "# algbw = size / time; busbw = algbw (point-to-point); time is the median of " << iters
      << " iterations in us; #wrong counts elements that arrived changed\n";
   char line[256];

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "comm/transport_kind.hpp"
+
 namespace pipequant::comm {
 
 struct StageLayout {
@@ -52,9 +54,17 @@ class ActivationTransport {
 
 std::unique_ptr<ActivationTransport> make_mpi_transport(const StageLayout& layout);
 
-// Point-to-point bandwidth between world ranks 0 and 1 through the transport the driver uses (make_mpi_transport,
-// rank 0 as stage 0 and rank 1 as stage 1), as an nccl-tests style table (size, count, type, time, algbw, busbw)
-// that the caller prints on rank 0. Collective on the world; ranks beyond 1 only meet the barriers.
-int run_transport_benchmark(int64_t min_bytes, int64_t max_bytes, int iters, int warmup, std::string& table);
+// The nccl transport (comm/nccl/nccl_transport.cpp): activations GPU to GPU over one NCCL communicator of the whole
+// world, this rank on CUDA device `device`; host pointers are staged through device memory, device pointers go as
+// they are. Collective on MPI_COMM_WORLD. NCCL refuses two ranks of one communicator on the same GPU: every rank
+// needs its own (choose_transport). Throws UserError where the build has no NCCL.
+std::unique_ptr<ActivationTransport> make_nccl_transport(const StageLayout& layout, int device);
+
+// Point-to-point bandwidth between world ranks 0 and 1 through the transport the driver uses (`kind`, mpi or nccl;
+// rank 0 as stage 0 and rank 1 as stage 1; nccl on CUDA device `device`), as an nccl-tests style table (size,
+// count, type, time, algbw, busbw) that the caller prints on rank 0. Collective on the world; ranks beyond 1 only
+// meet the barriers.
+int run_transport_benchmark(TransportKind kind, int device, int64_t min_bytes, int64_t max_bytes, int iters, int warmup,
+                            std::string& table);
 
 }  // namespace pipequant::comm

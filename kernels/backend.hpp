@@ -67,6 +67,14 @@ class Backend {
   virtual void deallocate(void* p) = 0;
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
+  // `count` elements of elem_bytes each, src_stride_bytes apart in backend memory (a matrix's diagonal, a column),
+  // into host_dst one after another: one transfer on a device backend.
+  virtual void download_strided(void* host_dst, const void* src, size_t elem_bytes, int64_t count,
+                                size_t src_stride_bytes) {
+    for (int64_t i = 0; i < count; ++i)
+      download(static_cast<char*>(host_dst) + static_cast<size_t>(i) * elem_bytes,
+               static_cast<const char*>(src) + static_cast<size_t>(i) * src_stride_bytes, elem_bytes);
+  }
   virtual void synchronize() = 0;
   virtual size_t peak_bytes() const = 0;  // high-water mark of allocate() since reset_peak()
   virtual void reset_peak() = 0;
@@ -127,6 +135,8 @@ class Backend {
   // Returns false when the factorization fails or produces a non-finite value; on a host-memory backend the strict
   // lower triangle then still holds the input's (a retry rebuilds the input from it).
   virtual bool reverse_cholesky(float* h, int64_t n) = 0;
+  // Backend memory reverse_cholesky(h, n) takes beside h while it runs (a library's workspace); 0 by default.
+  virtual size_t factor_workspace_bytes(int64_t /*n*/) { return 0; }
   // Per row of w[rows, cols] (leading dimension ld), min/max -> scale (fp16-representable) and zero, as the
   // GPTQ reference quantizer does (range widened to include 0; all-zero rows get [-1, 1]).
   // scale/zero written at scale[r * stride], zero[r * stride].
@@ -240,10 +250,12 @@ std::unique_ptr<Backend> make_cpu_backend(int threads = 0, size_t budget_bytes =
 
 namespace pipequant::kernels {
 
-// CUDA devices visible to this process; 0 when the build has no CUDA backend or no device is present.
+// CUDA devices visible to this process; 0 when the build has no CUDA backend, or the node no driver or no device.
+// Throws UserError when a driver is installed but fails (too old for the runtime, broken): never a quiet 0.
 int cuda_device_count();
-// The CUDA backend on `device` with a memory budget in bytes (0 = all free memory). Throws UserError when
-// the build has no CUDA backend or the device cannot be used.
-std::unique_ptr<Backend> make_cuda_backend(int device, size_t budget_bytes);
+// The CUDA backend on `device` with a memory budget in bytes for this rank, `sharing` ranks of the node using the
+// same device (0 = an equal share of it; kernels/device_policy.hpp). Throws UserError when the build has no CUDA
+// backend or the device cannot be used.
+std::unique_ptr<Backend> make_cuda_backend(int device, size_t budget_bytes, int sharing = 1);
 
 }  // namespace pipequant::kernels

@@ -7,7 +7,7 @@ namespace pipequant::kernels {
 
 int cuda_device_count() { return 0; }
 
-std::unique_ptr<Backend> make_cuda_backend(int, size_t) {
+std::unique_ptr<Backend> make_cuda_backend(int, size_t, int) {
   fail("--backend cuda: this build of pipequant has no CUDA backend (no nvcc was found when it was built)");
 }
 

@@ -268,7 +268,10 @@ void add_quantize_options(Command& cmd) {
            "--propagation fp: keep the stage's blocks in host memory when their fp32 copies fit this many GB per "
            "rank (every micro-batch flows through them as it arrives); above it, stream the blocks one at a time")
       .add("host-mem", Role::kRun, po::value<double>()->default_value(0.0),
-           "host memory per rank in GB (1e9 bytes): refuse before any work a plan that needs more; 0 = not checked");
+           "host memory per rank in GB (1e9 bytes): refuse before any work a plan that needs more; 0 = not checked")
+      .add("transport", Role::kRun, po::value<std::string>()->default_value("auto"),
+           "activations between stages: auto, nccl or mpi (auto: nccl where every rank has a GPU of its own on the "
+           "cuda backend, mpi otherwise; the output is the same bits either way)");
   add_quant_options(cmd);
   add_run_options(cmd);
 }
@@ -293,6 +296,7 @@ QuantizeOptions quantize_options(const Command& cmd) {
   o.dry_run = vm["dry-run"].as<bool>();
   o.fp_resident_bytes = static_cast<uint64_t>(gb_option(vm, "fp-resident-gb") * 1e9);
   o.host_mem_gb = gb_option(vm, "host-mem");
+  o.run.transport = comm::transport_from_name(vm["transport"].as<std::string>());
   o.args_json = json_text(options_json(cmd, {Role::kResult, Role::kInput}));
   o.fingerprint_args_json = json_text(options_json(cmd, {Role::kResult}));
   return o;
@@ -562,15 +566,23 @@ int cmd_bench_transport(const Args& args) {
   cmd.add("min-bytes", Role::kRun, po::value<int64_t>()->default_value(1024), "smallest message")
       .add("max-bytes", Role::kRun, po::value<int64_t>()->default_value(64 << 20), "largest message (sizes double)")
       .add("iters", Role::kRun, po::value<int>()->default_value(20), "timed iterations per size")
-      .add("warmup", Role::kRun, po::value<int>()->default_value(5), "untimed iterations per size");
+      .add("warmup", Role::kRun, po::value<int>()->default_value(5), "untimed iterations per size")
+      .add("transport", Role::kRun, po::value<std::string>()->default_value("mpi"),
+           "mpi, nccl, or auto (nccl where both ranks have a GPU of their own)");
   if (parse(cmd, args)) {
     print_help(cmd);
     return 0;
   }
   PQ_REQUIRE(world_size() >= 2, "pipequant bench transport: needs 2 ranks (mpirun -np 2 pipequant bench transport)");
+  const comm::TransportKind kind = comm::transport_from_name(cmd.vm["transport"].as<std::string>());
+  RunOptions run;
+  run.backend = kind == comm::TransportKind::kMpi ? BackendKind::kCpu : BackendKind::kAuto;
+  run.transport = kind;
+  const comm::TransportKind chosen = transport_for(run, *make_backend(run));
   std::string table;
-  const int rc = comm::run_transport_benchmark(cmd.vm["min-bytes"].as<int64_t>(), cmd.vm["max-bytes"].as<int64_t>(),
-                                               cmd.vm["iters"].as<int>(), cmd.vm["warmup"].as<int>(), table);
+  const int rc = comm::run_transport_benchmark(chosen, rank_gpu(), cmd.vm["min-bytes"].as<int64_t>(),
+                                               cmd.vm["max-bytes"].as<int64_t>(), cmd.vm["iters"].as<int>(),
+                                               cmd.vm["warmup"].as<int>(), table);
   if (world_rank() == 0) std::fputs(table.c_str(), stdout);
   return rc;
 }

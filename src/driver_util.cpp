@@ -10,8 +10,19 @@
 #include "base/error.hpp"
 #include "base/numeric.hpp"
 #include "comm/mpi_env.hpp"
+#include "kernels/device_policy.hpp"
 
 namespace pipequant {
+
+namespace {
+
+// The GPU this rank takes on its node, round-robin by local rank, and how many of the node's ranks share it.
+kernels::DeviceShare rank_device(const comm::NodeRanks& node) {
+  const int devices = kernels::cuda_device_count();
+  return devices > 0 ? kernels::device_share(node.local_rank, node.local_size, devices) : kernels::DeviceShare{};
+}
+
+}  // namespace
 
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   // the ranks on this node share its cores, and take its GPUs round-robin by local rank
@@ -19,8 +30,9 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   const int threads = run.threads > 0 ? run.threads : std::max(1, omp_get_num_procs() / node.local_size);
   const auto budget = static_cast<size_t>(run.gpu_mem_gb * 1e9);
   const auto cuda = [&] {
-    const int devices = kernels::cuda_device_count();
-    auto backend = kernels::make_cuda_backend(devices > 0 ? node.local_rank % devices : 0, budget);
+    // ranks sharing a GPU split its memory (kernels/device_policy.hpp)
+    const kernels::DeviceShare share = rank_device(node);
+    auto backend = kernels::make_cuda_backend(share.device, budget, share.sharing);
     // solves whose Hessian does not fit the budget run on the host (docs/design.md section 4, fallback 3)
     backend->set_host_fallback(kernels::make_cpu_backend(threads));
     return backend;
@@ -35,6 +47,21 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   }
   if (kernels::cuda_device_count() > 0) return cuda();
   return kernels::make_cpu_backend(threads);
+}
+
+int rank_gpu() { return rank_device(comm::node_ranks()).device; }
+
+comm::TransportKind transport_for(const RunOptions& run, const kernels::Backend& backend) {
+  const bool on_cuda = backend.name() == "cuda";
+  int owns = on_cuda && rank_device(comm::node_ranks()).sharing == 1 ? 1 : 0;
+  MPI_Allreduce(MPI_IN_PLACE, &owns, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return comm::choose_transport(run.transport, owns == 1);
+}
+
+std::unique_ptr<comm::ActivationTransport> make_transport(const RunOptions& run, const kernels::Backend& backend,
+                                                          const comm::StageLayout& layout) {
+  if (transport_for(run, backend) == comm::TransportKind::kNccl) return comm::make_nccl_transport(layout, rank_gpu());
+  return comm::make_mpi_transport(layout);
 }
 
 std::optional<kernels::HalfFormat> forward_format(const RunOptions& run, const kernels::Backend& backend,

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/transport_kind.hpp"
 #include "base/error.hpp"
 #include "src/quant.hpp"
 
@@ -60,6 +61,7 @@ struct RunOptions {
   int64_t micro_batch = 4;  // samples per forward call
   double gpu_mem_gb = 0.0;  // CUDA allocator budget per rank in GB (1e9 bytes); 0 = free memory less a margin
   ComputeDtype compute_dtype = ComputeDtype::kAuto;
+  comm::TransportKind transport = comm::TransportKind::kAuto;  // activations between stages (quantize)
 };
 
 struct QuantizeOptions {

@@ -104,6 +104,14 @@ size_t solve_bytes(int64_t rows, int64_t cols, int64_t groups) {
   return sizeof(float) * (c * c + 4 * r * c + 2 * r * g + r + c) + r * c;
 }
 
+// Backend scratch of one GPTQ column block with dynamic groups (Backend::gptq_block): the inverse of a span of at
+// most block_size + group_size columns, in double and in float.
+size_t gptq_block_scratch_bytes(int64_t cols, const QuantConfig& config) {
+  if (config.group_size <= 0 || config.static_groups) return 0;
+  const auto span = static_cast<size_t>(std::min(cols, config.block_size + config.group_size));
+  return (sizeof(double) + sizeof(float)) * span * span;
+}
+
 // The backend that runs work needing `need` bytes: `backend` when it fits its free budget (or there is no budget
 // or no host fallback), its host fallback otherwise, with a line (without a linear's name) for the log.
 Backend& solve_backend(Backend& backend, size_t need, std::vector<std::string>& log) {
@@ -339,11 +347,10 @@ Damping factor_in_place(Backend& backend, std::vector<float>& h, int64_t cols, c
   return d;
 }
 
-// diag(R), fetched element by element: K tiny copies instead of the whole K x K factor, which matters on a device
-// backend.
+// diag(R), one strided transfer (not the whole K x K factor, nor K tiny copies).
 std::vector<float> factor_diagonal(Backend& backend, const float* r, int64_t cols) {
   std::vector<float> rdiag(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j) backend.download(&rdiag[static_cast<size_t>(j)], r + j * cols + j, sizeof(float));
+  backend.download_strided(rdiag.data(), r, sizeof(float), cols, sizeof(float) * static_cast<size_t>(cols + 1));
   return rdiag;
 }
 
@@ -488,7 +495,7 @@ GptqFactor make_factor(Backend& primary, std::vector<float> h, int64_t cols, int
   f.max_rows = max_rows;
   f.damp_used = config.damp;
   // fallback (3): a solve that does not fit the device budget runs on the host backend
-  f.backend = &solve_backend(primary, solve_bytes(max_rows, cols, group_count(cols, config.group_size)), f.log);
+  f.backend = &solve_backend(primary, gptq_solve_bytes(primary, max_rows, cols, config), f.log);
   if (f.backend != &primary) f.fallback = Fallback::kCpu;  // a damping or RTN fallback says more
   // A non-finite Hessian cannot be fixed by damping: round to nearest right away.
   if (!all_finite(h.data(), cols * cols)) {
@@ -736,6 +743,11 @@ QuantizedLinear rtn_quantize(Backend& primary, const float* w, int64_t rows, int
 GptqFactor factor_hessian(Backend& backend, std::vector<float> h, int64_t cols, int64_t max_rows,
                           const QuantConfig& config) {
   return make_factor(backend, std::move(h), cols, max_rows, config);
+}
+
+size_t gptq_solve_bytes(Backend& backend, int64_t rows, int64_t cols, const QuantConfig& config) {
+  return solve_bytes(rows, cols, group_count(cols, config.group_size)) + backend.factor_workspace_bytes(cols) +
+         gptq_block_scratch_bytes(cols, config);
 }
 
 QuantizedLinear gptq_solve(const GptqFactor& factor, const float* w, int64_t rows, const std::string& name) {

@@ -95,6 +95,11 @@ struct GptqFactor {
   bool has_r() const { return r_data() != nullptr; }
 };
 
+// The most backend memory a GPTQ solve of [rows, cols] takes on `backend` (R, the working matrices and tables,
+// the factorization's workspace, the column loop's scratch, and the error check after it): factor_hessian places
+// the factor on the backend only when this fits its free budget.
+size_t gptq_solve_bytes(kernels::Backend& backend, int64_t rows, int64_t cols, const QuantConfig& config);
+
 // The factor of h [cols, cols] (undamped), taken over: for solves of at most max_rows rows each, run one after
 // another while the factor is held. It is placed on `backend` when R and the largest solve fit the backend's free
 // budget, on its host fallback otherwise (fallback 3). On a host backend R is made in h's own memory (no copy: H of

@@ -154,7 +154,7 @@ void StageWorker::decide_resume() {
     resume = pipequant::decide_resume(opt_, index_) ? 1 : 0;
     std::printf(
         "pipequant quantize: %s, %lld blocks, %s %d-bit group %lld%s%s, %lld samples x %lld tokens, "
-        "propagation %s, transport mpi\n",
+        "propagation %s\n",
         opt_.model_dir.c_str(), static_cast<long long>(config_.num_layers), name(opt_.quant.method), opt_.quant.bits,
         static_cast<long long>(opt_.quant.group_size), opt_.quant.sym ? " sym" : "",
         opt_.quant.act_order ? " act-order" : "", static_cast<long long>(calib_.count),
@@ -177,7 +177,8 @@ void StageWorker::open_stage() {
   backend_ = make_backend(opt_.run);
   half_ = forward_format(opt_.run, *backend_, config_);
   source_ = checkpoint_source(ckpt_, config_);
-  transport_ = comm::make_mpi_transport(group_->layout());
+  transport_ = make_transport(opt_.run, *backend_, group_->layout());
+  if (world_root_) std::printf("pipequant quantize: transport %s\n", transport_->name().c_str());
   const auto [s_begin, s_end] = group_->owned_range(calib_.count, kHessianChunk);
   sample_begin_ = s_begin;
   batches_.samples = s_end - s_begin;

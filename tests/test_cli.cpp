@@ -152,12 +152,20 @@ TEST(Cli, EnumOptionsNameTheirSpellingsWhenGivenABadOne) {
   EXPECT_EQ(parse_enum("--backend", "cuda", kBackendKinds), BackendKind::kCuda);
 }
 
+TEST(Cli, TransportIsAutoUnlessGivenAndDoesNotChangeTheResult) {
+  EXPECT_EQ(parse(quantize_args()).run.transport, comm::TransportKind::kAuto);
+  EXPECT_EQ(parse(quantize_args({"--transport", "mpi"})).run.transport, comm::TransportKind::kMpi);
+  EXPECT_EQ(parse(quantize_args({"--transport", "nccl"})).run.transport, comm::TransportKind::kNccl);
+  // the same bits either way: not part of the run's fingerprint
+  EXPECT_EQ(parse(quantize_args({"--transport", "mpi"})).fingerprint_args_json, parse(quantize_args()).fingerprint_args_json);
+}
+
 TEST(Cli, OtherBadOptionsSayWhatWasExpected) {
   EXPECT_NE(error_of(quantize_args({"--bits", "5"})).find("--bits"), std::string::npos);
   EXPECT_NE(error_of(quantize_args({"--threads", "-1"})).find("--threads must be >= 0"), std::string::npos);
   EXPECT_NE(error_of({"--model", "m", "--calib", "c", "--out", "o"}).find("'--seq-len' is required"),
             std::string::npos);
-  EXPECT_NE(error_of(quantize_args({"--transport", "mpi"})).find("transport"), std::string::npos);  // no such option
+  EXPECT_EQ(error_of(quantize_args({"--transport", "ucx"})), "--transport must be auto, nccl or mpi, got 'ucx'");
   EXPECT_NE(error_of(quantize_args({"--host-mem", "-1"})).find("--host-mem must be >= 0"), std::string::npos);
 }
 

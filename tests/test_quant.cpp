@@ -667,6 +667,42 @@ TEST(Gptq, SolveThatDoesNotFitTheBudgetRunsOnTheHostFallback) {
   EXPECT_EQ(stay.q, want.q);
 }
 
+TEST(GptqFallback, ThePlacementCountsWhatTheSolveHoldsAtItsPeak) {
+  const int64_t rows = 48, cols = 192;
+  const auto w = normal(static_cast<size_t>(rows * cols), 0.05f, 71);
+  const auto h = correlated_hessian(800, cols, 72);
+  for (const int64_t group : {int64_t{-1}, int64_t{32}}) {
+    QuantConfig cfg;
+    cfg.group_size = group;
+    cfg.block_size = 64;
+    auto probe = kernels::make_cpu_backend(0, size_t{1} << 30);
+    const size_t need = gptq_solve_bytes(*probe, rows, cols, cfg);
+    // a budget of exactly that keeps the solve on the backend, and what it holds at its peak stays within it
+    auto exact = kernels::make_cpu_backend(0, need);
+    exact->set_host_fallback(kernels::make_cpu_backend(0));
+    const QuantizedLinear stay = gptq_quantize(*exact, w.data(), rows, cols, h.data(), cfg, "layers.0.q");
+    EXPECT_EQ(stay.fallback, Fallback::kNone) << "group " << group;
+    EXPECT_GT(exact->peak_bytes(), 0u);
+    EXPECT_LE(exact->peak_bytes(), need) << "group " << group;
+    // one byte less and the solve goes to the host fallback, with the same codes
+    auto short_by_one = kernels::make_cpu_backend(0, need - 1);
+    short_by_one->set_host_fallback(kernels::make_cpu_backend(0));
+    const QuantizedLinear moved = gptq_quantize(*short_by_one, w.data(), rows, cols, h.data(), cfg, "layers.0.q");
+    EXPECT_EQ(moved.fallback, Fallback::kCpu) << "group " << group;
+    EXPECT_EQ(short_by_one->peak_bytes(), 0u);
+    EXPECT_EQ(moved.q, stay.q);
+  }
+  // dynamic groups add the column loop's scratch (a span of block_size + group_size columns, double and float)
+  QuantConfig per_row, grouped;
+  per_row.block_size = grouped.block_size = 64;
+  per_row.group_size = -1;
+  grouped.group_size = 32;
+  auto cpu_backend = kernels::make_cpu_backend(0);
+  const size_t groups_tables = sizeof(float) * 2 * rows * (cols / 32 - 1);  // 6 groups instead of 1, two tables
+  EXPECT_EQ(gptq_solve_bytes(*cpu_backend, rows, cols, grouped) - gptq_solve_bytes(*cpu_backend, rows, cols, per_row),
+            groups_tables + 12 * 96 * 96);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // (g) one factor per linear group: the linears that share a Hessian share its factor
 

@@ -28,14 +28,12 @@ namespace pipequant::kernels {
 inline constexpr size_t kStagingBytes = size_t{16} << 20;
 // cuBLAS workspace, allocated through the backend's allocator so that it counts against the budget.
 inline constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
-// With budget 0, the budget is the free memory at construction minus this margin (or an eighth of the free
-// memory when that is smaller): room for the CUDA context growth and library-internal allocations.
-inline constexpr size_t kDefaultMemoryMargin = size_t{1} << 30;
 
 class CudaBackend final : public Backend {
  public:
-  // Binds `device` to the calling thread; budget_bytes 0 = free memory minus a margin.
-  CudaBackend(int device, size_t budget_bytes);
+  // Binds `device` to the calling thread. budget_bytes: this rank's (kernels/device_policy.hpp device_budget);
+  // 0 = an equal share among the `sharing` ranks of the node on this device, less a margin.
+  CudaBackend(int device, size_t budget_bytes, int sharing = 1);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -46,6 +44,8 @@ class CudaBackend final : public Backend {
   void deallocate(void* p) override;
   void upload(void* dst, const void* host_src, size_t bytes) override;
   void download(void* host_dst, const void* src, size_t bytes) override;
+  void download_strided(void* host_dst, const void* src, size_t elem_bytes, int64_t count,
+                        size_t src_stride_bytes) override;
   void synchronize() override;
   size_t peak_bytes() const override;
   void reset_peak() override;
@@ -68,6 +68,7 @@ class CudaBackend final : public Backend {
 
   void hessian_accumulate(const float* x, int64_t rows, int64_t k, float* h) override;
   bool reverse_cholesky(float* h, int64_t n) override;
+  size_t factor_workspace_bytes(int64_t n) override;
   void quant_params(const float* w, int64_t rows, int64_t cols, int64_t ld, QuantGrid grid, float* scale, float* zero,
                     int64_t stride) override;
   void quantize(const float* w, int64_t rows, int64_t cols, const float* scales, const float* zeros, int64_t groups,

@@ -1,7 +1,10 @@
 // CudaBackend: construction, the device allocator with its budget, host transfers and the generic GEMM.
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <string>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -9,24 +12,57 @@
 #include "kernels/cuda/cuda_backend.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/device_policy.hpp"
 #include "base/error.hpp"
 
 namespace pipequant::kernels {
 
-int cuda_device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // no driver or no device: not an error for the caller, and not sticky
-    return 0;
+namespace {
+
+// True when the NVIDIA driver library can be loaded: the runtime reports a missing driver and one too old for it
+// with the same error, and only the second is a fault on a GPU node.
+bool driver_library_present() {
+  void* handle = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (handle == nullptr) return false;
+  dlclose(handle);
+  return true;
+}
+
+DeviceCountQuery query_device_count() {
+  DeviceCountQuery q;
+  const cudaError_t status = cudaGetDeviceCount(&q.count);
+  cudaGetLastError();  // not sticky: the caller decides what the status means
+  if (status == cudaSuccess) {
+    q.result = DeviceCountQuery::Result::kDevices;
+  } else if (status == cudaErrorNoDevice) {
+    q.result = DeviceCountQuery::Result::kNoDevice;
+  } else if (status == cudaErrorInsufficientDriver && !driver_library_present()) {
+    q.result = DeviceCountQuery::Result::kNoDriver;
+  } else {
+    q.result = DeviceCountQuery::Result::kFailed;
+    int driver = 0, runtime = 0;
+    cudaDriverGetVersion(&driver);
+    cudaRuntimeGetVersion(&runtime);
+    cudaGetLastError();
+    q.error = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status) + "; the driver supports CUDA " +
+              std::to_string(driver / 1000) + "." + std::to_string(driver % 1000 / 10) + ", this build's runtime is " +
+              std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10);
   }
-  return count;
+  return q;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device, size_t budget_bytes) {
-  return std::make_unique<CudaBackend>(device, budget_bytes);
+}  // namespace
+
+int cuda_device_count() {
+  static const DeviceCountQuery query = query_device_count();  // the runtime answers once per process
+  return usable_device_count(query);
 }
 
-CudaBackend::CudaBackend(int device, size_t budget_bytes) : device_(device) {
+std::unique_ptr<Backend> make_cuda_backend(int device, size_t budget_bytes, int sharing) {
+  return std::make_unique<CudaBackend>(device, budget_bytes, sharing);
+}
+
+CudaBackend::CudaBackend(int device, size_t budget_bytes, int sharing) : device_(device) {
   const int count = cuda_device_count();
   PQ_REQUIRE(count > 0, "--backend cuda: no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES and "
                         "the driver)");
@@ -41,12 +77,7 @@ CudaBackend::CudaBackend(int device, size_t budget_bytes) : device_(device) {
     cudaGetLastError();
     fail("--backend cuda: device ", device, " cannot be used: ", cudaGetErrorString(status));
   }
-  if (budget_bytes == 0) {
-    const size_t margin = std::min(kDefaultMemoryMargin, free_bytes / 8);
-    budget_ = free_bytes - margin;
-  } else {
-    budget_ = budget_bytes;
-  }
+  budget_ = device_budget(budget_bytes, free_bytes, total_bytes, sharing, device);
   CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
 
   // Freed blocks stay in the stream-ordered pool up to the budget, so the per-block allocate/free cycle of the
@@ -215,6 +246,16 @@ void CudaBackend::download(void* host_dst, const void* src, size_t bytes) {
     const size_t offset = i * kStagingBytes;
     std::memcpy(out + offset, staging_[i % 2], std::min(kStagingBytes, bytes - offset));
   }
+}
+
+void CudaBackend::download_strided(void* host_dst, const void* src, size_t elem_bytes, int64_t count,
+                                   size_t src_stride_bytes) {
+  if (count <= 0 || elem_bytes == 0) return;
+  PQ_ASSERT(host_dst && src && src_stride_bytes >= elem_bytes, "download_strided: bad arguments");
+  // one 2D copy: `count` rows of elem_bytes, src_stride_bytes apart on the device, packed on the host
+  CUDA_CHECK(cudaMemcpy2DAsync(host_dst, elem_bytes, src, src_stride_bytes, elem_bytes, static_cast<size_t>(count),
+                               cudaMemcpyDeviceToHost, stream_));
+  synchronize();
 }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }

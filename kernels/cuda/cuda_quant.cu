@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_backend.hpp"
+#include "kernels/device_policy.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/cuda_common.cuh"
 #include "base/error.hpp"
@@ -325,6 +326,15 @@ void launch_gptq_block(cudaStream_t stream, int sm_count, const GptqBlockArgs& a
 
 // --- CudaBackend members ---------------------------------------------------------------------------------------
 
+size_t CudaBackend::factor_workspace_bytes(int64_t n) {
+  PQ_ASSERT(n > 0, "factor_workspace_bytes: n = ", n);
+  // the query reads the shape only; any device pointer stands for the matrix
+  size_t device_bytes = 0, host_bytes = 0;
+  CUSOLVER_CHECK(cusolverDnXpotrf_bufferSize(cusolver_, cusolver_params_, CUBLAS_FILL_MODE_UPPER, n, CUDA_R_32F,
+                                             cublas_workspace_, n, CUDA_R_32F, &device_bytes, &host_bytes));
+  return device_bytes;
+}
+
 bool CudaBackend::reverse_cholesky(float* h, int64_t n) {
   PQ_ASSERT(h != nullptr && n > 0, "reverse_cholesky: n = ", n);
   launch_reverse_flat(stream_, h, n);
@@ -340,11 +350,11 @@ bool CudaBackend::reverse_cholesky(float* h, int64_t n) {
                                     CUDA_R_32F, device_work.data(), device_bytes, host_work.data(), host_bytes,
                                     flag_));
   }
-  // info > 0: the leading minor of that order is not positive definite
-  const int info = read_and_clear_flag();
+  // info > 0: the leading minor of that order is not positive definite; < 0: a bug (cholesky_succeeded aborts)
+  const bool factored = cholesky_succeeded(read_and_clear_flag(), n);
   // R = J L' J is upper triangular and R R^T = J L' L'^T J = H.
   launch_reverse_flat(stream_, h, n);
-  if (info != 0) return false;
+  if (!factored) return false;
   launch_finish_factor(stream_, h, n, flag_);
   return read_and_clear_flag() == 0;
 }
