@@ -19,13 +19,15 @@ using nlohmann::json;
 namespace {
 
 // Architectures whose forward is the Llama block pipequant computes (RMSNorm, rotate_half RoPE, GQA, SwiGLU, HF
-// names), with their model_type. Mistral is Llama without biases, plus a sliding window (check_seq_len).
+// names), with their model_type. Mistral is Llama without biases, plus a sliding window (check_seq_len); Qwen2 is
+// Llama with biases on q, k and v_proj (none on o_proj or the MLP, whatever the file says).
 struct KnownArchitecture {
   std::string_view architecture;
   std::string_view model_type;
 };
 inline constexpr KnownArchitecture kArchitectures[] = {{"LlamaForCausalLM", "llama"},
-                                                       {"MistralForCausalLM", "mistral"}};
+                                                       {"MistralForCausalLM", "mistral"},
+                                                       {"Qwen2ForCausalLM", "qwen2"}};
 
 bool known_model_type(const std::string& model_type) {
   for (const auto& k : kArchitectures)
@@ -171,7 +173,8 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
           known = true;
         }
       }
-      if (!known) f.bad("architectures", "a Llama-layout model (LlamaForCausalLM or MistralForCausalLM)");
+      if (!known)
+        f.bad("architectures", "a Llama-layout model (LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM)");
     }
     // transformers' Auto classes build the model of model_type, vLLM the one of architectures: they must agree
     const std::string expected_type = std::string(model_type_of(architecture));
@@ -180,8 +183,8 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
   } else if (!model_type.empty()) {
     if (!known_model_type(model_type))
       fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
-           " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\" or "
-           "\"mistral\")");
+           " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\", "
+           "\"mistral\" or \"qwen2\")");
     for (const auto& k : kArchitectures)
       if (model_type == k.model_type) architecture = std::string(k.architecture);
   }
@@ -228,7 +231,10 @@ void parse_optional_fields(const json& j, const Fields& f, const std::string& or
   f.boolean("tie_word_embeddings", &c.tie_word_embeddings);
   // Hugging Face's Mistral has no biases whatever the file says; bias tensors in its checkpoint are then refused as
   // unused by the checkpoint validation.
-  if (c.architecture != "MistralForCausalLM") {
+  // Qwen2's attention has biases on q, k and v_proj only, fixed by its modeling code.
+  if (c.architecture == "Qwen2ForCausalLM") {
+    c.qkv_bias = true;
+  } else if (c.architecture != "MistralForCausalLM") {
     f.boolean("attention_bias", &c.attention_bias);
     f.boolean("mlp_bias", &c.mlp_bias);
   }
@@ -265,7 +271,7 @@ json ModelConfig::to_json() const {
   // Fields this struct does not model (bos_token_id, ...) are kept from the source file.
   json j = raw.is_object() ? raw : json::object();
   j["architectures"] = json::array({architecture});
-  if (!j.contains("model_type")) j["model_type"] = architecture == "MistralForCausalLM" ? "mistral" : "llama";
+  if (!j.contains("model_type")) j["model_type"] = std::string(model_type_of(architecture));
   j["hidden_size"] = hidden_size;
   j["intermediate_size"] = intermediate_size;
   j["num_hidden_layers"] = num_layers;
@@ -278,8 +284,13 @@ json ModelConfig::to_json() const {
   j["rms_norm_eps"] = rms_norm_eps;
   j["hidden_act"] = "silu";
   j["tie_word_embeddings"] = tie_word_embeddings;
-  j["attention_bias"] = attention_bias;
-  j["mlp_bias"] = mlp_bias;
+  if (architecture == "LlamaForCausalLM") {  // the fields only Llama reads (the others fix their biases)
+    j["attention_bias"] = attention_bias;
+    j["mlp_bias"] = mlp_bias;
+  } else {
+    j.erase("attention_bias");
+    j.erase("mlp_bias");
+  }
   if (!torch_dtype.empty()) j["torch_dtype"] = torch_dtype;
   if (rope_scaling.type == "default" && rope_scaling.factor == 1.0) {
     j["rope_scaling"] = nullptr;

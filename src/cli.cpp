@@ -501,6 +501,14 @@ int cmd_layer(const Args& args) {
   return 0;
 }
 
+// The architectures name of synth's --architecture.
+std::string synth_architecture(const std::string& word) {
+  if (word == "llama") return "LlamaForCausalLM";
+  if (word == "mistral") return "MistralForCausalLM";
+  if (word == "qwen2") return "Qwen2ForCausalLM";
+  fail("synth: --architecture must be llama, mistral or qwen2, got '", word, "'");
+}
+
 int cmd_synth(const Args& args) {
   Command cmd("synth");
   cmd.add("out", Role::kRun, po::value<std::string>(), "output checkpoint directory")
@@ -513,6 +521,8 @@ int cmd_synth(const Args& args) {
       .add("dtype", Role::kResult, po::value<std::string>()->default_value("bf16"), "bf16 | fp16 | fp32")
       .add("seed", Role::kResult, po::value<uint64_t>()->default_value(0), "random seed")
       .add("tie-word-embeddings", Role::kResult, po::bool_switch(), "no lm_head tensor; the embedding is reused")
+      .add("architecture", Role::kResult, po::value<std::string>()->default_value("llama"),
+           "llama | mistral | qwen2 (qwen2: random biases on q/k/v_proj, as its attention has)")
       .add("attention-bias", Role::kResult, po::bool_switch(), "random biases on q/k/v/o_proj (attention_bias true)")
       .add("mlp-bias", Role::kResult, po::bool_switch(), "random biases on gate/up/down_proj (mlp_bias true)");
   if (parse(cmd, args)) {
@@ -530,6 +540,7 @@ int cmd_synth(const Args& args) {
   s.dtype = cmd.vm["dtype"].as<std::string>();
   s.seed = cmd.vm["seed"].as<uint64_t>();
   s.tie_word_embeddings = cmd.vm["tie-word-embeddings"].as<bool>();
+  s.architecture = synth_architecture(cmd.vm["architecture"].as<std::string>());
   s.attention_bias = cmd.vm["attention-bias"].as<bool>();
   s.mlp_bias = cmd.vm["mlp-bias"].as<bool>();
   if (world_rank() == 0) {

@@ -16,6 +16,12 @@
 
 namespace pipequant {
 
+bool has_bias(const io::ModelConfig& c, int module_index) {
+  if (module_index < 3) return c.attention_bias || c.qkv_bias;  // q, k, v_proj
+  if (module_index == 3) return c.attention_bias;              // o_proj
+  return c.mlp_bias;
+}
+
 std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
 
 Linear Linear::of(int64_t out, int64_t in, WeightValues values) {
@@ -136,10 +142,6 @@ std::array<int64_t, 2> linear_shape(const io::ModelConfig& c, int module_index) 
 }
 
 namespace {
-
-// As Hugging Face's LlamaForCausalLM: q, k, v and o_proj have bias=attention_bias, gate, up and down_proj
-// bias=mlp_bias.
-bool has_bias(const io::ModelConfig& c, int module_index) { return module_index < 4 ? c.attention_bias : c.mlp_bias; }
 
 void expect_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& config, const std::string& name,
                    const std::vector<int64_t>& shape) {
@@ -325,6 +327,9 @@ void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, 
     if (c.architecture == "MistralForCausalLM")
       fail(file, ": tensor ", name, " is a bias, but ", c.path,
            " names MistralForCausalLM, whose linears have none (expected no bias tensors)");
+    if (c.architecture == "Qwen2ForCausalLM")
+      fail(file, ": tensor ", name, " is a bias, but ", c.path,
+           " names Qwen2ForCausalLM, whose linears have biases on q, k and v_proj only");
     fail(file, ": tensor ", name, " is a bias, but ", c.path, " field ", field,
          " is not true (expected true when the checkpoint has biases)");
   }

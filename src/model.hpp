@@ -38,6 +38,11 @@ inline constexpr int kLinearCount = static_cast<int>(kLinears.size());
 
 std::string block_prefix(int64_t block);  // "model.layers.<block>."
 
+// Whether linear `module_index` (kLinears) carries a bias, as the modeling code of the config's architecture builds
+// it: Llama's q, k, v and o_proj bias=attention_bias, gate, up and down_proj bias=mlp_bias; Qwen2's q, k and v_proj
+// always, nothing else; Mistral's none.
+bool has_bias(const io::ModelConfig& config, int module_index);
+
 // The 16-bit values of a bf16 or fp16 checkpoint tensor: exact in fp32.
 struct HalfValues {
   std::vector<uint16_t> bits;

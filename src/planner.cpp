@@ -117,10 +117,6 @@ std::string number(double v) {
 
 double to_gb(uint64_t b) { return static_cast<double>(b) / 1e9; }
 
-// Whether linear `module_index` carries a bias (as src/model.cpp reads them: q, k, v and o_proj attention_bias,
-// gate, up and down_proj mlp_bias).
-bool has_bias(const io::ModelConfig& c, int module_index) { return module_index < 4 ? c.attention_bias : c.mlp_bias; }
-
 BackendKind decide_backend(BackendKind b) {
   if (b != BackendKind::kAuto) return b;
   return kernels::cuda_device_count() > 0 ? BackendKind::kCuda : BackendKind::kCpu;  // as make_backend decides

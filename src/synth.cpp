@@ -103,6 +103,9 @@ int64_t check_synth_options(const SynthOptions& o) {
   const int64_t head_dim = o.hidden_size / o.num_heads;
   PQ_REQUIRE(head_dim % 2 == 0, "synth: head_dim = --hidden-size / --num-heads = ", head_dim,
              " must be even (RoPE rotates pairs of channels)");
+  // Llama's configs say which linears have biases; Mistral's and Qwen2's modeling code fixes it
+  PQ_REQUIRE(o.architecture == "LlamaForCausalLM" || !(o.attention_bias || o.mlp_bias), "synth: --attention-bias and ",
+             "--mlp-bias are Llama's config fields; ", o.architecture, " fixes its biases itself");
   return head_dim;
 }
 
@@ -119,8 +122,10 @@ io::ModelConfig synth_config(const SynthOptions& o, int64_t head_dim, const DTyp
   c.rope_theta = 10000.0;
   c.rms_norm_eps = 1e-5;
   c.tie_word_embeddings = o.tie_word_embeddings;
+  c.architecture = o.architecture;
   c.attention_bias = o.attention_bias;
   c.mlp_bias = o.mlp_bias;
+  c.qkv_bias = o.architecture == "Qwen2ForCausalLM";
   c.torch_dtype = dt.torch_dtype;
   return c;
 }
@@ -165,14 +170,15 @@ std::vector<SynthTensor> synth_tensors(const SynthOptions& o, int64_t head_dim, 
   if (!o.tie_word_embeddings) add("lm_head.weight", {o.vocab_size, h}, 0.0, lin_h);
   // Biases come last, so that each weight keeps its stream (the same weights as without biases for a seed); a std
   // of 0.1 against outputs of O(1) moves the model measurably.
+  const bool qkv_bias = o.attention_bias || o.architecture == "Qwen2ForCausalLM";
   for (int64_t b = 0; b < o.num_layers; ++b) {
     const std::string p = "model.layers." + std::to_string(b) + ".";
-    if (o.attention_bias) {
+    if (qkv_bias) {
       add(p + "self_attn.q_proj.bias", {q_out}, 0.0, 0.1);
       add(p + "self_attn.k_proj.bias", {kv_out}, 0.0, 0.1);
       add(p + "self_attn.v_proj.bias", {kv_out}, 0.0, 0.1);
-      add(p + "self_attn.o_proj.bias", {h}, 0.0, 0.1);
     }
+    if (o.attention_bias) add(p + "self_attn.o_proj.bias", {h}, 0.0, 0.1);
     if (o.mlp_bias) {
       add(p + "mlp.gate_proj.bias", {inter}, 0.0, 0.1);
       add(p + "mlp.up_proj.bias", {inter}, 0.0, 0.1);

@@ -1,5 +1,6 @@
 #pragma once
-// Synthetic checkpoints and token files: deterministic random weights in the Hugging Face Llama layout, for
+// Synthetic checkpoints and token files: deterministic random weights in the Hugging Face layout of a Llama-layout
+// family (Llama, Mistral, Qwen2), for
 // tests and benchmarks at sizes no real checkpoint at hand has.
 
 #include <cstdint>
@@ -9,6 +10,7 @@ namespace pipequant {
 
 struct SynthOptions {
   std::string out_dir;
+  std::string architecture = "LlamaForCausalLM";  // or MistralForCausalLM, Qwen2ForCausalLM (biases on q, k, v)
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
   int64_t num_layers = 0;

@@ -4,7 +4,8 @@ evaluates, and both perplexities equal a plain numpy forward of the same block m
 the original checkpoint, and the quantized output (dequantized from its HDF5 datasets, biases read from the
 shard). Every bias matters: the reference without any one of them (o_proj's included) misses the perplexity
 pipequant prints by far more than the tolerance, and the checkpoint with its biases zeroed evaluates to
-another perplexity."""
+another perplexity. Then a Qwen2ForCausalLM (biases on q, k and v_proj only, as its modeling code builds them)
+the same way: the original and the quantized output against the same numpy forward."""
 import json
 import os
 import shutil
@@ -139,6 +140,33 @@ def quantized_tensors(out_dir, bits):
     return t
 
 
+def check_qwen2(work, calib, tokens, ids, close, results):
+    """Qwen2: q, k, v_proj biases and nothing else; the config names qwen2 and no Llama bias fields."""
+    model = os.path.join(work, "qwen2")
+    pq.run(["synth", "--out", model, "--architecture", "qwen2", "--hidden-size", 64, "--intermediate-size", 96,
+            "--num-layers", 2, "--num-heads", 4, "--num-kv-heads", 2, "--vocab-size", 128, "--dtype", "fp32",
+            "--seed", 23])
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    t = read_safetensors(os.path.join(model, "model.safetensors"))
+    biased = sorted({k.split(".")[-2] for k in t if k.endswith(".bias")})
+    results.append((f"qwen2: config {cfg['architectures']} {cfg['model_type']}, biases on {biased}",
+                    cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
+                    and "attention_bias" not in cfg and biased == ["k_proj", "q_proj", "v_proj"]
+                    and sum(k.endswith(".bias") for k in t) == 6))
+    ppl = pq.perplexity(pq.run(["eval", "--model", model, "--tokens", tokens, "--seq-len", SEQ], np=1).stdout)
+    close("qwen2 checkpoint", ppl, perplexity(cfg, t, ids))
+    ref = perplexity(cfg, t, ids, skip_bias="self_attn.q_proj")
+    results.append((f"qwen2 without q_proj.bias the reference is {ref:.6f}, above 10x the limit from {ppl:.6f}",
+                    abs(ref - ppl) / ppl > 10 * TOL))
+    out = os.path.join(work, "qwen2-out")
+    pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", SEQ, "--bits", 4, "--group-size", 32,
+            "--micro-batch", 4, "--threads", 1, "--out", out], np=1)
+    tq = quantized_tensors(out, 4)
+    pq_q = pq.perplexity(pq.run(["eval", "--model", model, "--quantized", out, "--tokens", tokens, "--seq-len", SEQ],
+                                np=1).stdout)
+    close("qwen2 quantized output", pq_q, perplexity(cfg, tq, ids))
+
+
 def main():
     work = tempfile.mkdtemp(prefix="pipequant-e2e-biases-")
     model = os.path.join(work, "model")
@@ -188,6 +216,7 @@ def main():
     close("quantized output", pq_q, perplexity(cfg, tq, ids))
     results.append((f"quantized perplexity {pq_q:.4f} within 10% of the original {ppl:.4f}",
                     abs(pq_q - ppl) / ppl < 0.1 and pq_q != ppl))
+    check_qwen2(work, calib, tokens, ids, close, results)
     shutil.rmtree(work, ignore_errors=True)
     pq.finish(results)
 

@@ -276,6 +276,22 @@ TEST(ModelConfig, BiasesAsTransformersReadsThem) {
   c = ModelConfig::from_json(j, "cfg.json");
   EXPECT_FALSE(c.attention_bias);
   EXPECT_FALSE(c.mlp_bias);
+  EXPECT_FALSE(c.qkv_bias);
+  // Qwen2's q, k and v_proj always have biases, its o_proj and MLP none, whatever the file says
+  j["architectures"] = {"Qwen2ForCausalLM"};
+  j["model_type"] = "qwen2";
+  c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.architecture, "Qwen2ForCausalLM");
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_FALSE(c.mlp_bias);
+  const json out = c.to_json();
+  EXPECT_EQ(out["model_type"], "qwen2");
+  EXPECT_FALSE(out.contains("attention_bias"));
+  EXPECT_TRUE(ModelConfig::from_json(out, "out.json").qkv_bias);
+  // model_type alone names it too
+  j.erase("architectures");
+  EXPECT_EQ(ModelConfig::from_json(j, "cfg.json").architecture, "Qwen2ForCausalLM");
 }
 
 TEST(ModelConfig, SlidingWindow) {
