@@ -20,14 +20,16 @@ namespace {
 
 // Architectures whose forward is the Llama block pipequant computes (RMSNorm, rotate_half RoPE, GQA, SwiGLU, HF
 // names), with their model_type. Mistral is Llama without biases, plus a sliding window (check_seq_len); Qwen2 is
-// Llama with biases on q, k and v_proj (none on o_proj or the MLP, whatever the file says).
+// Llama with biases on q, k and v_proj (none on o_proj or the MLP, whatever the file says); Qwen3 is Llama with an
+// RMSNorm over each head of q and k before RoPE (q_norm, k_norm), biases as attention_bias says, none in the MLP.
 struct KnownArchitecture {
   std::string_view architecture;
   std::string_view model_type;
 };
 inline constexpr KnownArchitecture kArchitectures[] = {{"LlamaForCausalLM", "llama"},
                                                        {"MistralForCausalLM", "mistral"},
-                                                       {"Qwen2ForCausalLM", "qwen2"}};
+                                                       {"Qwen2ForCausalLM", "qwen2"},
+                                                       {"Qwen3ForCausalLM", "qwen3"}};
 
 bool known_model_type(const std::string& model_type) {
   for (const auto& k : kArchitectures)
@@ -169,12 +171,15 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
       bool known = false;
       for (const auto& k : kArchitectures) {
         if (name.is_string() && name.get<std::string>() == k.architecture) {
+          if (!architecture.empty() && architecture != k.architecture)
+            f.bad("architectures", "one model class (two differ in their forward)");
           architecture = std::string(k.architecture);
           known = true;
         }
       }
       if (!known)
-        f.bad("architectures", "a Llama-layout model (LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM)");
+        f.bad("architectures",
+              "a Llama-layout model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM)");
     }
     // transformers' Auto classes build the model of model_type, vLLM the one of architectures: they must agree
     const std::string expected_type = std::string(model_type_of(architecture));
@@ -184,7 +189,7 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
     if (!known_model_type(model_type))
       fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
            " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\", "
-           "\"mistral\" or \"qwen2\")");
+           "\"mistral\", \"qwen2\" or \"qwen3\")");
     for (const auto& k : kArchitectures)
       if (model_type == k.model_type) architecture = std::string(k.architecture);
   }
@@ -234,6 +239,9 @@ void parse_optional_fields(const json& j, const Fields& f, const std::string& or
   // Qwen2's attention has biases on q, k and v_proj only, fixed by its modeling code.
   if (c.architecture == "Qwen2ForCausalLM") {
     c.qkv_bias = true;
+  } else if (c.architecture == "Qwen3ForCausalLM") {
+    c.qk_norm = true;
+    f.boolean("attention_bias", &c.attention_bias);
   } else if (c.architecture != "MistralForCausalLM") {
     f.boolean("attention_bias", &c.attention_bias);
     f.boolean("mlp_bias", &c.mlp_bias);
@@ -284,13 +292,11 @@ json ModelConfig::to_json() const {
   j["rms_norm_eps"] = rms_norm_eps;
   j["hidden_act"] = "silu";
   j["tie_word_embeddings"] = tie_word_embeddings;
-  if (architecture == "LlamaForCausalLM") {  // the fields only Llama reads (the others fix their biases)
-    j["attention_bias"] = attention_bias;
-    j["mlp_bias"] = mlp_bias;
-  } else {
-    j.erase("attention_bias");
-    j.erase("mlp_bias");
-  }
+  // the bias fields the architecture reads (the others fix their biases)
+  j.erase("attention_bias");
+  j.erase("mlp_bias");
+  if (architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM") j["attention_bias"] = attention_bias;
+  if (architecture == "LlamaForCausalLM") j["mlp_bias"] = mlp_bias;
   if (!torch_dtype.empty()) j["torch_dtype"] = torch_dtype;
   if (rope_scaling.type == "default" && rope_scaling.factor == 1.0) {
     j["rope_scaling"] = nullptr;

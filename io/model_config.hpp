@@ -1,5 +1,5 @@
 #pragma once
-// config.json of a LlamaForCausalLM-style checkpoint (Llama, Mistral, Qwen2).
+// config.json of a LlamaForCausalLM-style checkpoint (Llama, Mistral, Qwen2, Qwen3).
 
 #include <cstdint>
 #include <optional>
@@ -35,6 +35,7 @@ struct ModelConfig {
   bool attention_bias = false;  // q, k, v and o_proj carry a bias (always false for MistralForCausalLM)
   bool mlp_bias = false;        // gate, up and down_proj carry a bias (always false for MistralForCausalLM)
   bool qkv_bias = false;        // q, k and v_proj carry a bias, o_proj none (Qwen2ForCausalLM, always)
+  bool qk_norm = false;         // an RMSNorm [head_dim] over each head of q and of k before RoPE (Qwen3ForCausalLM)
   // Tokens each position attends to (sliding_window), 0 for full causal attention: absent, null, or turned off by
   // use_sliding_window false. The forward computes full attention, so check_seq_len refuses a shorter window.
   int64_t sliding_window = 0;

@@ -506,7 +506,8 @@ std::string synth_architecture(const std::string& word) {
   if (word == "llama") return "LlamaForCausalLM";
   if (word == "mistral") return "MistralForCausalLM";
   if (word == "qwen2") return "Qwen2ForCausalLM";
-  fail("synth: --architecture must be llama, mistral or qwen2, got '", word, "'");
+  if (word == "qwen3") return "Qwen3ForCausalLM";
+  fail("synth: --architecture must be llama, mistral, qwen2 or qwen3, got '", word, "'");
 }
 
 int cmd_synth(const Args& args) {
@@ -522,7 +523,8 @@ int cmd_synth(const Args& args) {
       .add("seed", Role::kResult, po::value<uint64_t>()->default_value(0), "random seed")
       .add("tie-word-embeddings", Role::kResult, po::bool_switch(), "no lm_head tensor; the embedding is reused")
       .add("architecture", Role::kResult, po::value<std::string>()->default_value("llama"),
-           "llama | mistral | qwen2 (qwen2: random biases on q/k/v_proj, as its attention has)")
+           "llama | mistral | qwen2 | qwen3 (qwen2: random biases on q/k/v_proj, as its attention has; qwen3: "
+           "per-head q/k norms)")
       .add("attention-bias", Role::kResult, po::bool_switch(), "random biases on q/k/v/o_proj (attention_bias true)")
       .add("mlp-bias", Role::kResult, po::bool_switch(), "random biases on gate/up/down_proj (mlp_bias true)");
   if (parse(cmd, args)) {

@@ -167,6 +167,10 @@ class CheckpointSource final : public WeightSource {
     const std::string p = block_prefix(block);
     b.input_norm = ckpt_.read_f32(p + "input_layernorm.weight");
     b.post_norm = ckpt_.read_f32(p + "post_attention_layernorm.weight");
+    if (config_.qk_norm) {
+      b.q_norm = ckpt_.read_f32(p + kQkNormTensors[0]);
+      b.k_norm = ckpt_.read_f32(p + kQkNormTensors[1]);
+    }
     for (int i = 0; i < kLinearCount; ++i) {
       const auto shape = linear_shape(config_, i);
       auto& l = b.linears[static_cast<size_t>(i)];
@@ -235,6 +239,10 @@ class QuantizedSource final : public WeightSource {
     const std::string where = shard.path() + ": /blocks/" + std::to_string(block);
     b.input_norm = dense_to_f32(shard.read_block_tensor(block, "input_layernorm.weight"), where);
     b.post_norm = dense_to_f32(shard.read_block_tensor(block, "post_attention_layernorm.weight"), where);
+    if (config_.qk_norm) {
+      b.q_norm = dense_to_f32(shard.read_block_tensor(block, kQkNormTensors[0]), where);
+      b.k_norm = dense_to_f32(shard.read_block_tensor(block, kQkNormTensors[1]), where);
+    }
     for (int i = 0; i < kLinearCount; ++i) {
       auto& l = b.linears[static_cast<size_t>(i)];
       const auto shape = linear_shape(config_, i);
@@ -334,8 +342,9 @@ void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, 
          " is not true (expected true when the checkpoint has biases)");
   }
   fail(file, ": tensor ", name, " is not used by the Llama block of ", c.path, " (", c.architecture,
-       "; expected only input_layernorm, post_attention_layernorm and the q/k/v/o/gate/up/down_proj weights",
-       (c.attention_bias || c.mlp_bias) ? " and biases" : "", "): the checkpoint is of another model");
+       "; expected only input_layernorm, post_attention_layernorm",
+       c.qk_norm ? ", self_attn.q_norm, self_attn.k_norm" : "", " and the q/k/v/o/gate/up/down_proj weights",
+       (c.attention_bias || c.mlp_bias || c.qkv_bias) ? " and biases" : "", "): the checkpoint is of another model");
 }
 
 }  // namespace
@@ -358,6 +367,7 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
   if (!c.tie_word_embeddings) expect_tensor(ckpt, c, "lm_head.weight", {c.vocab_size, c.hidden_size});
   std::set<std::string> block_tensors = {"input_layernorm.weight", "post_attention_layernorm.weight",
                                          kIgnoredBlockTensor};
+  if (c.qk_norm) block_tensors.insert(kQkNormTensors.begin(), kQkNormTensors.end());
   for (int i = 0; i < kLinearCount; ++i) {
     const std::string module = kLinears[static_cast<size_t>(i)].module;
     if (!quant) block_tensors.insert(module + ".weight");
@@ -369,6 +379,8 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
     const std::string p = block_prefix(b);
     expect_tensor(ckpt, c, p + "input_layernorm.weight", {c.hidden_size});
     expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
+    if (c.qk_norm)
+      for (const char* t : kQkNormTensors) expect_tensor(ckpt, c, p + t, {c.head_dim});
     for (int i = 0; i < kLinearCount; ++i) {
       const auto shape = linear_shape(c, i);
       const std::string name = p + kLinears[static_cast<size_t>(i)].module;
@@ -455,6 +467,14 @@ void upload_half(kernels::Backend& backend, kernels::Buffer<uint16_t>& buf, cons
 void BlockRunner::set_block(const BlockWeights& block) {
   upload_vector(backend_, norm1_, block.input_norm);
   upload_vector(backend_, norm2_, block.post_norm);
+  PQ_ASSERT(!config_.qk_norm || (static_cast<int64_t>(block.q_norm.size()) == config_.head_dim &&
+                                 static_cast<int64_t>(block.k_norm.size()) == config_.head_dim),
+            "set_block: q_norm/k_norm of ", block.q_norm.size(), " and ", block.k_norm.size(), " values, head_dim ",
+            config_.head_dim);
+  if (config_.qk_norm) {
+    upload_vector(backend_, q_norm_, block.q_norm);
+    upload_vector(backend_, k_norm_, block.k_norm);
+  }
   for (size_t i = 0; i < kLinears.size(); ++i) {
     held_[i] = block.linears[i];
     upload_linear(static_cast<int>(i));
@@ -556,6 +576,10 @@ const float* BlockRunner::forward(const float* x, int64_t samples, Until until) 
   run_linear(0, xn_.data(), q_.data(), rows);
   run_linear(1, xn_.data(), k_.data(), rows);
   run_linear(2, xn_.data(), v_.data(), rows);
+  if (c.qk_norm) {  // Qwen3: RMSNorm over each head of q and k, before RoPE
+    be.rms_norm(q_.data(), q_norm_.data(), q_.data(), rows * c.num_heads, c.head_dim, eps);
+    be.rms_norm(k_.data(), k_norm_.data(), k_.data(), rows * c.num_kv_heads, c.head_dim, eps);
+  }
   be.rope(q_.data(), samples, seq_, c.num_heads, c.head_dim, inv_freq_.data());
   be.rope(k_.data(), samples, seq_, c.num_kv_heads, c.head_dim, inv_freq_.data());
   be.attention(q_.data(), k_.data(), v_.data(), attn_.data(), samples, seq_, c.num_heads, c.num_kv_heads, c.head_dim);

@@ -68,10 +68,15 @@ struct Linear {
   uint64_t held_bytes() const;
 };
 
+// The per-head norms of q and k (config qk_norm, Qwen3): their names under model.layers.<i>.
+inline constexpr std::array<const char*, 2> kQkNormTensors = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"};
+
 struct BlockWeights {
   int64_t index = 0;
   std::vector<float> input_norm;  // [hidden]
   std::vector<float> post_norm;   // [hidden]
+  std::vector<float> q_norm;      // [head_dim] (config qk_norm), else empty
+  std::vector<float> k_norm;      // [head_dim] (config qk_norm), else empty
   std::array<Linear, kLinearCount> linears;  // in kLinears order
   Linear& linear(const std::string& module);
 };
@@ -146,6 +151,7 @@ class BlockRunner {
   int64_t micro_batch_;
   kernels::Buffer<float> inv_freq_;
   kernels::Buffer<float> norm1_, norm2_;
+  kernels::Buffer<float> q_norm_, k_norm_;  // [head_dim] each (config qk_norm)
   std::optional<kernels::HalfFormat> half_;
   bool expand_ = false;                                     // GEMMs on tiles expanded from held_ (host backend)
   std::array<Linear, kLinearCount> held_;                   // the block's linears as held

@@ -638,7 +638,7 @@ void StageWorker::write_pending_linears(int64_t b) {
   }
 }
 
-// The block's norms and biases, in their source dtype (AWQ's folded norms in fp32).
+// The block's norms (Qwen3's q/k norms too) and biases, in their source dtype (AWQ's folded norms in fp32).
 void StageWorker::write_block_tensors(int64_t b) {
   const std::string prefix = block_prefix(b);
   const std::array<const char*, 2> norms = {"input_layernorm.weight", "post_attention_layernorm.weight"};
@@ -646,6 +646,9 @@ void StageWorker::write_block_tensors(int64_t b) {
     shard_->write_block_tensor(b, opt_.quant.method == Method::kAwq
                                       ? dense_f32(norms[n], norms_[n])
                                       : dense_from_checkpoint(ckpt_, prefix + norms[n], norms[n]));
+  if (config_.qk_norm)
+    for (const char* norm : kQkNormTensors)
+      shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + norm, norm));
   for (const auto& linear : kLinears) {
     const std::string bias = std::string(linear.module) + ".bias";
     if (ckpt_.has(prefix + bias)) shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + bias, bias));

@@ -103,9 +103,12 @@ int64_t check_synth_options(const SynthOptions& o) {
   const int64_t head_dim = o.hidden_size / o.num_heads;
   PQ_REQUIRE(head_dim % 2 == 0, "synth: head_dim = --hidden-size / --num-heads = ", head_dim,
              " must be even (RoPE rotates pairs of channels)");
-  // Llama's configs say which linears have biases; Mistral's and Qwen2's modeling code fixes it
-  PQ_REQUIRE(o.architecture == "LlamaForCausalLM" || !(o.attention_bias || o.mlp_bias), "synth: --attention-bias and ",
-             "--mlp-bias are Llama's config fields; ", o.architecture, " fixes its biases itself");
+  // Llama's configs say which linears have biases (Qwen3's for the attention); Mistral's and Qwen2's modeling code
+  // fixes them
+  const bool llama = o.architecture == "LlamaForCausalLM", qwen3 = o.architecture == "Qwen3ForCausalLM";
+  PQ_REQUIRE(llama || (qwen3 && !o.mlp_bias) || !(o.attention_bias || o.mlp_bias), "synth: ",
+             qwen3 ? "--mlp-bias is" : "--attention-bias and --mlp-bias are", " not a config field of ",
+             o.architecture, ", which fixes those biases itself");
   return head_dim;
 }
 
@@ -126,6 +129,7 @@ io::ModelConfig synth_config(const SynthOptions& o, int64_t head_dim, const DTyp
   c.attention_bias = o.attention_bias;
   c.mlp_bias = o.mlp_bias;
   c.qkv_bias = o.architecture == "Qwen2ForCausalLM";
+  c.qk_norm = o.architecture == "Qwen3ForCausalLM";
   c.torch_dtype = dt.torch_dtype;
   return c;
 }
@@ -162,6 +166,11 @@ std::vector<SynthTensor> synth_tensors(const SynthOptions& o, int64_t head_dim, 
     add(p + "self_attn.v_proj.weight", {kv_out, h}, 0.0, lin_h);
     add(p + "self_attn.o_proj.weight", {h, q_out}, 0.0, 1.0 / std::sqrt(static_cast<double>(q_out)));
     add(p + "post_attention_layernorm.weight", {h}, 1.0, 0.02);
+    // Qwen3's per-head q/k norms; a std of 0.2 makes them matter to the attention scores
+    if (o.architecture == "Qwen3ForCausalLM") {
+      add(p + "self_attn.q_norm.weight", {head_dim}, 1.0, 0.2);
+      add(p + "self_attn.k_norm.weight", {head_dim}, 1.0, 0.2);
+    }
     add(p + "mlp.gate_proj.weight", {inter, h}, 0.0, lin_h);
     add(p + "mlp.up_proj.weight", {inter, h}, 0.0, lin_h);
     add(p + "mlp.down_proj.weight", {h, inter}, 0.0, 1.0 / std::sqrt(static_cast<double>(inter)));

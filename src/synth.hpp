@@ -1,6 +1,6 @@
 #pragma once
 // Synthetic checkpoints and token files: deterministic random weights in the Hugging Face layout of a Llama-layout
-// family (Llama, Mistral, Qwen2), for
+// family (Llama, Mistral, Qwen2, Qwen3), for
 // tests and benchmarks at sizes no real checkpoint at hand has.
 
 #include <cstdint>
@@ -10,7 +10,8 @@ namespace pipequant {
 
 struct SynthOptions {
   std::string out_dir;
-  std::string architecture = "LlamaForCausalLM";  // or MistralForCausalLM, Qwen2ForCausalLM (biases on q, k, v)
+  // or MistralForCausalLM, Qwen2ForCausalLM (biases on q, k, v), Qwen3ForCausalLM (q/k norms)
+  std::string architecture = "LlamaForCausalLM";
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
   int64_t num_layers = 0;

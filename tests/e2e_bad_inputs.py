@@ -147,11 +147,11 @@ cases.append(("sliding_window below --seq-len", quantize_args(m), ["config.json"
 cases.append(("eval: sliding_window below --seq-len", ["eval", "--model", m, "--tokens",
                                                        pq.testdata("text/tinystories_eval.tok512.npy"), "--seq-len",
                                                        256], ["config.json", "sliding_window", "--seq-len 256"]))
-m = model_copy("unknown-architecture", edit_config=lambda c: c.update(architectures=["Qwen3ForCausalLM"]))
-cases.append(("unknown architecture", quantize_args(m), ["config.json", "architectures", "Qwen3ForCausalLM"]))
-m = model_copy("no-architectures-qwen3", edit_config=lambda c: (c.pop("architectures"), c.update(model_type="qwen3")))
+m = model_copy("unknown-architecture", edit_config=lambda c: c.update(architectures=["GemmaForCausalLM"]))
+cases.append(("unknown architecture", quantize_args(m), ["config.json", "architectures", "GemmaForCausalLM"]))
+m = model_copy("no-architectures-gemma", edit_config=lambda c: (c.pop("architectures"), c.update(model_type="gemma")))
 cases.append(("no architectures, model_type of another model", quantize_args(m),
-              ["config.json", "architectures", "model_type", "qwen3"]))
+              ["config.json", "architectures", "model_type", "gemma"]))
 # the safetensors format: one entry per name, tensors covering the data region without holes or trailing bytes
 def duplicate_entry(name):
     def f(h, d):

@@ -5,7 +5,8 @@ the original checkpoint, and the quantized output (dequantized from its HDF5 dat
 shard). Every bias matters: the reference without any one of them (o_proj's included) misses the perplexity
 pipequant prints by far more than the tolerance, and the checkpoint with its biases zeroed evaluates to
 another perplexity. Then a Qwen2ForCausalLM (biases on q, k and v_proj only, as its modeling code builds them)
-the same way: the original and the quantized output against the same numpy forward."""
+and a Qwen3ForCausalLM (RMSNorm over each head of q and k before RoPE, q_norm and k_norm; attention biases) the
+same way: the original and the quantized output against the same numpy forward."""
 import json
 import os
 import shutil
@@ -75,6 +76,9 @@ def perplexity(cfg, t, ids, skip_bias=None):
         b = t.get(p + module + ".bias")
         return y if b is None or module == skip_bias else y + b
 
+    def qk_norm(x, name):  # Qwen3: RMSNorm over each head, where the checkpoint has the norm
+        return x if name not in t or name == skip_bias else rms_norm(x, t[name], eps)
+
     def rope(x):  # [seq, heads, hd], rotate_half
         rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
         return x * cos[:, None, :] + rot * sin[:, None, :]
@@ -86,8 +90,9 @@ def perplexity(cfg, t, ids, skip_bias=None):
         for b in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{b}."
             xn = rms_norm(x, t[p + "input_layernorm.weight"], eps)
-            q = rope(lin(xn, p, "self_attn.q_proj").reshape(SEQ, heads, hd))
-            k = rope(lin(xn, p, "self_attn.k_proj").reshape(SEQ, kv, hd))
+            q = qk_norm(lin(xn, p, "self_attn.q_proj").reshape(SEQ, heads, hd), p + "self_attn.q_norm.weight")
+            k = qk_norm(lin(xn, p, "self_attn.k_proj").reshape(SEQ, kv, hd), p + "self_attn.k_norm.weight")
+            q, k = rope(q), rope(k)
             v = lin(xn, p, "self_attn.v_proj").reshape(SEQ, kv, hd)
             attn = np.empty((SEQ, heads, hd))
             for h in range(heads):
@@ -167,6 +172,36 @@ def check_qwen2(work, calib, tokens, ids, close, results):
     close("qwen2 quantized output", pq_q, perplexity(cfg, tq, ids))
 
 
+def check_qwen3(work, calib, tokens, ids, close, results):
+    """Qwen3: per-head q/k norms (leaving either out misses the perplexity), attention biases from its config."""
+    model = os.path.join(work, "qwen3")
+    pq.run(["synth", "--out", model, "--architecture", "qwen3", "--attention-bias", "--hidden-size", 64,
+            "--intermediate-size", 96, "--num-layers", 2, "--num-heads", 4, "--num-kv-heads", 2, "--vocab-size", 128,
+            "--dtype", "fp32", "--seed", 29])
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    t = read_safetensors(os.path.join(model, "model.safetensors"))
+    norms = sorted(k for k in t if k.endswith("_norm.weight") and "self_attn" in k)
+    results.append((f"qwen3: config {cfg['architectures']} {cfg['model_type']}, {len(norms)} q/k norms, "
+                    f"{sum(k.endswith('.bias') for k in t)} biases",
+                    cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3"
+                    and len(norms) == 4 and sum(k.endswith(".bias") for k in t) == 8))
+    ppl = pq.perplexity(pq.run(["eval", "--model", model, "--tokens", tokens, "--seq-len", SEQ], np=1).stdout)
+    close("qwen3 checkpoint", ppl, perplexity(cfg, t, ids))
+    for norm in ("model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"):
+        ref = perplexity(cfg, t, ids, skip_bias=norm)
+        results.append((f"qwen3 without {norm} the reference is {ref:.6f}, above 10x the limit from {ppl:.6f}",
+                        abs(ref - ppl) / ppl > 10 * TOL))
+    out = os.path.join(work, "qwen3-out")
+    pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", SEQ, "--bits", 4, "--group-size", 32,
+            "--micro-batch", 4, "--threads", 1, "--out", out], np=2)
+    tq = quantized_tensors(out, 4)
+    results.append(("the qwen3 output holds its q/k norms as the checkpoint has them",
+                    all(np.array_equal(tq.get(k), t[k]) for k in norms)))
+    pq_q = pq.perplexity(pq.run(["eval", "--model", model, "--quantized", out, "--tokens", tokens, "--seq-len", SEQ],
+                                np=1).stdout)
+    close("qwen3 quantized output", pq_q, perplexity(cfg, tq, ids))
+
+
 def main():
     work = tempfile.mkdtemp(prefix="pipequant-e2e-biases-")
     model = os.path.join(work, "model")
@@ -217,6 +252,7 @@ def main():
     results.append((f"quantized perplexity {pq_q:.4f} within 10% of the original {ppl:.4f}",
                     abs(pq_q - ppl) / ppl < 0.1 and pq_q != ppl))
     check_qwen2(work, calib, tokens, ids, close, results)
+    check_qwen3(work, calib, tokens, ids, close, results)
     shutil.rmtree(work, ignore_errors=True)
     pq.finish(results)
 

@@ -232,8 +232,10 @@ TEST(ModelConfigBad, WrongArchitecture) {
 TEST(ModelConfigBad, ArchitectureListNamingAnotherModel) {
   json j = base();
   // every entry counts, not the first known one
-  j["architectures"] = json::array({"LlamaForCausalLM", "Qwen3ForCausalLM"});
-  expect_bad(j, "architectures", {"LlamaForCausalLM", "Qwen3ForCausalLM"});
+  j["architectures"] = json::array({"LlamaForCausalLM", "GemmaForCausalLM"});
+  expect_bad(j, "architectures", {"LlamaForCausalLM", "GemmaForCausalLM"});
+  j["architectures"] = json::array({"LlamaForCausalLM", "Qwen3ForCausalLM"});  // two known ones: which would run?
+  EXPECT_THROW(ModelConfig::from_json(j, "cfg.json"), UserError);
   j["architectures"] = json::array();
   expect_bad(j, "architectures", {"a list such as"});
   // Mixtral's blocks are experts, not the Llama MLP (the shared checkpoint keeps this message)
@@ -253,8 +255,8 @@ TEST(ModelConfig, ModelTypeWithoutArchitectures) {
 TEST(ModelConfigBad, ModelTypeOfAnotherModel) {
   json j = base();
   j.erase("architectures");
-  j["model_type"] = "qwen3";  // a relabelled Qwen3 without architectures is not taken for Llama
-  expect_bad(j, "architectures", {"missing", "field model_type \"qwen3\"", "\"llama\""});
+  j["model_type"] = "gemma";  // a relabelled Gemma without architectures is not taken for Llama
+  expect_bad(j, "architectures", {"missing", "field model_type \"gemma\"", "\"llama\""});
   j = base();
   j["model_type"] = "qwen3";  // architectures says Llama, model_type another model: the loaders disagree
   expect_bad(j, "model_type", {"\"llama\"", "LlamaForCausalLM", "got \"qwen3\""});
