@@ -21,7 +21,8 @@ namespace {
 // Architectures whose forward is the Llama block pipequant computes (RMSNorm, rotate_half RoPE, GQA, SwiGLU, HF
 // names), with their model_type. Mistral is Llama without biases, plus a sliding window (check_seq_len); Qwen2 is
 // Llama with biases on q, k and v_proj (none on o_proj or the MLP, whatever the file says); Qwen3 is Llama with an
-// RMSNorm over each head of q and k before RoPE (q_norm, k_norm), biases as attention_bias says, none in the MLP.
+// RMSNorm over each head of q and k before RoPE (q_norm, k_norm), biases as attention_bias says, none in the MLP;
+// Mixtral is Mistral with a Mixture-of-Experts MLP (num_local_experts, num_experts_per_tok; src/moe.hpp).
 struct KnownArchitecture {
   std::string_view architecture;
   std::string_view model_type;
@@ -29,7 +30,8 @@ struct KnownArchitecture {
 inline constexpr KnownArchitecture kArchitectures[] = {{"LlamaForCausalLM", "llama"},
                                                        {"MistralForCausalLM", "mistral"},
                                                        {"Qwen2ForCausalLM", "qwen2"},
-                                                       {"Qwen3ForCausalLM", "qwen3"}};
+                                                       {"Qwen3ForCausalLM", "qwen3"},
+                                                       {"MixtralForCausalLM", "mixtral"}};
 
 bool known_model_type(const std::string& model_type) {
   for (const auto& k : kArchitectures)
@@ -179,7 +181,8 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
       }
       if (!known)
         f.bad("architectures",
-              "a Llama-layout model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM)");
+              "a Llama-layout model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or "
+              "MixtralForCausalLM)");
     }
     // transformers' Auto classes build the model of model_type, vLLM the one of architectures: they must agree
     const std::string expected_type = std::string(model_type_of(architecture));
@@ -189,7 +192,7 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
     if (!known_model_type(model_type))
       fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
            " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\", "
-           "\"mistral\", \"qwen2\" or \"qwen3\")");
+           "\"mistral\", \"qwen2\", \"qwen3\" or \"mixtral\")");
     for (const auto& k : kArchitectures)
       if (model_type == k.model_type) architecture = std::string(k.architecture);
   }
@@ -242,6 +245,11 @@ void parse_optional_fields(const json& j, const Fields& f, const std::string& or
   } else if (c.architecture == "Qwen3ForCausalLM") {
     c.qk_norm = true;
     f.boolean("attention_bias", &c.attention_bias);
+  } else if (c.architecture == "MixtralForCausalLM") {
+    c.num_experts = f.positive_int("num_local_experts");
+    c.experts_per_token = f.positive_int("num_experts_per_tok");
+    if (c.experts_per_token > c.num_experts)
+      f.bad("num_experts_per_tok", "at most num_local_experts " + std::to_string(c.num_experts));
   } else if (c.architecture != "MistralForCausalLM") {
     f.boolean("attention_bias", &c.attention_bias);
     f.boolean("mlp_bias", &c.mlp_bias);
@@ -297,6 +305,10 @@ json ModelConfig::to_json() const {
   j.erase("mlp_bias");
   if (architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM") j["attention_bias"] = attention_bias;
   if (architecture == "LlamaForCausalLM") j["mlp_bias"] = mlp_bias;
+  if (moe()) {
+    j["num_local_experts"] = num_experts;
+    j["num_experts_per_tok"] = experts_per_token;
+  }
   if (!torch_dtype.empty()) j["torch_dtype"] = torch_dtype;
   if (rope_scaling.type == "default" && rope_scaling.factor == 1.0) {
     j["rope_scaling"] = nullptr;

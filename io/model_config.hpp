@@ -1,5 +1,5 @@
 #pragma once
-// config.json of a LlamaForCausalLM-style checkpoint (Llama, Mistral, Qwen2, Qwen3).
+// config.json of a LlamaForCausalLM-style checkpoint (Llama, Mistral, Qwen2, Qwen3), and Mixtral's experts.
 
 #include <cstdint>
 #include <optional>
@@ -36,6 +36,11 @@ struct ModelConfig {
   bool mlp_bias = false;        // gate, up and down_proj carry a bias (always false for MistralForCausalLM)
   bool qkv_bias = false;        // q, k and v_proj carry a bias, o_proj none (Qwen2ForCausalLM, always)
   bool qk_norm = false;         // an RMSNorm [head_dim] over each head of q and of k before RoPE (Qwen3ForCausalLM)
+  // Mixture-of-Experts (MixtralForCausalLM): each block's MLP is `num_experts` SwiGLU experts of width
+  // intermediate_size, of which a router picks `experts_per_token` per token; 0: the dense MLP.
+  int64_t num_experts = 0;
+  int64_t experts_per_token = 0;
+  bool moe() const { return num_experts > 0; }
   // Tokens each position attends to (sliding_window), 0 for full causal attention: absent, null, or turned off by
   // use_sliding_window false. The forward computes full attention, so check_seq_len refuses a shorter window.
   int64_t sliding_window = 0;

@@ -12,6 +12,7 @@
 #include "base/shape.hpp"
 #include "base/numeric.hpp"
 #include "src/hf_source.hpp"
+#include "src/moe.hpp"
 #include "src/quant.hpp"
 
 namespace pipequant {
@@ -23,6 +24,25 @@ bool has_bias(const io::ModelConfig& c, int module_index) {
 }
 
 std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
+
+namespace {
+
+// Mixtral's MoE tensors under model.layers.<i>.
+inline constexpr const char* kRouterTensor = "block_sparse_moe.gate.weight";
+// Expert e's gate (w1), up (w3) and down (w2) weights.
+std::array<std::string, 3> expert_tensors(int64_t e) {
+  const std::string p = "block_sparse_moe.experts." + std::to_string(e) + ".";
+  return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
+}
+// The linears of kLinears an MoE block has: the attention's (the MLP is its experts).
+int block_linear_count(const io::ModelConfig& c) { return c.moe() ? 4 : kLinearCount; }
+
+}  // namespace
+
+void require_dense_mlp(const io::ModelConfig& c, const char* command) {
+  PQ_REQUIRE(!c.moe(), c.path, ": ", c.architecture, " is a Mixture-of-Experts model (", c.num_experts,
+             " experts per block): pipequant ", command, " does not handle experts yet; eval reads it");
+}
 
 Linear Linear::of(int64_t out, int64_t in, WeightValues values) {
   Linear l;
@@ -171,7 +191,8 @@ class CheckpointSource final : public WeightSource {
       b.q_norm = ckpt_.read_f32(p + kQkNormTensors[0]);
       b.k_norm = ckpt_.read_f32(p + kQkNormTensors[1]);
     }
-    for (int i = 0; i < kLinearCount; ++i) {
+    if (config_.moe()) b.moe = read_moe(p);
+    for (int i = 0; i < block_linear_count(config_); ++i) {
       const auto shape = linear_shape(config_, i);
       auto& l = b.linears[static_cast<size_t>(i)];
       const std::string module = p + kLinears[static_cast<size_t>(i)].module;
@@ -200,6 +221,18 @@ class CheckpointSource final : public WeightSource {
     std::vector<float> v = ckpt_.read_f32(name);
     ckpt_.release(name);
     return v;
+  }
+  MoeWeights read_moe(const std::string& p) const {
+    PQ_REQUIRE(!quant_, ckpt_.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
+    const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
+    MoeWeights m;
+    m.router = ckpt_.read_f32(p + kRouterTensor);
+    for (int64_t e = 0; e < config_.num_experts; ++e) {
+      const auto names = expert_tensors(e);
+      m.experts.push_back({Linear::of(inter, h, read_values(p + names[0])), Linear::of(inter, h, read_values(p + names[1])),
+                           Linear::of(h, inter, read_values(p + names[2]))});
+    }
+    return m;
   }
   // A weight as stored (16-bit kept as it is), its mapped pages released once copied.
   WeightValues read_values(const std::string& name) const {
@@ -347,6 +380,17 @@ void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, 
        (c.attention_bias || c.mlp_bias || c.qkv_bias) ? " and biases" : "", "): the checkpoint is of another model");
 }
 
+void expect_moe_tensors(const io::Checkpoint& ckpt, const io::ModelConfig& c, const std::string& p) {
+  const int64_t h = c.hidden_size, inter = c.intermediate_size;
+  expect_tensor(ckpt, c, p + kRouterTensor, {c.num_experts, h});
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    const auto names = expert_tensors(e);
+    expect_tensor(ckpt, c, p + names[0], {inter, h});
+    expect_tensor(ckpt, c, p + names[1], {inter, h});
+    expect_tensor(ckpt, c, p + names[2], {h, inter});
+  }
+}
+
 }  // namespace
 
 void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, const io::HfQuantConfig* quant) {
@@ -368,7 +412,13 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
   std::set<std::string> block_tensors = {"input_layernorm.weight", "post_attention_layernorm.weight",
                                          kIgnoredBlockTensor};
   if (c.qk_norm) block_tensors.insert(kQkNormTensors.begin(), kQkNormTensors.end());
-  for (int i = 0; i < kLinearCount; ++i) {
+  PQ_REQUIRE(!(quant && c.moe()), ckpt.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
+  if (c.moe()) {
+    block_tensors.insert(kRouterTensor);
+    for (int64_t e = 0; e < c.num_experts; ++e)
+      for (const auto& t : expert_tensors(e)) block_tensors.insert(t);
+  }
+  for (int i = 0; i < block_linear_count(c); ++i) {
     const std::string module = kLinears[static_cast<size_t>(i)].module;
     if (!quant) block_tensors.insert(module + ".weight");
     for (const auto& t : quant ? hf_linear_tensor_suffixes() : std::vector<std::string>{})
@@ -381,7 +431,8 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
     expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
     if (c.qk_norm)
       for (const char* t : kQkNormTensors) expect_tensor(ckpt, c, p + t, {c.head_dim});
-    for (int i = 0; i < kLinearCount; ++i) {
+    if (c.moe()) expect_moe_tensors(ckpt, c, p);
+    for (int i = 0; i < block_linear_count(c); ++i) {
       const auto shape = linear_shape(c, i);
       const std::string name = p + kLinears[static_cast<size_t>(i)].module;
       if (quant)
@@ -426,6 +477,7 @@ BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& confi
       micro_batch_(micro_batch),
       half_(half),
       expand_(!half && backend.host_memory()) {
+  if (config.moe()) moe_ = std::make_shared<MoeMlp>(backend, config, seq * micro_batch);
   const auto inv = rope_inv_freq(config);
   inv_freq_ = kernels::Buffer<float>(backend, static_cast<int64_t>(inv.size()));
   backend.upload(inv_freq_.data(), inv.data(), inv.size() * sizeof(float));
@@ -475,7 +527,8 @@ void BlockRunner::set_block(const BlockWeights& block) {
     upload_vector(backend_, q_norm_, block.q_norm);
     upload_vector(backend_, k_norm_, block.k_norm);
   }
-  for (size_t i = 0; i < kLinears.size(); ++i) {
+  if (moe_) moe_->set(block.moe);
+  for (size_t i = 0; i < static_cast<size_t>(block_linear_count(config_)); ++i) {
     held_[i] = block.linears[i];
     upload_linear(static_cast<int>(i));
     has_bias_[i] = !block.linears[i].bias.empty();
@@ -588,6 +641,12 @@ const float* BlockRunner::forward(const float* x, int64_t samples, Until until) 
   be.add(h_.data(), x_.data(), rows * hsz);  // h = x + attention output
   be.rms_norm(h_.data(), norm2_.data(), xn_.data(), rows, hsz, eps);
   if (until == Until::kGateUpInput) return xn_.data();
+  if (moe_) {
+    PQ_ASSERT(until == Until::kOutput, "forward: an MoE block has no single down_proj input");
+    moe_->forward(xn_.data(), x_.data(), rows);
+    be.add(x_.data(), h_.data(), rows * hsz);  // out = h + MoE output
+    return x_.data();
+  }
   run_linear(4, xn_.data(), g_.data(), rows);
   run_linear(5, xn_.data(), u_.data(), rows);
   be.swiglu(g_.data(), u_.data(), g_.data(), rows * c.intermediate_size);

@@ -71,13 +71,26 @@ struct Linear {
 // The per-head norms of q and k (config qk_norm, Qwen3): their names under model.layers.<i>.
 inline constexpr std::array<const char*, 2> kQkNormTensors = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"};
 
+// One expert of a Mixture-of-Experts MLP (Mixtral's block_sparse_moe.experts.<e>.w1, w3, w2): a SwiGLU MLP.
+struct ExpertWeights {
+  Linear gate;  // w1 [intermediate, hidden]
+  Linear up;    // w3 [intermediate, hidden]
+  Linear down;  // w2 [hidden, intermediate]
+};
+// The MLP of an MoE block (config moe()): the router and the experts (src/moe.hpp runs them).
+struct MoeWeights {
+  std::vector<float> router;  // [num_experts, hidden]: block_sparse_moe.gate
+  std::vector<ExpertWeights> experts;
+};
+
 struct BlockWeights {
   int64_t index = 0;
   std::vector<float> input_norm;  // [hidden]
   std::vector<float> post_norm;   // [hidden]
   std::vector<float> q_norm;      // [head_dim] (config qk_norm), else empty
   std::vector<float> k_norm;      // [head_dim] (config qk_norm), else empty
-  std::array<Linear, kLinearCount> linears;  // in kLinears order
+  std::array<Linear, kLinearCount> linears;  // in kLinears order (an MoE block: the attention's four only)
+  MoeWeights moe;                            // an MoE block's MLP (config moe()), else empty
   Linear& linear(const std::string& module);
 };
 
@@ -112,6 +125,11 @@ std::unique_ptr<WeightSource> checkpoint_source(const io::Checkpoint& checkpoint
                                                 const io::HfQuantConfig* quant = nullptr);
 // A quantized output directory: packed linears dequantized on the fly, dense tensors as stored.
 std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const io::ModelConfig& config);
+
+class MoeMlp;
+
+// Refuses, with the command's name, what only dense models support yet (quantize, plan, export of MoE models).
+void require_dense_mlp(const io::ModelConfig& config, const char* command);
 
 // Where a partial block forward stops: the input of each linear group, or the block output.
 enum class Until { kQkvInput = 0, kOInput = 1, kGateUpInput = 2, kDownInput = 3, kOutput = 4 };
@@ -152,6 +170,7 @@ class BlockRunner {
   kernels::Buffer<float> inv_freq_;
   kernels::Buffer<float> norm1_, norm2_;
   kernels::Buffer<float> q_norm_, k_norm_;  // [head_dim] each (config qk_norm)
+  std::shared_ptr<MoeMlp> moe_;              // an MoE block's MLP (config moe())
   std::optional<kernels::HalfFormat> half_;
   bool expand_ = false;                                     // GEMMs on tiles expanded from held_ (host backend)
   std::array<Linear, kLinearCount> held_;                   // the block's linears as held

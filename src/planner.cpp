@@ -708,6 +708,7 @@ std::optional<LayoutAdvice> recommend_layout(const PlanInputs& in) {
 int run_plan(const PlanOptions& o, std::ostream& os) {
   const io::ModelConfig config = io::ModelConfig::load(o.model_dir);
   config.check_seq_len(o.seq_len);
+  require_dense_mlp(config, "plan");
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model_dir);  // headers only
   validate_checkpoint(ckpt, config);
   const Plan plan = make_plan(plan_inputs(o, config, ckpt));

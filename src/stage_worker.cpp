@@ -112,6 +112,7 @@ StageWorker::StageWorker(const QuantizeOptions& options)
       ckpt_(io::Checkpoint::open(options.model_dir)) {
   validate(opt_.quant);
   PQ_REQUIRE(opt_.run.micro_batch > 0, "--micro-batch must be positive");
+  require_dense_mlp(config_, "quantize");
   validate_checkpoint(ckpt_, config_);
   config_.check_seq_len(opt_.seq_len);
   calib_ = load_calibration(opt_, config_);

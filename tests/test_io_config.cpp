@@ -238,9 +238,21 @@ TEST(ModelConfigBad, ArchitectureListNamingAnotherModel) {
   EXPECT_THROW(ModelConfig::from_json(j, "cfg.json"), UserError);
   j["architectures"] = json::array();
   expect_bad(j, "architectures", {"a list such as"});
-  // Mixtral's blocks are experts, not the Llama MLP (the shared checkpoint keeps this message)
-  expect_user_error([] { ModelConfig::load(testdata("mixtral-tiny")); },
-                    {"mixtral-tiny/config.json", "field architectures", "a Llama-layout model", "MixtralForCausalLM"});
+}
+
+TEST(ModelConfig, MixtralHasExperts) {
+  const ModelConfig c = ModelConfig::load(testdata("mixtral-tiny"));
+  EXPECT_EQ(c.architecture, "MixtralForCausalLM");
+  EXPECT_TRUE(c.moe());
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.experts_per_token, 2);
+  EXPECT_EQ(c.intermediate_size, 128);
+  EXPECT_FALSE(ModelConfig::load(testdata("stories260K")).moe());
+  json j = c.raw;
+  j["num_experts_per_tok"] = 9;
+  expect_bad(j, "num_experts_per_tok", {"at most num_local_experts 8"});
+  j.erase("num_local_experts");
+  expect_bad(j, "num_local_experts", {"missing"});
 }
 
 TEST(ModelConfig, ModelTypeWithoutArchitectures) {
