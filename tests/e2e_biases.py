@@ -145,6 +145,15 @@ def quantized_tensors(out_dir, bits):
     return t
 
 
+def quantize_and_eval(model, out, calib, tokens, np_ranks):
+    """GPTQ 4-bit g32 of model into out on np_ranks stages; returns the output's tensors and its eval perplexity."""
+    pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", SEQ, "--bits", 4, "--group-size", 32,
+            "--micro-batch", 4, "--threads", 1, "--out", out], np=np_ranks)
+    ppl = pq.perplexity(pq.run(["eval", "--model", model, "--quantized", out, "--tokens", tokens, "--seq-len", SEQ],
+                               np=1).stdout)
+    return quantized_tensors(out, 4), ppl
+
+
 def check_qwen2(work, calib, tokens, ids, close, results):
     """Qwen2: q, k, v_proj biases and nothing else; the config names qwen2 and no Llama bias fields."""
     model = os.path.join(work, "qwen2")
@@ -163,12 +172,7 @@ def check_qwen2(work, calib, tokens, ids, close, results):
     ref = perplexity(cfg, t, ids, skip_bias="self_attn.q_proj")
     results.append((f"qwen2 without q_proj.bias the reference is {ref:.6f}, above 10x the limit from {ppl:.6f}",
                     abs(ref - ppl) / ppl > 10 * TOL))
-    out = os.path.join(work, "qwen2-out")
-    pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", SEQ, "--bits", 4, "--group-size", 32,
-            "--micro-batch", 4, "--threads", 1, "--out", out], np=1)
-    tq = quantized_tensors(out, 4)
-    pq_q = pq.perplexity(pq.run(["eval", "--model", model, "--quantized", out, "--tokens", tokens, "--seq-len", SEQ],
-                                np=1).stdout)
+    tq, pq_q = quantize_and_eval(model, os.path.join(work, "qwen2-out"), calib, tokens, 1)
     close("qwen2 quantized output", pq_q, perplexity(cfg, tq, ids))
 
 
@@ -191,14 +195,9 @@ def check_qwen3(work, calib, tokens, ids, close, results):
         ref = perplexity(cfg, t, ids, skip_bias=norm)
         results.append((f"qwen3 without {norm} the reference is {ref:.6f}, above 10x the limit from {ppl:.6f}",
                         abs(ref - ppl) / ppl > 10 * TOL))
-    out = os.path.join(work, "qwen3-out")
-    pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", SEQ, "--bits", 4, "--group-size", 32,
-            "--micro-batch", 4, "--threads", 1, "--out", out], np=2)
-    tq = quantized_tensors(out, 4)
+    tq, pq_q = quantize_and_eval(model, os.path.join(work, "qwen3-out"), calib, tokens, 2)
     results.append(("the qwen3 output holds its q/k norms as the checkpoint has them",
                     all(np.array_equal(tq.get(k), t[k]) for k in norms)))
-    pq_q = pq.perplexity(pq.run(["eval", "--model", model, "--quantized", out, "--tokens", tokens, "--seq-len", SEQ],
-                                np=1).stdout)
     close("qwen3 quantized output", pq_q, perplexity(cfg, tq, ids))
 
 
@@ -240,14 +239,9 @@ def main():
     results.append((f"biases zeroed: perplexity {ppl0:.6f} vs {ppl:.6f}", abs(ppl0 - ppl) / ppl > 10 * TOL))
 
     # quantized on 2 stages: the shards hold every bias, and the quantized model evaluates as its datasets say
-    out = os.path.join(work, "out")
-    pq.run(["quantize", "--model", model, "--calib", calib, "--seq-len", SEQ, "--bits", 4, "--group-size", 32,
-            "--micro-batch", 4, "--threads", 1, "--out", out], np=2)
-    tq = quantized_tensors(out, 4)
+    tq, pq_q = quantize_and_eval(model, os.path.join(work, "out"), calib, tokens, 2)
     results.append(("the quantized output holds the 14 biases as the checkpoint has them",
                     all(np.array_equal(tq.get(k), v) for k, v in t.items() if k.endswith(".bias"))))
-    pq_q = pq.perplexity(pq.run(["eval", "--model", model, "--quantized", out, "--tokens", tokens, "--seq-len", SEQ],
-                                np=1).stdout)
     close("quantized output", pq_q, perplexity(cfg, tq, ids))
     results.append((f"quantized perplexity {pq_q:.4f} within 10% of the original {ppl:.4f}",
                     abs(pq_q - ppl) / ppl < 0.1 and pq_q != ppl))
