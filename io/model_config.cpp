@@ -33,11 +33,6 @@ inline constexpr KnownArchitecture kArchitectures[] = {{"LlamaForCausalLM", "lla
                                                        {"Qwen3ForCausalLM", "qwen3"},
                                                        {"MixtralForCausalLM", "mixtral"}};
 
-bool known_model_type(const std::string& model_type) {
-  for (const auto& k : kArchitectures)
-    if (model_type == k.model_type) return true;
-  return false;
-}
 
 std::string_view model_type_of(const std::string& architecture) {
   for (const auto& k : kArchitectures)
@@ -189,12 +184,11 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
     if (!model_type.empty() && model_type != expected_type)
       f.bad("model_type", "\"" + expected_type + "\", the model_type of architectures " + architecture);
   } else if (!model_type.empty()) {
-    if (!known_model_type(model_type))
+    architecture = architecture_of_model_type(model_type);
+    if (architecture.empty())
       fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
            " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\", "
            "\"mistral\", \"qwen2\", \"qwen3\" or \"mixtral\")");
-    for (const auto& k : kArchitectures)
-      if (model_type == k.model_type) architecture = std::string(k.architecture);
   }
   if (f.present("hidden_act")) {
     if (!(j["hidden_act"].is_string() && j["hidden_act"].get<std::string>() == "silu"))
@@ -237,22 +231,15 @@ void parse_optional_fields(const json& j, const Fields& f, const std::string& or
   f.positive_number("rope_theta", &c.rope_theta);
   f.positive_number("rms_norm_eps", &c.rms_norm_eps);
   f.boolean("tie_word_embeddings", &c.tie_word_embeddings);
-  // Hugging Face's Mistral has no biases whatever the file says; bias tensors in its checkpoint are then refused as
-  // unused by the checkpoint validation.
-  // Qwen2's attention has biases on q, k and v_proj only, fixed by its modeling code.
-  if (c.architecture == "Qwen2ForCausalLM") {
-    c.qkv_bias = true;
-  } else if (c.architecture == "Qwen3ForCausalLM") {
-    c.qk_norm = true;
-    f.boolean("attention_bias", &c.attention_bias);
-  } else if (c.architecture == "MixtralForCausalLM") {
+  // The bias fields the architecture's modeling code reads (Mistral's and Qwen2's fix their biases whatever the file
+  // says; bias tensors their checkpoint should not have are refused as unused by the checkpoint validation).
+  if (c.reads_attention_bias()) f.boolean("attention_bias", &c.attention_bias);
+  if (c.reads_mlp_bias()) f.boolean("mlp_bias", &c.mlp_bias);
+  if (c.architecture == "MixtralForCausalLM") {
     c.num_experts = f.positive_int("num_local_experts");
     c.experts_per_token = f.positive_int("num_experts_per_tok");
     if (c.experts_per_token > c.num_experts)
       f.bad("num_experts_per_tok", "at most num_local_experts " + std::to_string(c.num_experts));
-  } else if (c.architecture != "MistralForCausalLM") {
-    f.boolean("attention_bias", &c.attention_bias);
-    f.boolean("mlp_bias", &c.mlp_bias);
   }
   bool use_window = true;  // Qwen2-style configs switch the window off with use_sliding_window false
   f.boolean("use_sliding_window", &use_window);
@@ -270,11 +257,31 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
   c.path = origin;
   c.raw = j;
   const std::string architecture = parse_architecture(j, f, origin);
-  if (!architecture.empty()) c.architecture = architecture;
+  c.set_architecture(architecture.empty() ? c.architecture : architecture);
   parse_sizes(f, origin, c);
   parse_optional_fields(j, f, origin, c);
   return c;
 }
+
+std::string architecture_of_model_type(const std::string& model_type) {
+  for (const auto& k : kArchitectures)
+    if (model_type == k.model_type) return std::string(k.architecture);
+  return "";
+}
+
+void ModelConfig::set_architecture(const std::string& name) {
+  architecture = name;
+  qkv_bias = name == "Qwen2ForCausalLM";  // Qwen2's attention: biases on q, k and v_proj, always
+  qk_norm = name == "Qwen3ForCausalLM";   // Qwen3's attention: RMSNorm over each head of q and k
+  if (!reads_attention_bias()) attention_bias = false;
+  if (!reads_mlp_bias()) mlp_bias = false;
+}
+
+bool ModelConfig::reads_attention_bias() const {
+  return architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM";
+}
+
+bool ModelConfig::reads_mlp_bias() const { return architecture == "LlamaForCausalLM"; }
 
 void ModelConfig::check_seq_len(int64_t seq_len) const {
   if (sliding_window == 0 || sliding_window >= seq_len) return;
@@ -303,8 +310,8 @@ json ModelConfig::to_json() const {
   // the bias fields the architecture reads (the others fix their biases)
   j.erase("attention_bias");
   j.erase("mlp_bias");
-  if (architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM") j["attention_bias"] = attention_bias;
-  if (architecture == "LlamaForCausalLM") j["mlp_bias"] = mlp_bias;
+  if (reads_attention_bias()) j["attention_bias"] = attention_bias;
+  if (reads_mlp_bias()) j["mlp_bias"] = mlp_bias;
   if (moe()) {
     j["num_local_experts"] = num_experts;
     j["num_experts_per_tok"] = experts_per_token;

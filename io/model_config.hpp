@@ -18,6 +18,10 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 8192;
 };
 
+// The architectures name of a model_type pipequant reads ("llama" -> "LlamaForCausalLM", "qwen3", "mixtral", ...);
+// empty for any other.
+std::string architecture_of_model_type(const std::string& model_type);
+
 struct ModelConfig {
   std::string path;  // the config.json it came from
   std::string architecture = "LlamaForCausalLM";
@@ -51,6 +55,11 @@ struct ModelConfig {
   // Reads and validates `path` (a config.json or a directory holding one). Throws UserError
   // "<file>: field <name>: <what was expected>" for a missing or wrong field.
   static ModelConfig load(const std::string& path);
+  // Sets `architecture` and what its modeling code fixes whatever a file says: Qwen2's q/k/v biases, Qwen3's q/k
+  // norms, no bias fields where the architecture reads none. The one place of these per-family facts.
+  void set_architecture(const std::string& name);
+  bool reads_attention_bias() const;  // config.json's attention_bias means something (Llama, Qwen3)
+  bool reads_mlp_bias() const;        // config.json's mlp_bias means something (Llama)
   static ModelConfig from_json(const nlohmann::json& j, const std::string& origin);
   // Throws UserError "<file>: field sliding_window: ..." when the model attends over fewer than seq_len tokens
   // (a sliding window): the forward computes full causal attention over --seq-len tokens. Called where the

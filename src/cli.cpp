@@ -501,13 +501,11 @@ int cmd_layer(const Args& args) {
   return 0;
 }
 
-// The architectures name of synth's --architecture.
+// The architectures name of synth's --architecture, a model_type (synth makes no experts: not mixtral).
 std::string synth_architecture(const std::string& word) {
-  if (word == "llama") return "LlamaForCausalLM";
-  if (word == "mistral") return "MistralForCausalLM";
-  if (word == "qwen2") return "Qwen2ForCausalLM";
-  if (word == "qwen3") return "Qwen3ForCausalLM";
-  fail("synth: --architecture must be llama, mistral, qwen2 or qwen3, got '", word, "'");
+  const std::string architecture = word == "mixtral" ? "" : io::architecture_of_model_type(word);
+  PQ_REQUIRE(!architecture.empty(), "synth: --architecture must be llama, mistral, qwen2 or qwen3, got '", word, "'");
+  return architecture;
 }
 
 int cmd_synth(const Args& args) {
@@ -591,9 +589,10 @@ int cmd_bench_transport(const Args& args) {
   RunOptions run;
   run.backend = kind == comm::TransportKind::kMpi ? BackendKind::kCpu : BackendKind::kAuto;
   run.transport = kind;
-  const comm::TransportKind chosen = transport_for(run, *make_backend(run));
+  const kernels::DeviceShare gpu = rank_device();
+  const comm::TransportKind chosen = transport_for(run, *make_backend(run), gpu);
   std::string table;
-  const int rc = comm::run_transport_benchmark(chosen, rank_gpu(), cmd.vm["min-bytes"].as<int64_t>(),
+  const int rc = comm::run_transport_benchmark(chosen, gpu.device, cmd.vm["min-bytes"].as<int64_t>(),
                                                cmd.vm["max-bytes"].as<int64_t>(), cmd.vm["iters"].as<int>(),
                                                cmd.vm["warmup"].as<int>(), table);
   if (world_rank() == 0) std::fputs(table.c_str(), stdout);

@@ -10,19 +10,19 @@
 #include "base/error.hpp"
 #include "base/numeric.hpp"
 #include "comm/mpi_env.hpp"
-#include "kernels/device_policy.hpp"
 
 namespace pipequant {
 
 namespace {
 
-// The GPU this rank takes on its node, round-robin by local rank, and how many of the node's ranks share it.
 kernels::DeviceShare rank_device(const comm::NodeRanks& node) {
   const int devices = kernels::cuda_device_count();
   return devices > 0 ? kernels::device_share(node.local_rank, node.local_size, devices) : kernels::DeviceShare{};
 }
 
 }  // namespace
+
+kernels::DeviceShare rank_device() { return rank_device(comm::node_ranks()); }
 
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   // the ranks on this node share its cores, and take its GPUs round-robin by local rank
@@ -49,18 +49,18 @@ std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run) {
   return kernels::make_cpu_backend(threads);
 }
 
-int rank_gpu() { return rank_device(comm::node_ranks()).device; }
-
-comm::TransportKind transport_for(const RunOptions& run, const kernels::Backend& backend) {
-  const bool on_cuda = backend.name() == "cuda";
-  int owns = on_cuda && rank_device(comm::node_ranks()).sharing == 1 ? 1 : 0;
+comm::TransportKind transport_for(const RunOptions& run, const kernels::Backend& backend,
+                                  const kernels::DeviceShare& gpu) {
+  int owns = backend.name() == "cuda" && gpu.sharing == 1 ? 1 : 0;
   MPI_Allreduce(MPI_IN_PLACE, &owns, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   return comm::choose_transport(run.transport, owns == 1);
 }
 
 std::unique_ptr<comm::ActivationTransport> make_transport(const RunOptions& run, const kernels::Backend& backend,
                                                           const comm::StageLayout& layout) {
-  if (transport_for(run, backend) == comm::TransportKind::kNccl) return comm::make_nccl_transport(layout, rank_gpu());
+  const kernels::DeviceShare gpu = rank_device();
+  if (transport_for(run, backend, gpu) == comm::TransportKind::kNccl)
+    return comm::make_nccl_transport(layout, gpu.device);
   return comm::make_mpi_transport(layout);
 }
 

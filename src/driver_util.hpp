@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "comm/stage.hpp"
+#include "kernels/device_policy.hpp"
 #include "base/timing.hpp"
 #include "io/model_config.hpp"
 #include "io/safetensors.hpp"
@@ -22,11 +23,13 @@ namespace pipequant {
 
 // The backend of --backend, with the CPU threads of --threads (0: the node's cores shared by its ranks).
 std::unique_ptr<kernels::Backend> make_backend(const RunOptions& run);
-// This rank's CUDA device: its node's GPUs taken round-robin by local rank (0 where there is none).
-int rank_gpu();
-// What --transport resolves to for ranks on `backend` (comm/transport_kind.hpp): nccl only where every rank of the
-// world is on the CUDA backend with a GPU of its own. Collective on the world.
-comm::TransportKind transport_for(const RunOptions& run, const kernels::Backend& backend);
+// This rank's CUDA device (its node's GPUs taken round-robin by local rank; 0 where there is none) and how many of
+// the node's ranks share it. Collective on the world.
+kernels::DeviceShare rank_device();
+// What --transport resolves to for ranks on `backend` with GPU `gpu` (comm/transport_kind.hpp): nccl only where
+// every rank of the world is on the CUDA backend with a GPU of its own. Collective on the world.
+comm::TransportKind transport_for(const RunOptions& run, const kernels::Backend& backend,
+                                  const kernels::DeviceShare& gpu);
 // The activation transport of a stage worker on `backend`, as transport_for resolves it. Collective on the world.
 std::unique_ptr<comm::ActivationTransport> make_transport(const RunOptions& run, const kernels::Backend& backend,
                                                           const comm::StageLayout& layout);

@@ -14,6 +14,7 @@
 #include "io/model_config.hpp"
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
+#include "src/model.hpp"
 #include "base/error.hpp"
 #include "base/numeric.hpp"
 
@@ -103,12 +104,6 @@ int64_t check_synth_options(const SynthOptions& o) {
   const int64_t head_dim = o.hidden_size / o.num_heads;
   PQ_REQUIRE(head_dim % 2 == 0, "synth: head_dim = --hidden-size / --num-heads = ", head_dim,
              " must be even (RoPE rotates pairs of channels)");
-  // Llama's configs say which linears have biases (Qwen3's for the attention); Mistral's and Qwen2's modeling code
-  // fixes them
-  const bool llama = o.architecture == "LlamaForCausalLM", qwen3 = o.architecture == "Qwen3ForCausalLM";
-  PQ_REQUIRE(llama || (qwen3 && !o.mlp_bias) || !(o.attention_bias || o.mlp_bias), "synth: ",
-             qwen3 ? "--mlp-bias is" : "--attention-bias and --mlp-bias are", " not a config field of ",
-             o.architecture, ", which fixes those biases itself");
   return head_dim;
 }
 
@@ -125,11 +120,14 @@ io::ModelConfig synth_config(const SynthOptions& o, int64_t head_dim, const DTyp
   c.rope_theta = 10000.0;
   c.rms_norm_eps = 1e-5;
   c.tie_word_embeddings = o.tie_word_embeddings;
-  c.architecture = o.architecture;
+  c.set_architecture(o.architecture);
+  // the bias flags are config fields only where the architecture reads them; the others fix their biases
+  PQ_REQUIRE(c.reads_attention_bias() || !o.attention_bias, "synth: --attention-bias is not a config field of ",
+             o.architecture, ", which fixes those biases itself");
+  PQ_REQUIRE(c.reads_mlp_bias() || !o.mlp_bias, "synth: --mlp-bias is not a config field of ", o.architecture,
+             ", which fixes those biases itself");
   c.attention_bias = o.attention_bias;
   c.mlp_bias = o.mlp_bias;
-  c.qkv_bias = o.architecture == "Qwen2ForCausalLM";
-  c.qk_norm = o.architecture == "Qwen3ForCausalLM";
   c.torch_dtype = dt.torch_dtype;
   return c;
 }
@@ -148,7 +146,8 @@ void write_config(const io::ModelConfig& c, const std::string& dir) {
 }
 
 // Every tensor with its distribution, in file order: tensor i draws from the random stream mix_seed(seed, i).
-std::vector<SynthTensor> synth_tensors(const SynthOptions& o, int64_t head_dim, const DTypeChoice& dt) {
+std::vector<SynthTensor> synth_tensors(const SynthOptions& o, const io::ModelConfig& c, const DTypeChoice& dt) {
+  const int64_t head_dim = c.head_dim;
   // Shapes are [out, in] as in nn.Linear; a linear's std 1/sqrt(in) keeps its outputs O(1) for O(1) inputs.
   const int64_t h = o.hidden_size, inter = o.intermediate_size;
   const int64_t q_out = o.num_heads * head_dim, kv_out = o.num_kv_heads * head_dim;
@@ -167,7 +166,7 @@ std::vector<SynthTensor> synth_tensors(const SynthOptions& o, int64_t head_dim, 
     add(p + "self_attn.o_proj.weight", {h, q_out}, 0.0, 1.0 / std::sqrt(static_cast<double>(q_out)));
     add(p + "post_attention_layernorm.weight", {h}, 1.0, 0.02);
     // Qwen3's per-head q/k norms; a std of 0.2 makes them matter to the attention scores
-    if (o.architecture == "Qwen3ForCausalLM") {
+    if (c.qk_norm) {
       add(p + "self_attn.q_norm.weight", {head_dim}, 1.0, 0.2);
       add(p + "self_attn.k_norm.weight", {head_dim}, 1.0, 0.2);
     }
@@ -179,21 +178,10 @@ std::vector<SynthTensor> synth_tensors(const SynthOptions& o, int64_t head_dim, 
   if (!o.tie_word_embeddings) add("lm_head.weight", {o.vocab_size, h}, 0.0, lin_h);
   // Biases come last, so that each weight keeps its stream (the same weights as without biases for a seed); a std
   // of 0.1 against outputs of O(1) moves the model measurably.
-  const bool qkv_bias = o.attention_bias || o.architecture == "Qwen2ForCausalLM";
-  for (int64_t b = 0; b < o.num_layers; ++b) {
-    const std::string p = "model.layers." + std::to_string(b) + ".";
-    if (qkv_bias) {
-      add(p + "self_attn.q_proj.bias", {q_out}, 0.0, 0.1);
-      add(p + "self_attn.k_proj.bias", {kv_out}, 0.0, 0.1);
-      add(p + "self_attn.v_proj.bias", {kv_out}, 0.0, 0.1);
-    }
-    if (o.attention_bias) add(p + "self_attn.o_proj.bias", {h}, 0.0, 0.1);
-    if (o.mlp_bias) {
-      add(p + "mlp.gate_proj.bias", {inter}, 0.0, 0.1);
-      add(p + "mlp.up_proj.bias", {inter}, 0.0, 0.1);
-      add(p + "mlp.down_proj.bias", {h}, 0.0, 0.1);
-    }
-  }
+  for (int64_t b = 0; b < o.num_layers; ++b)
+    for (int i = 0; i < kLinearCount; ++i)
+      if (has_bias(c, i))
+        add(block_prefix(b) + kLinears[static_cast<size_t>(i)].module + ".bias", {linear_shape(c, i)[0]}, 0.0, 0.1);
   return tensors;
 }
 
@@ -227,8 +215,9 @@ void write_synth_tensors(const std::string& path, const std::vector<SynthTensor>
 void write_synthetic_checkpoint(const SynthOptions& o) {
   const int64_t head_dim = check_synth_options(o);
   const DTypeChoice dt = parse_synth_dtype(o.dtype);
-  write_config(synth_config(o, head_dim, dt), o.out_dir);
-  write_synth_tensors((fs::path(o.out_dir) / "model.safetensors").string(), synth_tensors(o, head_dim, dt), o.seed);
+  const io::ModelConfig config = synth_config(o, head_dim, dt);
+  write_config(config, o.out_dir);
+  write_synth_tensors((fs::path(o.out_dir) / "model.safetensors").string(), synth_tensors(o, config, dt), o.seed);
 }
 
 void write_synthetic_tokens(const std::string& path, int64_t count, int64_t vocab, uint64_t seed) {
