@@ -240,6 +240,7 @@ void parse_optional_fields(const json& j, const Fields& f, const std::string& or
     c.experts_per_token = f.positive_int("num_experts_per_tok");
     if (c.experts_per_token > c.num_experts)
       f.bad("num_experts_per_tok", "at most num_local_experts " + std::to_string(c.num_experts));
+    c.expert_intermediate_size = c.intermediate_size;
   }
   bool use_window = true;  // Qwen2-style configs switch the window off with use_sliding_window false
   f.boolean("use_sliding_window", &use_window);
@@ -279,6 +280,13 @@ void ModelConfig::set_architecture(const std::string& name) {
 
 bool ModelConfig::reads_attention_bias() const {
   return architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM";
+}
+
+bool ModelConfig::moe_block(int64_t b) const {
+  if (!moe() || decoder_sparse_step <= 0 || (b + 1) % decoder_sparse_step != 0) return false;
+  for (const int64_t d : mlp_only_layers)
+    if (d == b) return false;
+  return true;
 }
 
 bool ModelConfig::reads_mlp_bias() const { return architecture == "LlamaForCausalLM"; }

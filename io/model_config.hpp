@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -44,7 +45,13 @@ struct ModelConfig {
   // intermediate_size, of which a router picks `experts_per_token` per token; 0: the dense MLP.
   int64_t num_experts = 0;
   int64_t experts_per_token = 0;
+  int64_t expert_intermediate_size = 0;  // each expert's width: moe_intermediate_size (Qwen MoE), else intermediate_size
+  bool norm_topk_prob = true;            // the top-k weights renormalized to sum 1 (Mixtral always)
+  std::vector<int64_t> mlp_only_layers;  // blocks with the dense MLP of width intermediate_size (Qwen MoE)
+  int64_t decoder_sparse_step = 1;       // an MoE MLP on blocks b with (b + 1) % step == 0 (Qwen MoE)
   bool moe() const { return num_experts > 0; }
+  // Whether block b's MLP is the experts (else the dense MLP), as Qwen3-MoE's decoder layer decides it.
+  bool moe_block(int64_t b) const;
   // Tokens each position attends to (sliding_window), 0 for full causal attention: absent, null, or turned off by
   // use_sliding_window false. The forward computes full attention, so check_seq_len refuses a shorter window.
   int64_t sliding_window = 0;

@@ -25,17 +25,23 @@ bool has_bias(const io::ModelConfig& c, int module_index) {
 
 std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
 
+std::string router_module(const io::ModelConfig&) { return "block_sparse_moe.gate"; }
+
+std::array<std::string, 3> expert_modules(const io::ModelConfig&, int64_t e) {
+  const std::string p = "block_sparse_moe.experts." + std::to_string(e) + ".";
+  return {p + "w1", p + "w3", p + "w2"};
+}
+
+int block_linear_count(const io::ModelConfig& c, int64_t block) { return c.moe_block(block) ? 4 : kLinearCount; }
+
 namespace {
 
-// Mixtral's MoE tensors under model.layers.<i>.
-inline constexpr const char* kRouterTensor = "block_sparse_moe.gate.weight";
-// Expert e's gate (w1), up (w3) and down (w2) weights.
-std::array<std::string, 3> expert_tensors(int64_t e) {
-  const std::string p = "block_sparse_moe.experts." + std::to_string(e) + ".";
-  return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
+// Expert e's gate, up and down weight tensors.
+std::array<std::string, 3> expert_tensors(const io::ModelConfig& c, int64_t e) {
+  auto names = expert_modules(c, e);
+  for (auto& n : names) n += ".weight";
+  return names;
 }
-// The linears of kLinears an MoE block has: the attention's (the MLP is its experts).
-int block_linear_count(const io::ModelConfig& c) { return c.moe() ? 4 : kLinearCount; }
 
 }  // namespace
 
@@ -191,8 +197,8 @@ class CheckpointSource final : public WeightSource {
       b.q_norm = ckpt_.read_f32(p + kQkNormTensors[0]);
       b.k_norm = ckpt_.read_f32(p + kQkNormTensors[1]);
     }
-    if (config_.moe()) b.moe = read_moe(p);
-    for (int i = 0; i < block_linear_count(config_); ++i) {
+    if (config_.moe_block(block)) b.moe = read_moe(p);
+    for (int i = 0; i < block_linear_count(config_, block); ++i) {
       const auto shape = linear_shape(config_, i);
       auto& l = b.linears[static_cast<size_t>(i)];
       const std::string module = p + kLinears[static_cast<size_t>(i)].module;
@@ -224,11 +230,11 @@ class CheckpointSource final : public WeightSource {
   }
   MoeWeights read_moe(const std::string& p) const {
     PQ_REQUIRE(!quant_, ckpt_.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
-    const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
+    const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
     MoeWeights m;
-    m.router = ckpt_.read_f32(p + kRouterTensor);
+    m.router = ckpt_.read_f32(p + router_module(config_) + ".weight");
     for (int64_t e = 0; e < config_.num_experts; ++e) {
-      const auto names = expert_tensors(e);
+      const auto names = expert_tensors(config_, e);
       m.experts.push_back({Linear::of(inter, h, read_values(p + names[0])), Linear::of(inter, h, read_values(p + names[1])),
                            Linear::of(h, inter, read_values(p + names[2]))});
     }
@@ -381,10 +387,10 @@ void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, 
 }
 
 void expect_moe_tensors(const io::Checkpoint& ckpt, const io::ModelConfig& c, const std::string& p) {
-  const int64_t h = c.hidden_size, inter = c.intermediate_size;
-  expect_tensor(ckpt, c, p + kRouterTensor, {c.num_experts, h});
+  const int64_t h = c.hidden_size, inter = c.expert_intermediate_size;
+  expect_tensor(ckpt, c, p + router_module(c) + ".weight", {c.num_experts, h});
   for (int64_t e = 0; e < c.num_experts; ++e) {
-    const auto names = expert_tensors(e);
+    const auto names = expert_tensors(c, e);
     expect_tensor(ckpt, c, p + names[0], {inter, h});
     expect_tensor(ckpt, c, p + names[1], {inter, h});
     expect_tensor(ckpt, c, p + names[2], {h, inter});
@@ -413,12 +419,14 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
                                          kIgnoredBlockTensor};
   if (c.qk_norm) block_tensors.insert(kQkNormTensors.begin(), kQkNormTensors.end());
   PQ_REQUIRE(!(quant && c.moe()), ckpt.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
+  int linears = 0;  // the most linears of kLinears a block has (a model of MoE and dense blocks: all seven)
+  for (int64_t b = 0; b < c.num_layers; ++b) linears = std::max(linears, block_linear_count(c, b));
   if (c.moe()) {
-    block_tensors.insert(kRouterTensor);
+    block_tensors.insert(router_module(c) + ".weight");
     for (int64_t e = 0; e < c.num_experts; ++e)
-      for (const auto& t : expert_tensors(e)) block_tensors.insert(t);
+      for (const auto& t : expert_tensors(c, e)) block_tensors.insert(t);
   }
-  for (int i = 0; i < block_linear_count(c); ++i) {
+  for (int i = 0; i < linears; ++i) {
     const std::string module = kLinears[static_cast<size_t>(i)].module;
     if (!quant) block_tensors.insert(module + ".weight");
     for (const auto& t : quant ? hf_linear_tensor_suffixes() : std::vector<std::string>{})
@@ -431,8 +439,8 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
     expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
     if (c.qk_norm)
       for (const char* t : kQkNormTensors) expect_tensor(ckpt, c, p + t, {c.head_dim});
-    if (c.moe()) expect_moe_tensors(ckpt, c, p);
-    for (int i = 0; i < block_linear_count(c); ++i) {
+    if (c.moe_block(b)) expect_moe_tensors(ckpt, c, p);
+    for (int i = 0; i < block_linear_count(c, b); ++i) {
       const auto shape = linear_shape(c, i);
       const std::string name = p + kLinears[static_cast<size_t>(i)].module;
       if (quant)
@@ -527,8 +535,9 @@ void BlockRunner::set_block(const BlockWeights& block) {
     upload_vector(backend_, q_norm_, block.q_norm);
     upload_vector(backend_, k_norm_, block.k_norm);
   }
-  if (moe_) moe_->set(block.moe);
-  for (size_t i = 0; i < static_cast<size_t>(block_linear_count(config_)); ++i) {
+  moe_block_ = !block.moe.empty();
+  if (moe_block_) moe_->set(block.moe);
+  for (size_t i = 0; i < static_cast<size_t>(block_linear_count(config_, block.index)); ++i) {
     held_[i] = block.linears[i];
     upload_linear(static_cast<int>(i));
     has_bias_[i] = !block.linears[i].bias.empty();
@@ -641,7 +650,7 @@ const float* BlockRunner::forward(const float* x, int64_t samples, Until until) 
   be.add(h_.data(), x_.data(), rows * hsz);  // h = x + attention output
   be.rms_norm(h_.data(), norm2_.data(), xn_.data(), rows, hsz, eps);
   if (until == Until::kGateUpInput) return xn_.data();
-  if (moe_) {
+  if (moe_block_) {
     PQ_ASSERT(until == Until::kOutput, "forward: an MoE block has no single down_proj input");
     moe_->forward(xn_.data(), x_.data(), rows);
     be.add(x_.data(), h_.data(), rows * hsz);  // out = h + MoE output

@@ -77,11 +77,19 @@ struct ExpertWeights {
   Linear up;    // w3 [intermediate, hidden]
   Linear down;  // w2 [hidden, intermediate]
 };
-// The MLP of an MoE block (config moe()): the router and the experts (src/moe.hpp runs them).
+// The MLP of an MoE block (config moe_block(b)): the router and the experts (src/moe.hpp runs them).
 struct MoeWeights {
-  std::vector<float> router;  // [num_experts, hidden]: block_sparse_moe.gate
+  std::vector<float> router;  // [num_experts, hidden]: router_module(config)
   std::vector<ExpertWeights> experts;
+  bool empty() const { return experts.empty(); }
 };
+
+// The family's module names under model.layers.<i>.: the router ("block_sparse_moe.gate" for Mixtral), and expert
+// e's gate, up and down linears ("block_sparse_moe.experts.<e>.w1", "w3", "w2"). The one place of these names.
+std::string router_module(const io::ModelConfig& config);
+std::array<std::string, 3> expert_modules(const io::ModelConfig& config, int64_t e);
+// The linears of kLinears block b has: the attention's four in an MoE block (its MLP is the experts), else seven.
+int block_linear_count(const io::ModelConfig& config, int64_t block);
 
 struct BlockWeights {
   int64_t index = 0;
@@ -90,7 +98,7 @@ struct BlockWeights {
   std::vector<float> q_norm;      // [head_dim] (config qk_norm), else empty
   std::vector<float> k_norm;      // [head_dim] (config qk_norm), else empty
   std::array<Linear, kLinearCount> linears;  // in kLinears order (an MoE block: the attention's four only)
-  MoeWeights moe;                            // an MoE block's MLP (config moe()), else empty
+  MoeWeights moe;                            // an MoE block's MLP (config moe_block(index)), else empty
   Linear& linear(const std::string& module);
 };
 
@@ -170,7 +178,8 @@ class BlockRunner {
   kernels::Buffer<float> inv_freq_;
   kernels::Buffer<float> norm1_, norm2_;
   kernels::Buffer<float> q_norm_, k_norm_;  // [head_dim] each (config qk_norm)
-  std::shared_ptr<MoeMlp> moe_;              // an MoE block's MLP (config moe())
+  std::shared_ptr<MoeMlp> moe_;              // the MLP of MoE blocks (config moe())
+  bool moe_block_ = false;                   // the block set is an MoE block
   std::optional<kernels::HalfFormat> half_;
   bool expand_ = false;                                     // GEMMs on tiles expanded from held_ (host backend)
   std::array<Linear, kLinearCount> held_;                   // the block's linears as held

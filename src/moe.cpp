@@ -51,7 +51,7 @@ kernels::Buffer<float> uploaded(kernels::Backend& backend, const std::vector<flo
 MoeMlp::MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t max_rows)
     : backend_(backend), config_(config), max_rows_(max_rows) {
   PQ_ASSERT(config.moe(), "MoeMlp: the config has no experts");
-  const int64_t h = config.hidden_size, inter = config.intermediate_size;
+  const int64_t h = config.hidden_size, inter = config.expert_intermediate_size;
   logits_ = kernels::Buffer<float>(backend, max_rows * config.num_experts);
   x_ = kernels::Buffer<float>(backend, max_rows * h);
   g_ = kernels::Buffer<float>(backend, max_rows * inter);
@@ -71,7 +71,7 @@ void MoeMlp::set(const MoeWeights& weights) {
 }
 
 void MoeMlp::run_expert(size_t e, const float* x, float* y, int64_t n) {
-  const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
+  const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
   const auto& w = experts_[e];
   backend_.linear(x, w[0].data(), g_.data(), n, inter, h);
   backend_.linear(x, w[1].data(), u_.data(), n, inter, h);
@@ -86,8 +86,7 @@ void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
   std::vector<float> logits(static_cast<size_t>(rows * experts)), x(static_cast<size_t>(rows * h));
   backend_.download(logits.data(), logits_.data(), logits.size() * sizeof(float));
   backend_.download(x.data(), xn, x.size() * sizeof(float));
-  // Mixtral renormalizes the chosen weights always
-  const Routing r = route(logits.data(), rows, experts, config_.experts_per_token, true);
+  const Routing r = route(logits.data(), rows, experts, config_.experts_per_token, config_.norm_topk_prob);
   std::vector<float> sum(static_cast<size_t>(rows * h), 0.0f), gathered, y;
   for (int64_t e = 0; e < experts; ++e) {  // in expert order, as transformers adds them
     std::vector<int64_t> picked;
