@@ -111,6 +111,14 @@ void StageGroup::broadcast(std::vector<int64_t>& values) const {
 
 void StageGroup::broadcast(int& value) const { MPI_Bcast(&value, 1, MPI_INT, 0, layout_.stage_comm); }
 
+void StageGroup::broadcast(std::vector<uint8_t>& bytes, int from) const {
+  PQ_ASSERT(from >= 0 && from < size(), "broadcast from member ", from, " of ", size());
+  int64_t n = static_cast<int64_t>(bytes.size());
+  MPI_Bcast(&n, 1, MPI_INT64_T, from, layout_.stage_comm);
+  bytes.resize(static_cast<size_t>(n));
+  broadcast_pieces(bytes.data(), n, from, layout_.stage_comm, max_count_);
+}
+
 void StageGroup::barrier() const { MPI_Barrier(layout_.stage_comm); }
 
 std::vector<std::string> gather_to_world_root(const std::string& mine) {

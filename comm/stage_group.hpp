@@ -56,6 +56,8 @@ class StageGroup {
   // The group root's values reach every member (resume agreement: which blocks verified, whether the shard reads).
   void broadcast(std::vector<int64_t>& values) const;
   void broadcast(int& value) const;
+  // Member `from`'s bytes reach every member (a result one member computed: an expert it owns, quantized).
+  void broadcast(std::vector<uint8_t>& bytes, int from) const;
 
   // No member leaves before every member has arrived (e.g. the root's checks of a shard precede its reopening).
   void barrier() const;

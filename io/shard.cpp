@@ -734,6 +734,10 @@ void ShardWriter::write_linear(int64_t block, const PackedLinear& l) {
   write_attr_f64(gid, "awq_scale_exponent", l.awq_scale_exponent, at);
   write_attr_f64(gid, "awq_clip", l.awq_clip, at);
   write_attr_str(gid, "fallback", l.fallback, at);
+  if (l.expert_tokens >= 0) {
+    write_attr_i64(gid, "expert_tokens", l.expert_tokens, at);
+    write_attr_str(gid, "expert_hessian", l.expert_hessian, at);
+  }
   write_attr_i64(gid, "in_features", l.in_features, at);
   write_attr_i64(gid, "out_features", l.out_features, at);
   write_attr_i64(gid, "groups", l.groups, at);
@@ -899,6 +903,10 @@ PackedLinear ShardReader::read_linear_info(int64_t block, const std::string& mod
   if (H5Aexists(gid, "awq_scale_exponent") > 0) l.awq_scale_exponent = read_attr_f64(gid, "awq_scale_exponent", at);
   if (H5Aexists(gid, "awq_clip") > 0) l.awq_clip = read_attr_f64(gid, "awq_clip", at);
   l.fallback = read_attr_str(gid, "fallback", at);
+  if (H5Aexists(gid, "expert_tokens") > 0) {
+    l.expert_tokens = read_attr_i64(gid, "expert_tokens", at);
+    l.expert_hessian = read_attr_str(gid, "expert_hessian", at);
+  }
   l.in_features = read_attr_i64(gid, "in_features", at);
   l.out_features = read_attr_i64(gid, "out_features", at);
   l.groups = read_attr_i64(gid, "groups", at);

@@ -46,6 +46,11 @@ struct PackedLinear {
   double rtn_relative_error = 0.0;  // the same for round-to-nearest on the same inputs (the baseline)
   double awq_scale_exponent = -1.0;  // --method awq: the exponent of the scales folded into its inputs (-1: none)
   double awq_clip = 1.0;             // --method awq: the mean clip ratio over its (row, group) pairs (1: none)
+  // A Mixture-of-Experts expert's linear: the calibration tokens the router sent to the expert (over the whole run;
+  // -1: not an expert's), and the tokens its Hessian saw: "routed", "all" (--moe-calibration all) or "all (low
+  // tokens)" (fewer routed than --moe-min-tokens).
+  int64_t expert_tokens = -1;
+  std::string expert_hessian;
   std::vector<int32_t> qweight;     // [ceil(K*bits/32), N]
   std::vector<int32_t> qzeros;      // [G, ceil(N*bits/32)]
   std::vector<uint16_t> scales;     // fp16 bits [G, N]

@@ -257,10 +257,17 @@ void add_quantize_options(Command& cmd) {
       .add("propagation", Role::kResult, po::value<std::string>()->default_value("quantized"),
            choices(kPropagations) +
                " (quantized: block i+1 sees quantized block i; fp: inputs from the unquantized model)")
+      .add("moe-calibration", Role::kResult, po::value<std::string>()->default_value("routed"),
+           choices(kMoeCalibrations) +
+               " (Mixture-of-Experts: each expert's Hessian from the tokens routed to it, or from every token)")
+      .add("moe-min-tokens", Role::kResult, po::value<int64_t>()->default_value(kDefaultMoeMinTokens),
+           "--moe-calibration routed: an expert routed fewer calibration tokens (over the whole job) gets the "
+           "all-token Hessian; the report and inspect name it")
       .add("overwrite", Role::kRun, po::bool_switch(), "replace an existing output")
       .add("metrics", Role::kRun, po::value<std::string>(), "write JSON-lines metrics to FILE")
       .add("ranks-per-stage", Role::kRun, po::value<int>()->default_value(1),
-           "D: ranks per pipeline stage (world = P stages x D)")
+           "D: ranks per pipeline stage (world = P stages x D; a Mixture-of-Experts block's experts are spread "
+           "over them)")
       .add("blocks-per-stage", Role::kRun, po::value<std::string>()->default_value(""),
            "blocks of each stage: N, or a,b,c (default: balanced by weight bytes)")
       .add("dry-run", Role::kRun, po::bool_switch(), "print the plan and stop")
@@ -288,6 +295,9 @@ QuantizeOptions quantize_options(const Command& cmd) {
   PQ_REQUIRE(o.nsamples >= 0, "--nsamples must be >= 0, got ", o.nsamples);
   o.quant = quant_config(vm);
   o.propagation = enum_option(vm, "propagation", kPropagations);
+  o.moe_calibration = enum_option(vm, "moe-calibration", kMoeCalibrations);
+  o.moe_min_tokens = vm["moe-min-tokens"].as<int64_t>();
+  PQ_REQUIRE(o.moe_min_tokens >= 1, "--moe-min-tokens must be at least 1, got ", o.moe_min_tokens);
   o.overwrite = vm["overwrite"].as<bool>();
   if (vm.count("metrics")) o.metrics_path = vm["metrics"].as<std::string>();
   o.run = run_options(vm);

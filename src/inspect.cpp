@@ -107,6 +107,13 @@ void print_heading(std::ostream& os, int mw) {
                "rtn error", "checksum");
 }
 
+// An expert's linear: "  expert tokens 1234 (routed)", the calibration tokens routed to the expert and what its
+// Hessian saw; empty for any other linear.
+std::string expert_note(const io::PackedLinear& l) {
+  if (l.expert_tokens < 0) return "";
+  return format("  expert tokens %lld (%s)", static_cast<long long>(l.expert_tokens), l.expert_hessian.c_str());
+}
+
 void print_linear(std::ostream& os, int64_t b, int mw, const std::string& module, const io::PackedLinear& l,
                   const std::string& status) {
   const std::string shape =
@@ -115,7 +122,7 @@ void print_linear(std::ostream& os, int64_t b, int mw, const std::string& module
                static_cast<long long>(b), mw, module.c_str(), shape.c_str(), l.bits,
                static_cast<long long>(l.group_size), yes_no(l.sym), yes_no(l.act_order),
                static_cast<long long>(l.groups), l.damp, l.fallback.c_str(), l.relative_error, l.rtn_relative_error,
-               status.c_str());
+               (status + expert_note(l)).c_str());
 }
 
 // One row per linear of block b, each with the checksums that do not match; then the block's other mismatches.

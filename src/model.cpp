@@ -34,6 +34,15 @@ std::array<std::string, 3> expert_modules(const io::ModelConfig&, int64_t e) {
 
 int block_linear_count(const io::ModelConfig& c, int64_t block) { return c.moe_block(block) ? 4 : kLinearCount; }
 
+std::vector<std::string> block_modules(const io::ModelConfig& c, int64_t block) {
+  std::vector<std::string> modules;
+  for (int i = 0; i < block_linear_count(c, block); ++i) modules.emplace_back(kLinears[static_cast<size_t>(i)].module);
+  if (c.moe_block(block))
+    for (int64_t e = 0; e < c.num_experts; ++e)
+      for (auto& m : expert_modules(c, e)) modules.push_back(std::move(m));
+  return modules;
+}
+
 namespace {
 
 // Expert e's gate, up and down weight tensors.
@@ -282,17 +291,13 @@ class QuantizedSource final : public WeightSource {
       b.q_norm = dense_to_f32(shard.read_block_tensor(block, kQkNormTensors[0]), where);
       b.k_norm = dense_to_f32(shard.read_block_tensor(block, kQkNormTensors[1]), where);
     }
-    for (int i = 0; i < kLinearCount; ++i) {
+    for (int i = 0; i < block_linear_count(config_, block); ++i) {
       auto& l = b.linears[static_cast<size_t>(i)];
-      const auto shape = linear_shape(config_, i);
       const std::string module = kLinears[static_cast<size_t>(i)].module;
-      const io::PackedLinear packed = shard.read_linear(block, module);
-      PQ_REQUIRE(packed.out_features == shape[0] && packed.in_features == shape[1], where, "/", module, ": shape [",
-                 packed.out_features, ", ", packed.in_features, "] does not match the config's [", shape[0], ", ",
-                 shape[1], "]");
-      l = Linear::of(shape[0], shape[1], unpack(packed));
+      l = read_linear(shard, block, module, linear_shape(config_, i), where);
       if (has_bias(config_, i)) l.bias = dense_to_f32(shard.read_block_tensor(block, module + ".bias"), where);
     }
+    if (config_.moe_block(block)) b.moe = read_moe(shard, block, where);
     return b;
   }
   std::vector<float> embed_tokens() const override { return tensor("model.embed_tokens.weight"); }
@@ -304,6 +309,29 @@ class QuantizedSource final : public WeightSource {
   std::string describe() const override { return "quantized output " + dir_; }
 
  private:
+  static Linear read_linear(const io::ShardReader& shard, int64_t block, const std::string& module,
+                            const std::array<int64_t, 2>& shape, const std::string& where) {
+    const io::PackedLinear packed = shard.read_linear(block, module);
+    PQ_REQUIRE(packed.out_features == shape[0] && packed.in_features == shape[1], where, "/", module, ": shape [",
+               packed.out_features, ", ", packed.in_features, "] does not match the config's [", shape[0], ", ",
+               shape[1], "]");
+    return Linear::of(shape[0], shape[1], unpack(packed));
+  }
+  MoeWeights read_moe(const io::ShardReader& shard, int64_t block, const std::string& where) const {
+    const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
+    MoeWeights m;
+    m.router = dense_to_f32(shard.read_block_tensor(block, router_module(config_) + ".weight"), where);
+    PQ_REQUIRE(static_cast<int64_t>(m.router.size()) == config_.num_experts * h, where, "/",
+               router_module(config_), ".weight: ", m.router.size(), " values, expected ", config_.num_experts, " x ",
+               h);
+    for (int64_t e = 0; e < config_.num_experts; ++e) {
+      const auto names = expert_modules(config_, e);
+      m.experts.push_back({read_linear(shard, block, names[0], {inter, h}, where),
+                           read_linear(shard, block, names[1], {inter, h}, where),
+                           read_linear(shard, block, names[2], {h, inter}, where)});
+    }
+    return m;
+  }
   std::vector<float> tensor(const std::string& name) const {
     auto it = index_.tensor_shard.find(name);
     PQ_REQUIRE(it != index_.tensor_shard.end(), dir_, "/model.h5: tensor ", name, " is missing");
@@ -485,7 +513,7 @@ BlockRunner::BlockRunner(kernels::Backend& backend, const io::ModelConfig& confi
       micro_batch_(micro_batch),
       half_(half),
       expand_(!half && backend.host_memory()) {
-  if (config.moe()) moe_ = std::make_shared<MoeMlp>(backend, config, seq * micro_batch);
+  if (config.moe()) moe_ = std::make_shared<MoeMlp>(backend, config, seq, micro_batch);
   const auto inv = rope_inv_freq(config);
   inv_freq_ = kernels::Buffer<float>(backend, static_cast<int64_t>(inv.size()));
   backend.upload(inv_freq_.data(), inv.data(), inv.size() * sizeof(float));

@@ -90,6 +90,9 @@ std::string router_module(const io::ModelConfig& config);
 std::array<std::string, 3> expert_modules(const io::ModelConfig& config, int64_t e);
 // The linears of kLinears block b has: the attention's four in an MoE block (its MLP is the experts), else seven.
 int block_linear_count(const io::ModelConfig& config, int64_t block);
+// The quantized linears of block b, in the order of the output's records: those of kLinears it has, then each
+// expert's gate, up and down (expert_modules).
+std::vector<std::string> block_modules(const io::ModelConfig& config, int64_t block);
 
 struct BlockWeights {
   int64_t index = 0;
@@ -169,6 +172,8 @@ class BlockRunner {
   int64_t seq() const { return seq_; }
   int64_t micro_batch() const { return micro_batch_; }
   kernels::Backend& backend() { return backend_; }
+  // The MoE MLP of the block set, when it is an MoE block; else null.
+  MoeMlp* moe() { return moe_block_ ? moe_.get() : nullptr; }
 
  private:
   kernels::Backend& backend_;

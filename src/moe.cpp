@@ -38,6 +38,22 @@ Routing route(const float* logits, int64_t rows, int64_t experts, int64_t k, boo
   return r;
 }
 
+ExpertRows group_by_expert(const Routing& r, int64_t experts) {
+  ExpertRows g;
+  g.offset.assign(static_cast<size_t>(experts + 1), 0);
+  for (const int32_t e : r.expert) ++g.offset[static_cast<size_t>(e + 1)];
+  for (int64_t e = 0; e < experts; ++e) g.offset[static_cast<size_t>(e + 1)] += g.offset[static_cast<size_t>(e)];
+  g.row.resize(r.expert.size());
+  g.weight.resize(r.expert.size());
+  std::vector<int64_t> next(g.offset.begin(), g.offset.end() - 1);
+  for (size_t i = 0; i < r.expert.size(); ++i) {  // rows in increasing order within each expert
+    const auto at = static_cast<size_t>(next[static_cast<size_t>(r.expert[i])]++);
+    g.row[at] = static_cast<int32_t>(static_cast<int64_t>(i) / r.k);
+    g.weight[at] = r.weight[i];
+  }
+  return g;
+}
+
 namespace {
 
 kernels::Buffer<float> uploaded(kernels::Backend& backend, const std::vector<float>& v) {
@@ -48,15 +64,15 @@ kernels::Buffer<float> uploaded(kernels::Backend& backend, const std::vector<flo
 
 }  // namespace
 
-MoeMlp::MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t max_rows)
-    : backend_(backend), config_(config), max_rows_(max_rows) {
+MoeMlp::MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch)
+    : backend_(backend), config_(config), seq_(seq), max_rows_(seq * micro_batch) {
   PQ_ASSERT(config.moe(), "MoeMlp: the config has no experts");
   const int64_t h = config.hidden_size, inter = config.expert_intermediate_size;
-  logits_ = kernels::Buffer<float>(backend, max_rows * config.num_experts);
-  x_ = kernels::Buffer<float>(backend, max_rows * h);
-  g_ = kernels::Buffer<float>(backend, max_rows * inter);
-  u_ = kernels::Buffer<float>(backend, max_rows * inter);
-  y_ = kernels::Buffer<float>(backend, max_rows * h);
+  logits_ = kernels::Buffer<float>(backend, seq * config.num_experts);
+  x_ = kernels::Buffer<float>(backend, seq * h);
+  g_ = kernels::Buffer<float>(backend, seq * inter);
+  u_ = kernels::Buffer<float>(backend, seq * inter);
+  y_ = kernels::Buffer<float>(backend, seq * h);
 }
 
 void MoeMlp::set(const MoeWeights& weights) {
@@ -70,46 +86,71 @@ void MoeMlp::set(const MoeWeights& weights) {
                         uploaded(backend_, e.down.to_f32())});
 }
 
-void MoeMlp::run_expert(size_t e, const float* x, float* y, int64_t n) {
-  const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
-  const auto& w = experts_[e];
-  backend_.linear(x, w[0].data(), g_.data(), n, inter, h);
-  backend_.linear(x, w[1].data(), u_.data(), n, inter, h);
-  backend_.swiglu(g_.data(), u_.data(), g_.data(), n * inter);
-  backend_.linear(g_.data(), w[2].data(), y, n, h, inter);
+void MoeMlp::set_expert_linear(int64_t e, int which, const Linear& w) {
+  PQ_ASSERT(e >= 0 && e < static_cast<int64_t>(experts_.size()) && which >= 0 && which < 3, "set_expert_linear: ",
+            e, ", ", which);
+  kernels::Buffer<float>& b = experts_[static_cast<size_t>(e)][static_cast<size_t>(which)];
+  PQ_ASSERT(b.size() == w.out * w.in, "set_expert_linear: ", w.out, " x ", w.in, " for ", b.size(), " values");
+  const std::vector<float> f = w.to_f32();
+  backend_.upload(b.data(), f.data(), f.size() * sizeof(float));
 }
 
-void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
-  PQ_ASSERT(rows <= max_rows_, "MoeMlp::forward: ", rows, " rows, at most ", max_rows_);
-  const int64_t h = config_.hidden_size, experts = config_.num_experts;
-  backend_.linear(xn, router_.data(), logits_.data(), rows, experts, h);
-  std::vector<float> logits(static_cast<size_t>(rows * experts)), x(static_cast<size_t>(rows * h));
+void MoeMlp::run_expert(size_t e, const float* x, float* y, int64_t n) {
+  const int64_t h = config_.hidden_size;
+  expert_hidden(static_cast<int64_t>(e), x, g_.data(), n);
+  backend_.linear_fixed_order(g_.data(), experts_[e][2].data(), y, n, h, config_.expert_intermediate_size);
+}
+
+void MoeMlp::expert_hidden(int64_t e, const float* x, float* y, int64_t n) {
+  PQ_ASSERT(n <= seq_, "MoeMlp::expert_hidden: ", n, " rows, at most ", seq_);
+  const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
+  const auto& w = experts_[static_cast<size_t>(e)];
+  backend_.linear_fixed_order(x, w[0].data(), y, n, inter, h);
+  backend_.linear_fixed_order(x, w[1].data(), u_.data(), n, inter, h);
+  backend_.swiglu(y, u_.data(), y, n * inter);
+}
+
+Routing MoeMlp::route_rows(const float* xn, int64_t rows) {
+  PQ_ASSERT(rows <= seq_, "MoeMlp::route_rows: ", rows, " rows, at most ", seq_);
+  const int64_t experts = config_.num_experts;
+  backend_.linear_fixed_order(xn, router_.data(), logits_.data(), rows, experts, config_.hidden_size);
+  std::vector<float> logits(static_cast<size_t>(rows * experts));
   backend_.download(logits.data(), logits_.data(), logits.size() * sizeof(float));
-  backend_.download(x.data(), xn, x.size() * sizeof(float));
-  const Routing r = route(logits.data(), rows, experts, config_.experts_per_token, config_.norm_topk_prob);
-  std::vector<float> sum(static_cast<size_t>(rows * h), 0.0f), gathered, y;
+  return route(logits.data(), rows, experts, config_.experts_per_token, config_.norm_topk_prob);
+}
+
+void MoeMlp::mix_sample(const float* xn_host, const float* xn, float* out, int64_t rows) {
+  const int64_t h = config_.hidden_size, experts = config_.num_experts;
+  const ExpertRows g = group_by_expert(route_rows(xn, rows), experts);
+  std::fill(out, out + rows * h, 0.0f);
+  std::vector<float> gathered, y;
   for (int64_t e = 0; e < experts; ++e) {  // in expert order, as transformers adds them
-    std::vector<int64_t> picked;
-    std::vector<float> weight;
-    for (int64_t i = 0; i < rows * r.k; ++i)
-      if (r.expert[static_cast<size_t>(i)] == e) {
-        picked.push_back(i / r.k);
-        weight.push_back(r.weight[static_cast<size_t>(i)]);
-      }
-    if (picked.empty()) continue;
-    const auto n = static_cast<int64_t>(picked.size());
+    const int64_t n = g.count(e), first = g.offset[static_cast<size_t>(e)];
+    if (n == 0) continue;
     gathered.resize(static_cast<size_t>(n * h));
     for (int64_t j = 0; j < n; ++j)
-      std::copy_n(x.begin() + picked[static_cast<size_t>(j)] * h, h, gathered.begin() + j * h);
+      std::copy_n(xn_host + g.row[static_cast<size_t>(first + j)] * h, h, gathered.begin() + j * h);
     backend_.upload(x_.data(), gathered.data(), gathered.size() * sizeof(float));
     run_expert(static_cast<size_t>(e), x_.data(), y_.data(), n);
     y.resize(static_cast<size_t>(n * h));
     backend_.download(y.data(), y_.data(), y.size() * sizeof(float));
     for (int64_t j = 0; j < n; ++j) {
-      float* s = sum.data() + picked[static_cast<size_t>(j)] * h;
+      float* s = out + g.row[static_cast<size_t>(first + j)] * h;
       const float* yj = y.data() + j * h;
-      for (int64_t c = 0; c < h; ++c) s[c] += yj[c] * weight[static_cast<size_t>(j)];
+      const float w = g.weight[static_cast<size_t>(first + j)];
+      for (int64_t c = 0; c < h; ++c) s[c] += yj[c] * w;
     }
+  }
+}
+
+void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
+  PQ_ASSERT(rows <= max_rows_, "MoeMlp::forward: ", rows, " rows, at most ", max_rows_);
+  const int64_t h = config_.hidden_size;
+  std::vector<float> x(static_cast<size_t>(rows * h)), sum(static_cast<size_t>(rows * h));
+  backend_.download(x.data(), xn, x.size() * sizeof(float));
+  for (int64_t r0 = 0; r0 < rows; r0 += seq_) {
+    const int64_t n = std::min(seq_, rows - r0);
+    mix_sample(x.data() + r0 * h, xn + r0 * h, sum.data() + r0 * h, n);
   }
   backend_.upload(out, sum.data(), sum.size() * sizeof(float));
 }

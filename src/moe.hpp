@@ -27,21 +27,42 @@ struct Routing {
 // weights divided by their sum when `renormalize`.
 Routing route(const float* logits, int64_t rows, int64_t experts, int64_t k, bool renormalize);
 
+// A routing grouped by expert: expert e took rows row[offset[e]] .. row[offset[e + 1] - 1] (increasing), with
+// weights weight[...] alike.
+struct ExpertRows {
+  std::vector<int64_t> offset;  // [experts + 1]
+  std::vector<int32_t> row;
+  std::vector<float> weight;
+  int64_t count(int64_t e) const { return offset[static_cast<size_t>(e + 1)] - offset[static_cast<size_t>(e)]; }
+};
+ExpertRows group_by_expert(const Routing& routing, int64_t experts);
+
 class MoeMlp {
  public:
-  // max_rows: the most rows forward() is given (a micro-batch).
-  MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t max_rows);
+  // Micro-batches of up to micro_batch samples of seq rows each.
+  MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch);
   // Takes a block's router and experts (uploaded in fp32).
   void set(const MoeWeights& weights);
-  // out[rows, hidden] = the MoE MLP of xn[rows, hidden] (both backend memory).
+  // Replaces linear `which` (0 gate, 1 up, 2 down) of expert e (after it was quantized).
+  void set_expert_linear(int64_t e, int which, const Linear& w);
+  // out[rows, hidden] = the MoE MLP of xn[rows, hidden] (both backend memory), one sample (seq rows) at a time: the
+  // GEMMs of a sample's rows, and so their bits, do not depend on the micro-batch.
   void forward(const float* xn, float* out, int64_t rows);
+  // The routing of one sample's rows xn[rows, hidden] (backend memory, rows <= seq).
+  Routing route_rows(const float* xn, int64_t rows);
+  // y[n, expert width] = silu(gate x) * up x of expert e for x[n, hidden], n <= seq (backend memory): its down_proj's
+  // inputs.
+  void expert_hidden(int64_t e, const float* x, float* y, int64_t n);
 
  private:
   // y[n, hidden] = expert e of x[n, hidden] (backend memory).
   void run_expert(size_t e, const float* x, float* y, int64_t n);
+  // out[rows, hidden] (host) = the routed mixture of one sample's xn[rows, hidden] (host and backend copies).
+  void mix_sample(const float* xn_host, const float* xn, float* out, int64_t rows);
 
   kernels::Backend& backend_;
   const io::ModelConfig& config_;
+  int64_t seq_;
   int64_t max_rows_;
   kernels::Buffer<float> router_;
   std::vector<std::array<kernels::Buffer<float>, 3>> experts_;  // gate, up, down

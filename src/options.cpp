@@ -23,6 +23,8 @@ const char* name(ComputeDtype d) {
   return "auto";
 }
 
+const char* name(MoeCalibration m) { return m == MoeCalibration::kAll ? "all" : "routed"; }
+
 const char* name(Method m) {
   switch (m) {
     case Method::kGptq:

@@ -22,6 +22,12 @@ enum class Propagation {
 
 enum class BackendKind { kAuto, kCpu, kCuda };
 
+// Which tokens each expert's Hessian sees (docs/design.md section 4).
+enum class MoeCalibration {
+  kRouted,  // the tokens the router sends to it (an expert with fewer than --moe-min-tokens: all tokens)
+  kAll,     // every token, whatever the router picks (the block's output is still the routed mixture)
+};
+
 // The GEMMs of the block forward: the checkpoint's 16-bit dtype on the cuda backend (auto), or as named.
 enum class ComputeDtype { kAuto, kFp32, kBf16, kFp16 };
 
@@ -30,10 +36,12 @@ const char* name(Propagation p);
 const char* name(BackendKind b);
 const char* name(ComputeDtype d);
 const char* name(Method m);
+const char* name(MoeCalibration m);
 
 // Every value of each enum, in the order help texts and error messages list their spellings.
 inline constexpr std::array kMethods{Method::kGptq, Method::kRtn, Method::kAwq};
 inline constexpr std::array kPropagations{Propagation::kQuantized, Propagation::kFp};
+inline constexpr std::array kMoeCalibrations{MoeCalibration::kRouted, MoeCalibration::kAll};
 inline constexpr std::array kBackendKinds{BackendKind::kAuto, BackendKind::kCpu, BackendKind::kCuda};
 inline constexpr std::array kComputeDtypes{ComputeDtype::kAuto, ComputeDtype::kFp32, ComputeDtype::kBf16,
                                            ComputeDtype::kFp16};
@@ -64,6 +72,9 @@ struct RunOptions {
   comm::TransportKind transport = comm::TransportKind::kAuto;  // activations between stages (quantize)
 };
 
+// An expert routed fewer calibration tokens than this gets the all-token Hessian instead (--moe-min-tokens).
+inline constexpr int64_t kDefaultMoeMinTokens = 128;
+
 struct QuantizeOptions {
   std::string model_dir;
   std::string calib_path;
@@ -72,6 +83,8 @@ struct QuantizeOptions {
   int64_t nsamples = 0;  // 0: all windows of the file, at most 128
   QuantConfig quant;
   Propagation propagation = Propagation::kQuantized;
+  MoeCalibration moe_calibration = MoeCalibration::kRouted;
+  int64_t moe_min_tokens = kDefaultMoeMinTokens;
   bool overwrite = false;
   std::string metrics_path;
   int ranks_per_stage = 1;       // D: ranks of one stage group (world = P stages x D)

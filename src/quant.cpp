@@ -779,4 +779,92 @@ QuantizedLinear gptq_quantize(Backend& primary, const float* w, int64_t rows, in
   return out;
 }
 
+namespace {
+
+// Plain values and vectors of them appended to, and read back from, a byte string in one order.
+class ByteWriter {
+ public:
+  template <typename T>
+  void value(const T& v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    bytes.insert(bytes.end(), p, p + sizeof(T));
+  }
+  template <typename T>
+  void values(const std::vector<T>& v) {
+    value(static_cast<uint64_t>(v.size()));
+    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+    bytes.insert(bytes.end(), p, p + v.size() * sizeof(T));
+  }
+  void text(const std::string& s) { values(std::vector<char>(s.begin(), s.end())); }
+  std::vector<uint8_t> bytes;
+};
+
+class ByteReader {
+ public:
+  explicit ByteReader(const std::vector<uint8_t>& bytes) : bytes_(bytes) {}
+  template <typename T>
+  void value(T& v) {
+    take(&v, sizeof(T));
+  }
+  template <typename T>
+  void values(std::vector<T>& v) {
+    uint64_t n = 0;
+    value(n);
+    PQ_ASSERT(n <= (bytes_.size() - at_) / sizeof(T), "QuantizedLinear::from_bytes: ", n, " values past the end");
+    v.resize(n);
+    take(v.data(), n * sizeof(T));
+  }
+  void text(std::string& s) {
+    std::vector<char> c;
+    values(c);
+    s.assign(c.begin(), c.end());
+  }
+
+ private:
+  void take(void* dst, size_t n) {
+    PQ_ASSERT(n <= bytes_.size() - at_, "QuantizedLinear::from_bytes: ", n, " bytes past the end");
+    if (n > 0) std::memcpy(dst, bytes_.data() + at_, n);
+    at_ += n;
+  }
+  const std::vector<uint8_t>& bytes_;
+  size_t at_ = 0;
+};
+
+}  // namespace
+
+std::vector<uint8_t> QuantizedLinear::to_bytes() const {
+  ByteWriter w;
+  for (const int64_t v : {rows, cols, groups}) w.value(v);
+  w.value(bits);
+  w.values(q);
+  w.values(scales);
+  w.values(zeros);
+  w.values(g_idx);
+  for (const double v : {damp_used, relative_error, error2, solve_seconds}) w.value(v);
+  w.value(static_cast<int32_t>(fallback));
+  w.value(static_cast<uint64_t>(log.size()));
+  for (const auto& line : log) w.text(line);
+  return std::move(w.bytes);
+}
+
+QuantizedLinear QuantizedLinear::from_bytes(const std::vector<uint8_t>& bytes) {
+  ByteReader r(bytes);
+  QuantizedLinear ql;
+  for (int64_t* v : {&ql.rows, &ql.cols, &ql.groups}) r.value(*v);
+  r.value(ql.bits);
+  r.values(ql.q);
+  r.values(ql.scales);
+  r.values(ql.zeros);
+  r.values(ql.g_idx);
+  for (double* v : {&ql.damp_used, &ql.relative_error, &ql.error2, &ql.solve_seconds}) r.value(*v);
+  int32_t fallback = 0;
+  r.value(fallback);
+  ql.fallback = static_cast<Fallback>(fallback);
+  uint64_t lines = 0;
+  r.value(lines);
+  ql.log.resize(lines);
+  for (auto& line : ql.log) r.text(line);
+  return ql;
+}
+
 }  // namespace pipequant

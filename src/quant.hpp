@@ -58,6 +58,9 @@ struct QuantizedLinear {
   std::vector<std::string> log;  // one line per fallback step taken
   // W~ [rows, cols] = scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n])
   std::vector<float> dequantize() const;
+  // Every field as bytes and back (one rank's result sent to the others of its stage group).
+  std::vector<uint8_t> to_bytes() const;
+  static QuantizedLinear from_bytes(const std::vector<uint8_t>& bytes);
 };
 
 // Where each input column goes in a GPTQ solve; a function of diag(H) and the QuantConfig.

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iomanip>
 #include <map>
+#include <tuple>
 
 #include "base/error.hpp"
 
@@ -43,6 +44,8 @@ void linear_fields(Record& l, F&& f) {
   f("solve_s", l.solve_seconds);
   f("awq_alpha", l.awq_alpha);
   f("awq_clip", l.awq_clip);
+  f("expert_tokens", l.expert_tokens);
+  f("expert_hessian", l.expert_hessian);
 }
 
 // The fields of a StageMetrics but its linears, as linear_fields does for a LinearRecord.
@@ -231,6 +234,45 @@ void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, con
   }
   os << "linears " << count << ", mean error " << sci(sum / count) << " (rtn " << sci(sum_rtn / count) << "), worst "
      << sci(worst) << " (" << worst_name << "), fallbacks " << fallbacks << "\n";
+  print_expert_tokens(os, stages);
+}
+
+namespace {
+
+// "block_sparse_moe.experts.3" of "block_sparse_moe.experts.3.w1": the expert a linear belongs to.
+std::string expert_of(const std::string& module) { return module.substr(0, module.rfind('.')); }
+
+// "3" of "block_sparse_moe.experts.3": the expert's number, its last name part.
+std::string expert_number(const std::string& expert) { return expert.substr(expert.rfind('.') + 1); }
+
+}  // namespace
+
+void print_expert_tokens(std::ostream& os, const std::vector<StageMetrics>& stages) {
+  // (block, expert) -> tokens and Hessian, in record order (block_modules order: experts by number)
+  std::vector<std::tuple<int64_t, std::string, int64_t, std::string>> experts;
+  for (const auto& s : stages)
+    for (const auto& l : s.linears) {
+      if (l.expert_tokens < 0) continue;
+      const std::string expert = expert_of(l.module);
+      if (!experts.empty() && std::get<0>(experts.back()) == l.block && std::get<1>(experts.back()) == expert)
+        continue;
+      experts.emplace_back(l.block, expert, l.expert_tokens, l.expert_hessian);
+    }
+  if (experts.empty()) return;
+  os << "experts: calibration tokens routed to each (* its Hessians saw every token: fewer than --moe-min-tokens "
+        "routed, or --moe-calibration all)\n";
+  std::vector<std::string> low;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const auto& [block, expert, tokens, hessian] = experts[i];
+    if (i == 0 || std::get<0>(experts[i - 1]) != block) os << (i == 0 ? "" : "\n") << "  block " << block << ":";
+    os << " " << expert_number(expert) << ":" << tokens << (hessian == "routed" ? "" : "*");
+    if (hessian == "all (low tokens)")
+      low.push_back("block " + std::to_string(block) + " " + expert + " (" + std::to_string(tokens) + ")");
+  }
+  os << "\n";
+  if (low.empty()) return;
+  os << "experts with fewer than --moe-min-tokens routed tokens, given the all-token Hessian: " << low.size() << "\n";
+  for (const auto& l : low) os << "  " << l << "\n";
 }
 
 void write_metrics(const std::string& path, const std::vector<StageMetrics>& stages) {

@@ -23,6 +23,8 @@ struct LinearRecord {
   double solve_seconds = 0.0;
   double awq_alpha = -1.0;  // AWQ: the scale exponent chosen for its group (-1: no AWQ scales)
   double awq_clip = 1.0;    // AWQ: the mean clip ratio over its (row, group) pairs (1: nothing clipped)
+  int64_t expert_tokens = -1;  // an expert's linear: calibration tokens routed to the expert (-1: not an expert's)
+  std::string expert_hessian;  // ... and what its Hessian saw: routed, all, all (low tokens) (io::PackedLinear)
 
   bool operator==(const LinearRecord&) const = default;
 };
@@ -72,6 +74,9 @@ uint64_t peak_host_bytes();
 
 void print_report(std::ostream& os, const std::vector<StageMetrics>& stages, const std::string& method,
                   const std::string& propagation, const std::string& backend);
+// The experts of Mixture-of-Experts blocks: each one's routed calibration tokens, and those given the all-token
+// Hessian (print_report ends with it; nothing for a dense model).
+void print_expert_tokens(std::ostream& os, const std::vector<StageMetrics>& stages);
 // One JSON object per line: a "stage" record per stage and a "linear" record per quantized linear.
 void write_metrics(const std::string& path, const std::vector<StageMetrics>& stages);
 

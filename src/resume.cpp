@@ -111,8 +111,8 @@ void clear_earlier_output(const std::string& out_dir) {
 
 // Reads the attributes load_resumed_blocks reads besides the checksummed data (every linear's, the norms' dtype):
 // throws UserError where they cannot be read.
-void read_block_attributes(const io::ShardReader& reader, int64_t b) {
-  for (const auto& linear : kLinears) reader.read_linear_info(b, linear.module);
+void read_block_attributes(const io::ShardReader& reader, const io::ModelConfig& config, int64_t b) {
+  for (const auto& module : block_modules(config, b)) reader.read_linear_info(b, module);
   for (const char* norm : {"input_layernorm.weight", "post_attention_layernorm.weight"})
     reader.read_block_tensor_info(b, norm);
 }
@@ -131,7 +131,7 @@ bool damaged_metadata(const std::vector<std::string>& findings) {
 // which says why a block is redone or the shard is started over). A block is redone in place only when its data
 // fails a checksum; damaged metadata starts the shard over, since replacing the block would edit the damaged
 // objects.
-ShardState verified_blocks(const std::string& path, int64_t first, int64_t count) {
+ShardState verified_blocks(const io::ModelConfig& config, const std::string& path, int64_t first, int64_t count) {
   ShardState state;
   if (!std::filesystem::exists(path)) {
     std::printf("resume: %s is missing; the stage starts over\n", path.c_str());
@@ -144,7 +144,7 @@ ShardState verified_blocks(const std::string& path, int64_t first, int64_t count
       if (!reader.block_complete(b)) continue;
       const auto bad = reader.verify_block(b);
       if (bad.empty()) {
-        read_block_attributes(reader, b);
+        read_block_attributes(reader, config, b);
         state.done.insert(b);
         continue;
       }
@@ -219,10 +219,11 @@ bool decide_resume(const QuantizeOptions& opt, io::ModelIndex& index) {
   return resume;
 }
 
-ShardState agree_on_shard_state(const comm::StageGroup& group, const std::string& shard_path, int64_t first_block,
+ShardState agree_on_shard_state(const comm::StageGroup& group, const io::ModelConfig& config,
+                                const std::string& shard_path, int64_t first_block,
                                 int64_t blocks, bool resume) {
   ShardState state;
-  if (resume && group.root()) state = verified_blocks(shard_path, first_block, blocks);
+  if (resume && group.root()) state = verified_blocks(config, shard_path, first_block, blocks);
   std::vector<int64_t> done(state.done.begin(), state.done.end());
   int readable = state.readable ? 1 : 0;
   group.broadcast(done);
@@ -233,26 +234,19 @@ ShardState agree_on_shard_state(const comm::StageGroup& group, const std::string
   return state;
 }
 
-std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_path, const std::set<int64_t>& blocks) {
+std::map<int64_t, ResumedBlock> load_resumed_blocks(const io::ModelConfig& config, const std::string& shard_path,
+                                                    const std::set<int64_t>& blocks) {
   std::map<int64_t, ResumedBlock> resumed;
   if (blocks.empty()) return resumed;
   io::ShardReader reader(shard_path);
   for (int64_t b : blocks) {
     ResumedBlock& r = resumed[b];
-    for (size_t i = 0; i < kLinears.size(); ++i) {
-      const io::PackedLinear p = reader.read_linear(b, kLinears[i].module);
-      r.w[i] = unpack(p).dequantize();
-      r.records[i] = {b,
-                      kLinears[i].module,
-                      p.out_features,
-                      p.in_features,
-                      p.relative_error,
-                      p.rtn_relative_error,
-                      p.fallback,
-                      p.damp,
-                      0.0,
-                      p.awq_scale_exponent,
-                      p.awq_clip};
+    for (const auto& module : block_modules(config, b)) {
+      const io::PackedLinear p = reader.read_linear(b, module);
+      r.w.push_back(unpack(p).dequantize());
+      r.records.push_back({b, module, p.out_features, p.in_features, p.relative_error, p.rtn_relative_error,
+                           p.fallback, p.damp, 0.0, p.awq_scale_exponent, p.awq_clip, p.expert_tokens,
+                           p.expert_hessian});
     }
     const std::string where = shard_path + ": /blocks/" + std::to_string(b);
     r.norms = {dense_to_f32(reader.read_block_tensor(b, "input_layernorm.weight"), where),

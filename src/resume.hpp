@@ -46,16 +46,17 @@ struct ShardState {
   bool readable = false;
 };
 // Collective on the group; `resume` false gives an empty state.
-ShardState agree_on_shard_state(const comm::StageGroup& group, const std::string& shard_path, int64_t first_block,
-                                int64_t blocks, bool resume);
+ShardState agree_on_shard_state(const comm::StageGroup& group, const io::ModelConfig& config,
+                                const std::string& shard_path, int64_t first_block, int64_t blocks, bool resume);
 
 // A block an earlier run completed: its dequantized weights (quantized propagation feeds them forward) and what
-// that run measured.
+// that run measured, in block_modules order.
 struct ResumedBlock {
-  std::array<std::vector<float>, kLinearCount> w;  // [out, in] each
-  std::array<LinearRecord, kLinearCount> records;
+  std::vector<std::vector<float>> w;  // [out, in] each
+  std::vector<LinearRecord> records;
   std::array<std::vector<float>, 2> norms;  // input and post-attention, as written (AWQ folds scales into them)
 };
-std::map<int64_t, ResumedBlock> load_resumed_blocks(const std::string& shard_path, const std::set<int64_t>& blocks);
+std::map<int64_t, ResumedBlock> load_resumed_blocks(const io::ModelConfig& config, const std::string& shard_path,
+                                                    const std::set<int64_t>& blocks);
 
 }  // namespace pipequant

@@ -14,6 +14,7 @@
 #include "comm/world.hpp"
 #include "src/driver_util.hpp"
 #include "src/hessian.hpp"
+#include "src/moe.hpp"
 #include "src/pipeline.hpp"
 
 namespace pipequant {
@@ -112,7 +113,8 @@ StageWorker::StageWorker(const QuantizeOptions& options)
       ckpt_(io::Checkpoint::open(options.model_dir)) {
   validate(opt_.quant);
   PQ_REQUIRE(opt_.run.micro_batch > 0, "--micro-batch must be positive");
-  require_dense_mlp(config_, "quantize");
+  PQ_REQUIRE(!config_.moe() || opt_.quant.method != Method::kAwq, config_.path, ": ", config_.architecture,
+             " is a Mixture-of-Experts model: --method awq does not handle experts yet; use gptq or rtn");
   validate_checkpoint(ckpt_, config_);
   config_.check_seq_len(opt_.seq_len);
   calib_ = load_calibration(opt_, config_);
@@ -169,9 +171,9 @@ void StageWorker::decide_resume() {
 void StageWorker::open_stage() {
   const StagePlan& sp = stage_plan();
   const std::string shard_path = opt_.out_dir + "/" + index_.shard_files[static_cast<size_t>(sp.stage)];
-  const ShardState state = agree_on_shard_state(*group_, shard_path, sp.first_block, sp.blocks, resume_);
+  const ShardState state = agree_on_shard_state(*group_, config_, shard_path, sp.first_block, sp.blocks, resume_);
   done_ = state.done;
-  resumed_ = load_resumed_blocks(shard_path, done_);
+  resumed_ = load_resumed_blocks(config_, shard_path, done_);
   group_->barrier();
   shard_ = std::make_unique<io::ShardWriter>(shard_path, group_->comm(), resume_ && state.readable);
 
@@ -217,7 +219,7 @@ void StageWorker::obtain_inputs() {
   if (group_->layout().first()) embed_inputs();
   StageContext ctx = context();
   propagation_->obtain_inputs(ctx);
-  note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);  // embedding, fp-mode forward
+  note_forward_peak();  // embedding, fp-mode forward
 }
 
 void StageWorker::quantize_block(int64_t b) {
@@ -229,6 +231,7 @@ void StageWorker::quantize_block(int64_t b) {
     const BlockWeights weights = propagation_->block_weights(ctx, b);
     norms_ = {weights.input_norm, weights.post_norm};
     runner_->set_block(weights);
+    experts_ = weights.moe.experts;  // an MoE block's experts as held (shared values)
   }
   metrics_.load_seconds += seconds_since(t0);
   const GroupErrors errors = done_.count(b) ? replay_resumed_block(b) : solve_block(b);
@@ -237,20 +240,33 @@ void StageWorker::quantize_block(int64_t b) {
   propagate(*runner_, x_, batches_.samples, config_.hidden_size);
   require_finite_activations(x_, b, sample_begin_, calib_.seq, config_.hidden_size, "calibration sample");
   metrics_.forward_seconds += seconds_since(t0);
-  note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
+  note_forward_peak();
+  experts_.clear();
   post_progress(b, seconds_since(t_block), errors);
 }
+
+void StageWorker::note_forward_peak() { note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_); }
+void StageWorker::note_solve_peak() { note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_); }
 
 StageWorker::GroupErrors StageWorker::replay_resumed_block(int64_t b) {
   GroupErrors errors{};
   const ResumedBlock& r = resumed_.at(b);
-  for (size_t i = 0; i < kLinears.size(); ++i) {
+  const bool live = propagation_->feeds_quantized();
+  const int dense = block_linear_count(config_, b);
+  for (size_t i = 0; i < r.records.size(); ++i) {
     metrics_.linears.push_back(r.records[i]);
-    auto& e = errors[static_cast<size_t>(kLinears[i].group)];
-    e = std::max(e, r.records[i].relative_error);
-    if (propagation_->feeds_quantized()) runner_->set_linear(static_cast<int>(i), r.w[i]);
+    const auto at = static_cast<int>(i);
+    const int which = (at - dense) % 3;  // an expert's gate, up or down
+    const int g = at < dense ? kLinears[i].group : which < 2 ? 2 : 3;
+    errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], r.records[i].relative_error);
+    if (!live) continue;
+    const Linear w = Linear::of(r.records[i].out_features, r.records[i].in_features, r.w[i]);
+    if (at < dense)
+      runner_->set_linear(at, w);
+    else
+      runner_->moe()->set_expert_linear((at - dense) / 3, which, w);
   }
-  if (propagation_->feeds_quantized()) runner_->set_norms(r.norms[0], r.norms[1]);  // AWQ folds scales into them
+  if (live) runner_->set_norms(r.norms[0], r.norms[1]);  // AWQ folds scales into them
   ++metrics_.blocks_resumed;
   return errors;
 }
@@ -259,11 +275,12 @@ StageWorker::GroupErrors StageWorker::replay_resumed_block(int64_t b) {
 StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
   GroupErrors errors{};
   shard_->begin_block(b);
-  for (int g = 0; g < kLinearGroups; ++g) {
+  const int groups = runner_->moe() ? 2 : kLinearGroups;  // an MoE block: the attention's, then its experts
+  for (int g = 0; g < groups; ++g) {
     auto t0 = Clock::now();
     GroupInputs in = group_hessian(b, g);
     metrics_.forward_seconds += seconds_since(t0);
-    note_peak(*backend_, metrics_.peak_device_forward_bytes, metrics_);
+    note_forward_peak();
     t0 = Clock::now();
     if (!terms_from_inputs(g)) add_terms_from_hessian(g, in);
     metrics_.solve_seconds += seconds_since(t0);
@@ -281,6 +298,7 @@ StageWorker::GroupErrors StageWorker::solve_block(int64_t b) {
       errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], e);
     }
   }
+  if (runner_->moe()) solve_experts(b, errors);
   const auto t0 = Clock::now();
   write_pending_linears(b);
   write_block_tensors(b);
@@ -427,10 +445,8 @@ void place_rows(QuantizedLinear& full, const QuantizedLinear& part, int64_t row0
 
 }  // namespace
 
-// This rank's rows of linear `index`, quantized a tile at a time from the runner's (source) values.
-QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const TileQuantizer& quantize_tile) {
-  const Linear source = runner_->linear(index);  // shares the values: the source goes when the runner's does
-  const auto [r0, r1] = group_->owned_range(source.out);
+// Rows [r0, r1) of `source`, quantized a tile at a time from its held values (fp32 tiles expanded one at a time).
+QuantizedLinear StageWorker::solve_rows(Linear source, int64_t r0, int64_t r1, const TileQuantizer& quantize_tile) {
   const int64_t tile = solve_tile_rows(source.in);
   std::vector<float> w(static_cast<size_t>(std::min(tile, r1 - r0) * source.in));
   QuantizedLinear full;
@@ -453,6 +469,13 @@ QuantizedLinear StageWorker::solve_rows(int64_t b, int index, const TileQuantize
   return full;
 }
 
+// This rank's rows of linear `index` of the runner's block (the source goes when the runner's copy does).
+QuantizedLinear StageWorker::solve_owned_rows(int index, const TileQuantizer& quantize_tile) {
+  const Linear& source = runner_->linear(index);
+  const auto [r0, r1] = group_->owned_range(source.out);
+  return solve_rows(source, r0, r1, quantize_tile);
+}
+
 // Quantizes linear `index` of block b (this rank's rows, then gathered), writes it, records it and, with quantized
 // propagation, puts its quantized weights into the block. `factor`: its group's GPTQ factor (empty with RTN),
 // released after the solve of the group's last linear; `terms`: its baseline terms over the whole group. Returns
@@ -465,7 +488,7 @@ double StageWorker::quantize_linear(int64_t b, int index, std::optional<GptqFact
   PQ_ASSERT(q.method != Method::kGptq || gptq, "quantize_linear: GPTQ without its group's factor");
   const std::string name = block_prefix(b) + kLinears[static_cast<size_t>(index)].module;
   const int64_t in = runner_->linear(index).in;
-  QuantizedLinear ql = solve_rows(b, index, [&](const float* w, int64_t rows) {
+  QuantizedLinear ql = solve_owned_rows(index, [&](const float* w, int64_t rows) {
     return gptq ? gptq_solve(*factor, w, rows, name) : rtn_quantize(*backend_, w, rows, in, nullptr, q);
   });
   if (last_of_group) factor.reset();  // R (11.3 GB for a 405B down_proj) goes before packing and writing
@@ -476,8 +499,8 @@ double StageWorker::quantize_linear(int64_t b, int index, std::optional<GptqFact
   if (!gptq || ql.fallback == Fallback::kRtn) error2 = terms.rtn_error2;
   gather_linear(ql, error2, terms, runner_->linear(index).out);
   metrics_.solve_seconds += seconds_since(t0);
-  note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
-  write_linear_result(b, index, ql, terms, solve_s);
+  note_solve_peak();
+  write_linear_result(b, kLinears[static_cast<size_t>(index)].module, ql, terms, solve_s);
   const double e = ql.relative_error;
   if (propagation_->feeds_quantized()) runner_->set_linear(index, Linear::of(ql.rows, ql.cols, std::move(ql)));
   return e;
@@ -493,9 +516,8 @@ void StageWorker::gather_linear(QuantizedLinear& ql, double error2, const Baseli
 }
 
 // Packs, writes and records a quantized linear (the whole of it, on every member).
-void StageWorker::write_linear_result(int64_t b, int index, const QuantizedLinear& ql, const BaselineTerms& terms,
-                                      double solve_seconds, double awq_alpha, double awq_clip) {
-  const char* module = kLinears[static_cast<size_t>(index)].module;
+void StageWorker::write_linear_result(int64_t b, const std::string& module, const QuantizedLinear& ql,
+                                      const BaselineTerms& terms, double solve_seconds, const LinearNotes& notes) {
   const auto t0 = Clock::now();
   io::PackedLinear p;
   try {
@@ -504,12 +526,15 @@ void StageWorker::write_linear_result(int64_t b, int index, const QuantizedLinea
     fail("block ", b, ": ", e.what());  // which block the module is in
   }
   p.rtn_relative_error = terms.weight2 > 0.0 ? terms.rtn_error2 / terms.weight2 : 0.0;
-  p.awq_scale_exponent = awq_alpha;
-  p.awq_clip = awq_clip;
+  p.awq_scale_exponent = notes.awq_alpha;
+  p.awq_clip = notes.awq_clip;
+  p.expert_tokens = notes.expert_tokens;
+  p.expert_hessian = notes.expert_hessian;
   shard_->write_linear(b, p);
   metrics_.write_seconds += seconds_since(t0);
   metrics_.linears.push_back({b, module, ql.rows, ql.cols, ql.relative_error, p.rtn_relative_error, name(ql.fallback),
-                              ql.damp_used, solve_seconds, awq_alpha, awq_clip});
+                              ql.damp_used, solve_seconds, notes.awq_alpha, notes.awq_clip, notes.expert_tokens,
+                              notes.expert_hessian});
 }
 
 namespace {
@@ -607,7 +632,7 @@ double StageWorker::awq_linear(int64_t b, int index, const AwqScaleChoice& choic
   const int64_t cols = lin.in, out = lin.out;
   const bool clip = index != kQProj && index != kKProj;  // as llm-awq: q/k errors pass through the attention scores
   std::array<double, 3> sums{};                             // error2, clip ratio sum, clip count
-  QuantizedLinear ql = solve_rows(b, index, [&](const float* w, int64_t rows) {
+  QuantizedLinear ql = solve_owned_rows(index, [&](const float* w, int64_t rows) {
     AwqQuantized a = awq_quantize(*backend_, w, rows, cols, choice.scales, in.h.data(), h_backend, clip, opt_.quant);
     sums[0] += a.error2;
     sums[1] += a.clip_sum;
@@ -619,7 +644,7 @@ double StageWorker::awq_linear(int64_t b, int index, const AwqScaleChoice& choic
   gather_linear(ql, sums[0], terms, out);
   const double seconds = seconds_since(t0);
   metrics_.solve_seconds += seconds;
-  note_peak(*backend_, metrics_.peak_device_solve_bytes, metrics_);
+  note_solve_peak();
   const double e = ql.relative_error;
   Linear held = Linear::of(ql.rows, ql.cols, std::move(ql));
   if (propagation_->feeds_quantized()) runner_->set_linear(index, held);
@@ -633,8 +658,8 @@ void StageWorker::write_pending_linears(int64_t b) {
   for (int i = 0; i < kLinearCount; ++i) {
     auto& p = pending_[static_cast<size_t>(i)];
     if (!p) continue;
-    write_linear_result(b, i, std::get<QuantizedLinear>(*p->linear.values), p->terms, p->solve_seconds, p->awq_alpha,
-                        p->awq_clip);
+    write_linear_result(b, kLinears[static_cast<size_t>(i)].module, std::get<QuantizedLinear>(*p->linear.values),
+                        p->terms, p->solve_seconds, {p->awq_alpha, p->awq_clip, -1, ""});
     p.reset();
   }
 }
@@ -650,6 +675,10 @@ void StageWorker::write_block_tensors(int64_t b) {
   if (config_.qk_norm)
     for (const char* norm : kQkNormTensors)
       shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + norm, norm));
+  if (config_.moe_block(b)) {  // the router, kept in its source dtype
+    const std::string router = router_module(config_) + ".weight";
+    shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + router, router));
+  }
   for (const auto& linear : kLinears) {
     const std::string bias = std::string(linear.module) + ".bias";
     if (ckpt_.has(prefix + bias)) shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + bias, bias));

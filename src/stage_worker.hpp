@@ -36,6 +36,14 @@
 
 namespace pipequant {
 
+// What a linear's record and output say beyond its solve: AWQ's choices, an expert's tokens (io::PackedLinear).
+struct LinearNotes {
+  double awq_alpha = -1.0;
+  double awq_clip = 1.0;
+  int64_t expert_tokens = -1;
+  std::string expert_hessian;
+};
+
 class StageWorker {
  public:
   // Reads and checks the inputs (every rank, headers only: tensor data is mapped when first read).
@@ -88,17 +96,31 @@ class StageWorker {
   void add_terms_from_hessian(int group, GroupInputs& in);
   std::optional<GptqFactor> group_factor(int group, std::vector<float> h);
   using TileQuantizer = std::function<QuantizedLinear(const float* w, int64_t rows)>;
-  QuantizedLinear solve_rows(int64_t b, int index, const TileQuantizer& quantize_tile);
+  QuantizedLinear solve_rows(Linear source, int64_t r0, int64_t r1, const TileQuantizer& quantize_tile);
+  QuantizedLinear solve_owned_rows(int index, const TileQuantizer& quantize_tile);
   double quantize_linear(int64_t b, int index, std::optional<GptqFactor>& factor, bool last_of_group,
                          const BaselineTerms& terms);
   void gather_linear(QuantizedLinear& ql, double error2, const BaselineTerms& terms, int64_t out);
-  void write_linear_result(int64_t b, int index, const QuantizedLinear& ql, const BaselineTerms& terms,
-                           double solve_seconds, double awq_alpha = -1.0, double awq_clip = 1.0);
+  void write_linear_result(int64_t b, const std::string& module, const QuantizedLinear& ql, const BaselineTerms& terms,
+                           double solve_seconds, const LinearNotes& notes = LinearNotes());
   bool awq_can_fold(int group) const;
   double awq_group(int64_t b, int group, const GroupInputs& in);
   void fold_awq_scales(int group, const std::vector<float>& scales);
   double awq_linear(int64_t b, int index, const AwqScaleChoice& choice, const GroupInputs& in, const float* h_backend);
   void write_pending_linears(int64_t b);
+  void note_forward_peak();  // the backend's high-water mark of the forward + Hessian phase
+  void note_solve_peak();    // ... of a solve
+  // Mixture-of-Experts blocks (src/stage_worker_moe.cpp)
+  struct MoeInputs;
+  struct ExpertSolve;
+  void solve_experts(int64_t b, GroupErrors& errors);
+  MoeInputs moe_inputs();
+  std::vector<float> expert_hessian(const MoeInputs& in, int64_t e, bool down_inputs);
+  void solve_expert_round(int64_t b, const MoeInputs& in, int64_t first, std::vector<ExpertSolve>& round, bool down);
+  void solve_expert(int64_t b, int64_t e, std::vector<float> h, ExpertSolve& out, bool down);
+  void share_expert_round(int64_t first, std::vector<ExpertSolve>& round, bool down);
+  void write_expert_round(int64_t b, const MoeInputs& in, int64_t first, const std::vector<ExpertSolve>& round,
+                          GroupErrors& errors);
   void write_block_tensors(int64_t b);
   void post_progress(int64_t b, double seconds, const GroupErrors& errors);
 
@@ -136,6 +158,7 @@ class StageWorker {
   // the block's norms (input, post-attention) as the output holds them: AWQ folds its scales into them
   std::array<std::vector<float>, 2> norms_;
   std::array<std::optional<PendingLinear>, kLinearCount> pending_;  // AWQ
+  std::vector<ExpertWeights> experts_;  // an MoE block's experts as held (quantized ones replace the source's)
   StageMetrics metrics_;
   Clock::time_point t_sync_;
 };

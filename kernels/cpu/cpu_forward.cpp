@@ -181,6 +181,12 @@ void CpuBackend::attention(const float* q, const float* k, const float* v, float
   }
 }
 
+// One BLAS thread: the result of a call is then a function of its shape and data alone.
+void CpuBackend::linear_fixed_order(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
+  const SerialBlas serial_blas(threads_);
+  linear(x, w, y, m, n, k);
+}
+
 void CpuBackend::swiglu(const float* gate, const float* up, float* out, int64_t n) {
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t i = 0; i < n; ++i) {
