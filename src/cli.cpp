@@ -257,12 +257,16 @@ void add_quantize_options(Command& cmd) {
       .add("propagation", Role::kResult, po::value<std::string>()->default_value("quantized"),
            choices(kPropagations) +
                " (quantized: block i+1 sees quantized block i; fp: inputs from the unquantized model)")
-      .add("moe-calibration", Role::kResult, po::value<std::string>()->default_value("routed"),
+      // no defaults on the command line: absent, they stay out of the recorded arguments, and outputs of dense
+      // models written before they existed still resume
+      .add("moe-calibration", Role::kResult, po::value<std::string>(),
            choices(kMoeCalibrations) +
-               " (Mixture-of-Experts: each expert's Hessian from the tokens routed to it, or from every token)")
-      .add("moe-min-tokens", Role::kResult, po::value<int64_t>()->default_value(kDefaultMoeMinTokens),
-           "--moe-calibration routed: an expert routed fewer calibration tokens (over the whole job) gets the "
-           "all-token Hessian; the report and inspect name it")
+               " (default routed; Mixture-of-Experts: each expert's Hessian from the tokens routed to it, or from "
+               "every token)")
+      .add("moe-min-tokens", Role::kResult, po::value<int64_t>(),
+           "default " + std::to_string(kDefaultMoeMinTokens) +
+               "; --moe-calibration routed: an expert routed fewer calibration tokens (over the whole job) gets the "
+               "all-token Hessian; the report and inspect name it")
       .add("overwrite", Role::kRun, po::bool_switch(), "replace an existing output")
       .add("metrics", Role::kRun, po::value<std::string>(), "write JSON-lines metrics to FILE")
       .add("ranks-per-stage", Role::kRun, po::value<int>()->default_value(1),
@@ -295,8 +299,8 @@ QuantizeOptions quantize_options(const Command& cmd) {
   PQ_REQUIRE(o.nsamples >= 0, "--nsamples must be >= 0, got ", o.nsamples);
   o.quant = quant_config(vm);
   o.propagation = enum_option(vm, "propagation", kPropagations);
-  o.moe_calibration = enum_option(vm, "moe-calibration", kMoeCalibrations);
-  o.moe_min_tokens = vm["moe-min-tokens"].as<int64_t>();
+  if (vm.count("moe-calibration")) o.moe_calibration = enum_option(vm, "moe-calibration", kMoeCalibrations);
+  if (vm.count("moe-min-tokens")) o.moe_min_tokens = vm["moe-min-tokens"].as<int64_t>();
   PQ_REQUIRE(o.moe_min_tokens >= 1, "--moe-min-tokens must be at least 1, got ", o.moe_min_tokens);
   o.overwrite = vm["overwrite"].as<bool>();
   if (vm.count("metrics")) o.metrics_path = vm["metrics"].as<std::string>();

@@ -128,6 +128,18 @@ TEST(Cli, TypedOptions) {
   EXPECT_FALSE(parse_quantize_options({"--help"}).has_value());  // help: nothing to run, no option required
 }
 
+TEST(Cli, MoeOptions) {
+  const QuantizeOptions d = parse(quantize_args());
+  EXPECT_EQ(d.moe_calibration, MoeCalibration::kRouted);
+  EXPECT_EQ(d.moe_min_tokens, kDefaultMoeMinTokens);
+  const QuantizeOptions o = parse(quantize_args({"--moe-calibration", "all", "--moe-min-tokens", "7"}));
+  EXPECT_EQ(o.moe_calibration, MoeCalibration::kAll);
+  EXPECT_EQ(o.moe_min_tokens, 7);
+  EXPECT_NE(o.fingerprint_args_json, d.fingerprint_args_json) << "they change the result";
+  EXPECT_THROW(parse(quantize_args({"--moe-min-tokens", "0"})), UserError);
+  EXPECT_THROW(parse(quantize_args({"--moe-calibration", "some"})), UserError);
+}
+
 TEST(Cli, EnumOptionsAcceptEachSpelling) {
   for (const auto& [s, m] : {std::pair{"gptq", Method::kGptq}, {"rtn", Method::kRtn}, {"awq", Method::kAwq}})
     EXPECT_EQ(parse(quantize_args({"--method", s})).quant.method, m) << s;

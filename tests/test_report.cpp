@@ -28,6 +28,8 @@ LinearRecord sample_linear(int64_t block) {
   l.solve_seconds = 12.5e-3;
   l.awq_alpha = 0.35;
   l.awq_clip = 0.925;
+  l.expert_tokens = 1234;
+  l.expert_hessian = "all (low tokens)";
   return l;
 }
 
@@ -119,7 +121,7 @@ const std::set<std::string> kStageRecordKeys = {"record",
 const std::set<std::string> kLinearRecordKeys = {"record",       "stage",       "block",          "module",
                                                  "out_features", "in_features", "relative_error", "rtn_relative_error",
                                                  "fallback",     "damp",        "solve_s",        "awq_alpha",
-                                                 "awq_clip"};
+                                                 "awq_clip",     "expert_tokens", "expert_hessian"};
 
 TEST(Report, MetricsFileKeepsItsRecordsAndKeys) {
   const std::string path = testing::TempDir() + "pipequant-test-report.jsonl";
