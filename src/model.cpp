@@ -54,11 +54,6 @@ std::array<std::string, 3> expert_tensors(const io::ModelConfig& c, int64_t e) {
 
 }  // namespace
 
-void require_dense_mlp(const io::ModelConfig& c, const char* command) {
-  PQ_REQUIRE(!c.moe(), c.path, ": ", c.architecture, " is a Mixture-of-Experts model (", c.num_experts,
-             " experts per block): pipequant ", command, " does not handle experts yet; eval reads it");
-}
-
 Linear Linear::of(int64_t out, int64_t in, WeightValues values) {
   Linear l;
   l.out = out;

@@ -139,8 +139,6 @@ std::unique_ptr<WeightSource> quantized_source(const std::string& out_dir, const
 
 class MoeMlp;
 
-// Refuses, with the command's name, what only dense models support yet (quantize, plan, export of MoE models).
-void require_dense_mlp(const io::ModelConfig& config, const char* command);
 
 // Where a partial block forward stops: the input of each linear group, or the block output.
 enum class Until { kQkvInput = 0, kOInput = 1, kGateUpInput = 2, kDownInput = 3, kOutput = 4 };

@@ -1,6 +1,7 @@
 #include "src/planner.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <cstdio>
 #include <iomanip>
 #include <limits>
@@ -340,7 +341,46 @@ int heaviest_group(const PlanInputs& in, bool cpu, uint64_t value_bytes) {
 
 }  // namespace
 
-std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& plan, const StagePlan& s) {
+namespace {
+
+// The inputs as the dense terms see an MoE model: the linear groups gate_up and down are those of one expert (or of
+// the dense MLP where some blocks have one, whichever is wider); moe_terms counts the experts besides.
+PlanInputs as_dense(const PlanInputs& in) {
+  PlanInputs d = in;
+  io::ModelConfig& c = d.config;
+  if (!c.moe()) return d;
+  bool dense_blocks = false;
+  for (int64_t b = 0; b < c.num_layers; ++b) dense_blocks |= !c.moe_block(b);
+  c.intermediate_size = dense_blocks ? std::max(c.intermediate_size, c.expert_intermediate_size) : c.expert_intermediate_size;
+  return d;
+}
+
+}  // namespace
+
+// An MoE block's experts (StageWorker::solve_experts): as held (the source's, then codes as they are solved), the MoE
+// MLP's fp32 copies on the backend, the MLP inputs and their routing kept through the expert rounds, and one more
+// Hessian per member while a round's are summed (each member keeps its own expert's, the dense terms count it).
+void add_moe_terms(const PlanInputs& in, uint64_t value_bytes, uint64_t tokens, unsigned per_block, unsigned inputs,
+                   unsigned hessian, unsigned solve,
+                   const std::function<void(const char*, uint64_t, bool, unsigned)>& add) {
+  const io::ModelConfig& c = in.config;
+  if (!c.moe()) return;
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  const uint64_t expert_elems = 3 * u(c.hidden_size) * u(c.expert_intermediate_size);
+  const uint64_t experts = u(c.num_experts);
+  // the experts as held; the dense terms count one expert's linears already
+  add("experts_held", value_bytes * (experts - 1) * expert_elems, false, per_block);
+  // MoeMlp: every expert in fp32 on the backend, and its scratch for one sample's rows
+  add("moe_runner_experts", 4 * experts * expert_elems + 4 * u(in.seq_len) * u(c.num_experts + 3 * c.hidden_size),
+      true, per_block | (in.fp_propagation ? inputs : 0u));
+  // the MLP inputs [samples * seq, hidden] fp32 and their routing (a row and a weight per token and choice)
+  add("moe_inputs", 4 * tokens * u(c.hidden_size) + 8 * tokens * u(c.experts_per_token), false, hessian | solve);
+  const uint64_t k = u(std::max(c.hidden_size, c.expert_intermediate_size));
+  add("expert_hessian_received", 4 * k * k, false, hessian);
+}
+
+std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in_model, const Plan& plan, const StagePlan& s) {
+  const PlanInputs in = as_dense(in_model);
   const io::ModelConfig& c = in.config;
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
   const uint64_t d = u(in.ranks_per_stage);
@@ -359,8 +399,11 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
     k = std::max(k, u(cols));
     largest_linear = std::max(largest_linear, u(out * cols));
   }
-  const uint64_t value_bytes = source_value_bytes(in, s, linear_elems + 2 * hidden + bias_elems);
-  const uint64_t block_held = value_bytes * linear_elems + 4 * (2 * hidden + bias_elems);
+  // an MoE block's other experts (the dense terms see one expert's MLP)
+  const uint64_t other_experts =
+      c.moe() ? u(c.num_experts - 1) * 3 * hidden * u(in_model.config.expert_intermediate_size) : 0;
+  const uint64_t value_bytes = source_value_bytes(in, s, linear_elems + other_experts + 2 * hidden + bias_elems);
+  const uint64_t block_held = value_bytes * (linear_elems + other_experts) + 4 * (2 * hidden + bias_elems);
   // the CPU backend expands tiles of the held weights for fp32 GEMMs; otherwise the runner uploads them
   const bool expands = cpu && !plan.half_weights;
   const uint64_t runner_weights = expands ? 0
@@ -448,6 +491,7 @@ std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in, const Plan& pla
   add("gptq_factor", cpu || to_host ? 0 : gm.factor, true, factor_phases);
   // the column loop of one tile of this rank's rows (w, wc, res fp32, codes, tables)
   add("solve_working_set", to_host ? 0 : gm.solve_device, true, solve);
+  add_moe_terms(in_model, value_bytes, tokens, per_block, inputs, hessian, solve, add);
   return t;
 }
 
@@ -708,7 +752,6 @@ std::optional<LayoutAdvice> recommend_layout(const PlanInputs& in) {
 int run_plan(const PlanOptions& o, std::ostream& os) {
   const io::ModelConfig config = io::ModelConfig::load(o.model_dir);
   config.check_seq_len(o.seq_len);
-  require_dense_mlp(config, "plan");
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model_dir);  // headers only
   validate_checkpoint(ckpt, config);
   const Plan plan = make_plan(plan_inputs(o, config, ckpt));
