@@ -51,43 +51,55 @@ kernels::Buffer<float> uploaded(kernels::Backend& backend, const std::vector<flo
 MoeMlp::MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t max_rows)
     : backend_(backend), config_(config), max_rows_(max_rows) {
   PQ_ASSERT(config.moe(), "MoeMlp: the config has no experts");
-  const int64_t h = config.hidden_size, inter = config.expert_intermediate_size;
-  logits_ = kernels::Buffer<float>(backend, max_rows * config.num_experts);
+  const int64_t h = config.hidden_size;
+  const int64_t inter = std::max(config.expert_intermediate_size, config.shared_expert_intermediate_size);
+  logits_ = kernels::Buffer<float>(backend, max_rows * std::max<int64_t>(config.num_experts, 1));
   x_ = kernels::Buffer<float>(backend, max_rows * h);
   g_ = kernels::Buffer<float>(backend, max_rows * inter);
   u_ = kernels::Buffer<float>(backend, max_rows * inter);
   y_ = kernels::Buffer<float>(backend, max_rows * h);
 }
 
+namespace {
+
+std::array<kernels::Buffer<float>, 3> uploaded_swiglu(kernels::Backend& backend, const ExpertWeights& e) {
+  return {uploaded(backend, e.gate.to_f32()), uploaded(backend, e.up.to_f32()), uploaded(backend, e.down.to_f32())};
+}
+
+}  // namespace
+
 void MoeMlp::set(const MoeWeights& weights) {
   PQ_ASSERT(static_cast<int64_t>(weights.experts.size()) == config_.num_experts &&
                 static_cast<int64_t>(weights.router.size()) == config_.num_experts * config_.hidden_size,
             "MoeMlp::set: ", weights.experts.size(), " experts and a router of ", weights.router.size(), " values");
+  PQ_ASSERT(weights.shared.has_value() == config_.shared_expert(), "MoeMlp::set: a shared expert ",
+            weights.shared ? "given" : "missing", " (config shared_expert_intermediate_size ",
+            config_.shared_expert_intermediate_size, ")");
   router_ = uploaded(backend_, weights.router);
   experts_.clear();
-  for (const ExpertWeights& e : weights.experts)
-    experts_.push_back({uploaded(backend_, e.gate.to_f32()), uploaded(backend_, e.up.to_f32()),
-                        uploaded(backend_, e.down.to_f32())});
+  for (const ExpertWeights& e : weights.experts) experts_.push_back(uploaded_swiglu(backend_, e));
+  if (weights.shared) {
+    shared_ = uploaded_swiglu(backend_, weights.shared->mlp);
+    shared_gate_ = weights.shared->gate.empty() ? kernels::Buffer<float>() : uploaded(backend_, weights.shared->gate);
+  }
 }
 
-void MoeMlp::run_expert(size_t e, const float* x, float* y, int64_t n) {
-  const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
-  const auto& w = experts_[e];
+void MoeMlp::run_swiglu(const SwiGlu& w, int64_t inter, const float* x, float* y, int64_t n) {
+  const int64_t h = config_.hidden_size;
   backend_.linear(x, w[0].data(), g_.data(), n, inter, h);
   backend_.linear(x, w[1].data(), u_.data(), n, inter, h);
   backend_.swiglu(g_.data(), u_.data(), g_.data(), n * inter);
   backend_.linear(g_.data(), w[2].data(), y, n, h, inter);
 }
 
-void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
-  PQ_ASSERT(rows <= max_rows_, "MoeMlp::forward: ", rows, " rows, at most ", max_rows_);
+void MoeMlp::add_routed(const float* xn, int64_t rows, std::vector<float>& sum) {
   const int64_t h = config_.hidden_size, experts = config_.num_experts;
   backend_.linear(xn, router_.data(), logits_.data(), rows, experts, h);
   std::vector<float> logits(static_cast<size_t>(rows * experts)), x(static_cast<size_t>(rows * h));
   backend_.download(logits.data(), logits_.data(), logits.size() * sizeof(float));
   backend_.download(x.data(), xn, x.size() * sizeof(float));
   const Routing r = route(logits.data(), rows, experts, config_.experts_per_token, config_.norm_topk_prob);
-  std::vector<float> sum(static_cast<size_t>(rows * h), 0.0f), gathered, y;
+  std::vector<float> gathered, y;
   for (int64_t e = 0; e < experts; ++e) {  // in expert order, as transformers adds them
     std::vector<int64_t> picked;
     std::vector<float> weight;
@@ -102,7 +114,7 @@ void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
     for (int64_t j = 0; j < n; ++j)
       std::copy_n(x.begin() + picked[static_cast<size_t>(j)] * h, h, gathered.begin() + j * h);
     backend_.upload(x_.data(), gathered.data(), gathered.size() * sizeof(float));
-    run_expert(static_cast<size_t>(e), x_.data(), y_.data(), n);
+    run_swiglu(experts_[static_cast<size_t>(e)], config_.expert_intermediate_size, x_.data(), y_.data(), n);
     y.resize(static_cast<size_t>(n * h));
     backend_.download(y.data(), y_.data(), y.size() * sizeof(float));
     for (int64_t j = 0; j < n; ++j) {
@@ -111,6 +123,28 @@ void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
       for (int64_t c = 0; c < h; ++c) s[c] += yj[c] * weight[static_cast<size_t>(j)];
     }
   }
+}
+
+void MoeMlp::add_shared(const float* xn, int64_t rows, std::vector<float>& sum) {
+  const int64_t h = config_.hidden_size;
+  run_swiglu(shared_, config_.shared_expert_intermediate_size, xn, y_.data(), rows);
+  std::vector<float> y(static_cast<size_t>(rows * h)), scale(static_cast<size_t>(rows), 1.0f);
+  backend_.download(y.data(), y_.data(), y.size() * sizeof(float));
+  if (shared_gate_.size() > 0) {  // sigmoid(x W_gate^T) [rows, 1]
+    backend_.linear(xn, shared_gate_.data(), logits_.data(), rows, 1, h);
+    backend_.download(scale.data(), logits_.data(), scale.size() * sizeof(float));
+    for (float& v : scale) v = 1.0f / (1.0f + std::exp(-v));
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < h; ++c)
+      sum[static_cast<size_t>(r * h + c)] += scale[static_cast<size_t>(r)] * y[static_cast<size_t>(r * h + c)];
+}
+
+void MoeMlp::forward(const float* xn, float* out, int64_t rows) {
+  PQ_ASSERT(rows <= max_rows_, "MoeMlp::forward: ", rows, " rows, at most ", max_rows_);
+  std::vector<float> sum(static_cast<size_t>(rows * config_.hidden_size), 0.0f);
+  add_routed(xn, rows, sum);
+  if (config_.shared_expert()) add_shared(xn, rows, sum);
   backend_.upload(out, sum.data(), sum.size() * sizeof(float));
 }
 

@@ -1,7 +1,9 @@
 #pragma once
-// The Mixture-of-Experts MLP of a block, as transformers' MixtralSparseMoeBlock computes it: router logits
-// x W_router^T, a softmax over the experts in fp32, the top k per token, their weights renormalized to sum 1, and the
-// output sum over those experts of weight * down(silu(gate x) * up x), added in expert order.
+// The Mixture-of-Experts MLP of a block, as transformers' MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock and
+// Qwen2MoeSparseMoeBlock compute it: router logits x W_router^T, a softmax over the experts in fp32, the top k per
+// token, their weights renormalized to sum 1 when norm_topk_prob (Mixtral always), and the output sum over those
+// experts of weight * down(silu(gate x) * up x), added in expert order; then, with a shared expert (Qwen2-MoE),
+// plus sigmoid(x W_shared_gate^T) * shared_expert(x) for every token.
 //
 // The routing runs on the host (route(), the readable reference); each expert's SwiGLU runs on the backend over the
 // rows routed to it, gathered on the host. On a device backend that is a transfer per expert: correct, not fast.
@@ -31,21 +33,29 @@ class MoeMlp {
  public:
   // max_rows: the most rows forward() is given (a micro-batch).
   MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t max_rows);
-  // Takes a block's router and experts (uploaded in fp32).
+  // Takes a block's router, experts and shared expert (uploaded in fp32).
   void set(const MoeWeights& weights);
   // out[rows, hidden] = the MoE MLP of xn[rows, hidden] (both backend memory).
   void forward(const float* xn, float* out, int64_t rows);
 
  private:
-  // y[n, hidden] = expert e of x[n, hidden] (backend memory).
-  void run_expert(size_t e, const float* x, float* y, int64_t n);
+  using SwiGlu =
+      std::array<kernels::Buffer<float>, 3>;  // gate [inter, hidden], up [inter, hidden], down [hidden, inter]
+  // y[n, hidden] = the SwiGLU MLP w of width inter of x[n, hidden] (backend memory).
+  void run_swiglu(const SwiGlu& w, int64_t inter, const float* x, float* y, int64_t n);
+  // sum[rows, hidden] (host) += the routed experts' weighted outputs for xn[rows, hidden] (backend memory).
+  void add_routed(const float* xn, int64_t rows, std::vector<float>& sum);
+  // sum[rows, hidden] (host) += the shared expert's output for xn, scaled by its gate where it has one.
+  void add_shared(const float* xn, int64_t rows, std::vector<float>& sum);
 
   kernels::Backend& backend_;
   const io::ModelConfig& config_;
   int64_t max_rows_;
   kernels::Buffer<float> router_;
-  std::vector<std::array<kernels::Buffer<float>, 3>> experts_;  // gate, up, down
-  kernels::Buffer<float> logits_, x_, g_, u_, y_;               // scratch for max_rows rows
+  std::vector<SwiGlu> experts_;
+  SwiGlu shared_;                                  // the shared expert (config shared_expert())
+  kernels::Buffer<float> shared_gate_;             // [1, hidden], empty where the shared expert has no gate
+  kernels::Buffer<float> logits_, x_, g_, u_, y_;  // scratch for max_rows rows
 };
 
 }  // namespace pipequant
