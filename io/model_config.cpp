@@ -22,17 +22,33 @@ namespace {
 // names), with their model_type. Mistral is Llama without biases, plus a sliding window (check_seq_len); Qwen2 is
 // Llama with biases on q, k and v_proj (none on o_proj or the MLP, whatever the file says); Qwen3 is Llama with an
 // RMSNorm over each head of q and k before RoPE (q_norm, k_norm), biases as attention_bias says, none in the MLP;
-// Mixtral is Mistral with a Mixture-of-Experts MLP (num_local_experts, num_experts_per_tok; src/moe.hpp).
+// Mixtral is Mistral with a Mixture-of-Experts MLP (num_local_experts, num_experts_per_tok; src/moe.hpp); Qwen2-MoE
+// and Qwen3-MoE are Qwen2 and Qwen3 whose MoE blocks (moe_block) have experts of width moe_intermediate_size, the
+// top-k weights renormalized only with norm_topk_prob, and for Qwen2-MoE a gated shared expert.
 struct KnownArchitecture {
   std::string_view architecture;
   std::string_view model_type;
 };
+// clang-format off
 inline constexpr KnownArchitecture kArchitectures[] = {{"LlamaForCausalLM", "llama"},
                                                        {"MistralForCausalLM", "mistral"},
                                                        {"Qwen2ForCausalLM", "qwen2"},
                                                        {"Qwen3ForCausalLM", "qwen3"},
-                                                       {"MixtralForCausalLM", "mixtral"}};
+                                                       {"MixtralForCausalLM", "mixtral"},
+                                                       {"Qwen2MoeForCausalLM", "qwen2_moe"},
+                                                       {"Qwen3MoeForCausalLM", "qwen3_moe"}};
+// clang-format on
 
+// "A, B or C" of one column of kArchitectures, each in `quote`s.
+std::string known_list(std::string_view KnownArchitecture::*column, const char* quote) {
+  std::string s;
+  const size_t n = std::size(kArchitectures);
+  for (size_t i = 0; i < n; ++i) {
+    if (i > 0) s += i + 1 < n ? ", " : " or ";
+    s += quote + std::string(kArchitectures[i].*column) + quote;
+  }
+  return s;
+}
 
 std::string_view model_type_of(const std::string& architecture) {
   for (const auto& k : kArchitectures)
@@ -91,6 +107,18 @@ class Fields {
     if (!present(name)) return;
     if (!j_[name].is_boolean()) bad(name, "true or false");
     *out = j_[name].get<bool>();
+  }
+
+  // A list of block indices in [0, blocks) (mlp_only_layers).
+  void index_list(const char* name, int64_t blocks, std::vector<int64_t>* out) const {
+    if (!present(name)) return;
+    const std::string expected = "a list of block indices in [0, " + std::to_string(blocks) + ")";
+    if (!j_[name].is_array()) bad(name, expected);
+    out->clear();
+    for (const json& v : j_[name]) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= blocks) bad(name, expected);
+      out->push_back(v.get<int64_t>());
+    }
   }
 
   void string(const char* name, std::string* out) const {
@@ -175,9 +203,7 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
         }
       }
       if (!known)
-        f.bad("architectures",
-              "a Llama-layout model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or "
-              "MixtralForCausalLM)");
+        f.bad("architectures", "a Llama-layout model (" + known_list(&KnownArchitecture::architecture, "") + ")");
     }
     // transformers' Auto classes build the model of model_type, vLLM the one of architectures: they must agree
     const std::string expected_type = std::string(model_type_of(architecture));
@@ -187,8 +213,8 @@ std::string parse_architecture(const json& j, const Fields& f, const std::string
     architecture = architecture_of_model_type(model_type);
     if (architecture.empty())
       fail(origin, ": field architectures: missing, and field model_type ", show(j["model_type"]),
-           " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type \"llama\", "
-           "\"mistral\", \"qwen2\", \"qwen3\" or \"mixtral\")");
+           " is not a Llama-layout model (expected architectures [\"LlamaForCausalLM\"] or model_type ",
+           known_list(&KnownArchitecture::model_type, "\""), ")");
   }
   if (f.present("hidden_act")) {
     if (!(j["hidden_act"].is_string() && j["hidden_act"].get<std::string>() == "silu"))
@@ -225,6 +251,27 @@ void parse_sizes(const Fields& f, const std::string& origin, ModelConfig& c) {
          f.present("head_dim") ? "" : " (hidden_size / num_attention_heads)");
 }
 
+// The experts of a Mixture-of-Experts family: Mixtral's num_local_experts of width intermediate_size in every block,
+// renormalized; Qwen MoE's num_experts of width moe_intermediate_size in the blocks moe_block picks, with their
+// defaults as transformers' Qwen2MoeConfig and Qwen3MoeConfig have them (norm_topk_prob false, mlp_only_layers [],
+// decoder_sparse_step 1), and Qwen2-MoE's shared expert. Nothing for the dense families.
+void parse_experts(const Fields& f, ModelConfig& c) {
+  if (!c.reads_experts()) return;
+  const char* experts_field = c.reads_qwen_moe_fields() ? "num_experts" : "num_local_experts";
+  c.num_experts = f.positive_int(experts_field);
+  c.expert_intermediate_size = c.intermediate_size;
+  if (c.reads_qwen_moe_fields()) {
+    c.expert_intermediate_size = f.positive_int("moe_intermediate_size");
+    f.boolean("norm_topk_prob", &c.norm_topk_prob);
+    f.index_list("mlp_only_layers", c.num_layers, &c.mlp_only_layers);
+    f.positive_int("decoder_sparse_step", &c.decoder_sparse_step);
+    if (c.reads_shared_expert()) c.shared_expert_intermediate_size = f.positive_int("shared_expert_intermediate_size");
+  }
+  c.experts_per_token = f.positive_int("num_experts_per_tok");
+  if (c.experts_per_token > c.num_experts)
+    f.bad("num_experts_per_tok", std::string("at most ") + experts_field + " " + std::to_string(c.num_experts));
+}
+
 // The fields with defaults: positions, RoPE, norm epsilon, tying, biases, the sliding window, dtype, rope scaling.
 void parse_optional_fields(const json& j, const Fields& f, const std::string& origin, ModelConfig& c) {
   f.positive_int("max_position_embeddings", &c.max_position_embeddings);
@@ -235,13 +282,7 @@ void parse_optional_fields(const json& j, const Fields& f, const std::string& or
   // says; bias tensors their checkpoint should not have are refused as unused by the checkpoint validation).
   if (c.reads_attention_bias()) f.boolean("attention_bias", &c.attention_bias);
   if (c.reads_mlp_bias()) f.boolean("mlp_bias", &c.mlp_bias);
-  if (c.architecture == "MixtralForCausalLM") {
-    c.num_experts = f.positive_int("num_local_experts");
-    c.experts_per_token = f.positive_int("num_experts_per_tok");
-    if (c.experts_per_token > c.num_experts)
-      f.bad("num_experts_per_tok", "at most num_local_experts " + std::to_string(c.num_experts));
-    c.expert_intermediate_size = c.intermediate_size;
-  }
+  parse_experts(f, c);
   bool use_window = true;  // Qwen2-style configs switch the window off with use_sliding_window false
   f.boolean("use_sliding_window", &use_window);
   if (use_window) f.positive_int("sliding_window", &c.sliding_window);
@@ -272,15 +313,28 @@ std::string architecture_of_model_type(const std::string& model_type) {
 
 void ModelConfig::set_architecture(const std::string& name) {
   architecture = name;
-  qkv_bias = name == "Qwen2ForCausalLM";  // Qwen2's attention: biases on q, k and v_proj, always
-  qk_norm = name == "Qwen3ForCausalLM";   // Qwen3's attention: RMSNorm over each head of q and k
+  // Qwen2's attention (and Qwen2-MoE's): biases on q, k and v_proj, always
+  qkv_bias = name == "Qwen2ForCausalLM" || name == "Qwen2MoeForCausalLM";
+  // Qwen3's attention (and Qwen3-MoE's): RMSNorm over each head of q and k
+  qk_norm = name == "Qwen3ForCausalLM" || name == "Qwen3MoeForCausalLM";
+  // Mixtral renormalizes the top-k weights always; norm_topk_prob of the Qwen MoE configs defaults to false
+  norm_topk_prob = !reads_qwen_moe_fields();
   if (!reads_attention_bias()) attention_bias = false;
   if (!reads_mlp_bias()) mlp_bias = false;
 }
 
 bool ModelConfig::reads_attention_bias() const {
-  return architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM";
+  return architecture == "LlamaForCausalLM" || architecture == "Qwen3ForCausalLM" ||
+         architecture == "Qwen3MoeForCausalLM";
 }
+
+bool ModelConfig::reads_experts() const { return architecture == "MixtralForCausalLM" || reads_qwen_moe_fields(); }
+
+bool ModelConfig::reads_qwen_moe_fields() const {
+  return architecture == "Qwen2MoeForCausalLM" || architecture == "Qwen3MoeForCausalLM";
+}
+
+bool ModelConfig::reads_shared_expert() const { return architecture == "Qwen2MoeForCausalLM"; }
 
 bool ModelConfig::moe_block(int64_t b) const {
   if (!moe() || decoder_sparse_step <= 0 || (b + 1) % decoder_sparse_step != 0) return false;
@@ -297,6 +351,26 @@ void ModelConfig::check_seq_len(int64_t seq_len) const {
        " (the model attends only to the last ", sliding_window,
        " tokens; pipequant computes full causal attention): use --seq-len ", sliding_window, " or less");
 }
+
+namespace {
+
+// The expert fields of the family (parse_experts reads them back).
+void write_experts(const ModelConfig& c, json& j) {
+  if (!c.moe()) return;
+  j["num_experts_per_tok"] = c.experts_per_token;
+  if (!c.reads_qwen_moe_fields()) {
+    j["num_local_experts"] = c.num_experts;
+    return;
+  }
+  j["num_experts"] = c.num_experts;
+  j["moe_intermediate_size"] = c.expert_intermediate_size;
+  j["norm_topk_prob"] = c.norm_topk_prob;
+  j["mlp_only_layers"] = c.mlp_only_layers;
+  j["decoder_sparse_step"] = c.decoder_sparse_step;
+  if (c.reads_shared_expert()) j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+}
+
+}  // namespace
 
 json ModelConfig::to_json() const {
   // Fields this struct does not model (bos_token_id, ...) are kept from the source file.
@@ -320,10 +394,7 @@ json ModelConfig::to_json() const {
   j.erase("mlp_bias");
   if (reads_attention_bias()) j["attention_bias"] = attention_bias;
   if (reads_mlp_bias()) j["mlp_bias"] = mlp_bias;
-  if (moe()) {
-    j["num_local_experts"] = num_experts;
-    j["num_experts_per_tok"] = experts_per_token;
-  }
+  write_experts(*this, j);
   if (!torch_dtype.empty()) j["torch_dtype"] = torch_dtype;
   if (rope_scaling.type == "default" && rope_scaling.factor == 1.0) {
     j["rope_scaling"] = nullptr;

@@ -1,5 +1,6 @@
 #pragma once
-// config.json of a LlamaForCausalLM-style checkpoint (Llama, Mistral, Qwen2, Qwen3), and Mixtral's experts.
+// config.json of a LlamaForCausalLM-style checkpoint (Llama, Mistral, Qwen2, Qwen3), and the experts of the
+// Mixture-of-Experts families (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 #include <cstdint>
 #include <optional>
@@ -39,17 +40,21 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q, k, v and o_proj carry a bias (always false for MistralForCausalLM)
   bool mlp_bias = false;        // gate, up and down_proj carry a bias (always false for MistralForCausalLM)
-  bool qkv_bias = false;        // q, k and v_proj carry a bias, o_proj none (Qwen2ForCausalLM, always)
-  bool qk_norm = false;         // an RMSNorm [head_dim] over each head of q and of k before RoPE (Qwen3ForCausalLM)
-  // Mixture-of-Experts (MixtralForCausalLM): each block's MLP is `num_experts` SwiGLU experts of width
-  // intermediate_size, of which a router picks `experts_per_token` per token; 0: the dense MLP.
+  bool qkv_bias = false;        // q, k and v_proj carry a bias, o_proj none (Qwen2ForCausalLM, Qwen2-MoE, always)
+  bool qk_norm = false;         // an RMSNorm [head_dim] over each head of q and of k before RoPE (Qwen3, Qwen3-MoE)
+  // Mixture-of-Experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the MLP of an MoE block (moe_block(b)) is `num_experts`
+  // SwiGLU experts, of which a router picks `experts_per_token` per token; 0: every block has the dense MLP.
   int64_t num_experts = 0;
   int64_t experts_per_token = 0;
   int64_t expert_intermediate_size = 0;  // each expert's width: moe_intermediate_size (Qwen MoE), else intermediate_size
-  bool norm_topk_prob = true;            // the top-k weights renormalized to sum 1 (Mixtral always)
+  bool norm_topk_prob = true;            // the top-k weights renormalized to sum 1 (Mixtral always; Qwen MoE's field)
   std::vector<int64_t> mlp_only_layers;  // blocks with the dense MLP of width intermediate_size (Qwen MoE)
   int64_t decoder_sparse_step = 1;       // an MoE MLP on blocks b with (b + 1) % step == 0 (Qwen MoE)
+  // A shared expert beside the routed ones, run on every token of an MoE block (Qwen2-MoE's shared_expert, gated by
+  // sigmoid(x W_shared_expert_gate^T)): its SwiGLU width, 0 for none.
+  int64_t shared_expert_intermediate_size = 0;
   bool moe() const { return num_experts > 0; }
+  bool shared_expert() const { return shared_expert_intermediate_size > 0; }
   // Whether block b's MLP is the experts (else the dense MLP), as Qwen3-MoE's decoder layer decides it.
   bool moe_block(int64_t b) const;
   // Tokens each position attends to (sliding_window), 0 for full causal attention: absent, null, or turned off by
@@ -67,6 +72,11 @@ struct ModelConfig {
   void set_architecture(const std::string& name);
   bool reads_attention_bias() const;  // config.json's attention_bias means something (Llama, Qwen3)
   bool reads_mlp_bias() const;        // config.json's mlp_bias means something (Llama)
+  bool reads_experts() const;         // config.json names experts (Mixtral, Qwen2-MoE, Qwen3-MoE)
+  // config.json's num_experts, moe_intermediate_size, norm_topk_prob, mlp_only_layers and decoder_sparse_step mean
+  // something (Qwen2-MoE, Qwen3-MoE); Mixtral's experts are num_local_experts of width intermediate_size instead.
+  bool reads_qwen_moe_fields() const;
+  bool reads_shared_expert() const;  // config.json's shared_expert_intermediate_size means something (Qwen2-MoE)
   static ModelConfig from_json(const nlohmann::json& j, const std::string& origin);
   // Throws UserError "<file>: field sliding_window: ..." when the model attends over fewer than seq_len tokens
   // (a sliding window): the forward computes full causal attention over --seq-len tokens. Called where the

@@ -515,11 +515,44 @@ int cmd_layer(const Args& args) {
   return 0;
 }
 
-// The architectures name of synth's --architecture, a model_type (synth makes no experts: not mixtral).
+// "1024,4096" as integers of at least `minimum`; throws UserError naming `flag` for an item that is not one.
+std::vector<int64_t> parse_int_list(const std::string& list, const char* flag, int64_t minimum) {
+  std::vector<int64_t> values;
+  std::stringstream ss(list);
+  for (std::string s; std::getline(ss, s, ',');) {
+    if (s.empty()) continue;
+    size_t used = 0;
+    int64_t k = 0;
+    try {
+      k = std::stoll(s, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    PQ_REQUIRE(used == s.size() && k >= minimum, flag, ": '", s, "' is not ",
+               minimum > 0 ? "a positive number" : "a non-negative integer");
+    values.push_back(k);
+  }
+  return values;
+}
+
+// The architectures name of synth's --architecture, a model_type.
 std::string synth_architecture(const std::string& word) {
-  const std::string architecture = word == "mixtral" ? "" : io::architecture_of_model_type(word);
-  PQ_REQUIRE(!architecture.empty(), "synth: --architecture must be llama, mistral, qwen2 or qwen3, got '", word, "'");
+  const std::string architecture = io::architecture_of_model_type(word);
+  PQ_REQUIRE(!architecture.empty(),
+             "synth: --architecture must be llama, mistral, qwen2, qwen3, mixtral, qwen2_moe or qwen3_moe, got '", word,
+             "'");
   return architecture;
+}
+
+// synth's expert options (--num-experts, ...) into s.
+void synth_expert_options(const po::variables_map& vm, SynthOptions& s) {
+  s.num_experts = vm["num-experts"].as<int64_t>();
+  s.experts_per_token = vm["experts-per-token"].as<int64_t>();
+  s.moe_intermediate_size = vm["moe-intermediate-size"].as<int64_t>();
+  s.norm_topk_prob = vm["norm-topk-prob"].as<bool>();
+  s.mlp_only_layers = parse_int_list(vm["mlp-only-layers"].as<std::string>(), "--mlp-only-layers", 0);
+  s.decoder_sparse_step = vm["decoder-sparse-step"].as<int64_t>();
+  s.shared_expert_intermediate_size = vm["shared-expert-intermediate-size"].as<int64_t>();
 }
 
 int cmd_synth(const Args& args) {
@@ -535,10 +568,24 @@ int cmd_synth(const Args& args) {
       .add("seed", Role::kResult, po::value<uint64_t>()->default_value(0), "random seed")
       .add("tie-word-embeddings", Role::kResult, po::bool_switch(), "no lm_head tensor; the embedding is reused")
       .add("architecture", Role::kResult, po::value<std::string>()->default_value("llama"),
-           "llama | mistral | qwen2 | qwen3 (qwen2: random biases on q/k/v_proj, as its attention has; qwen3: "
-           "per-head q/k norms)")
+           "llama | mistral | qwen2 | qwen3 | mixtral | qwen2_moe | qwen3_moe (qwen2: random biases on q/k/v_proj, as "
+           "its attention has; qwen3: per-head q/k norms; the last three: experts, as the options below say)")
       .add("attention-bias", Role::kResult, po::bool_switch(), "random biases on q/k/v/o_proj (attention_bias true)")
-      .add("mlp-bias", Role::kResult, po::bool_switch(), "random biases on gate/up/down_proj (mlp_bias true)");
+      .add("mlp-bias", Role::kResult, po::bool_switch(), "random biases on gate/up/down_proj (mlp_bias true)")
+      .add("num-experts", Role::kResult, po::value<int64_t>()->default_value(0),
+           "experts per MoE block (mixtral, qwen2_moe, qwen3_moe)")
+      .add("experts-per-token", Role::kResult, po::value<int64_t>()->default_value(0),
+           "experts the router picks per token (num_experts_per_tok)")
+      .add("moe-intermediate-size", Role::kResult, po::value<int64_t>()->default_value(0),
+           "each expert's width (qwen2_moe, qwen3_moe; mixtral's is --intermediate-size)")
+      .add("norm-topk-prob", Role::kResult, po::bool_switch(),
+           "renormalize the top-k routing weights to sum 1 (qwen2_moe, qwen3_moe; mixtral always does)")
+      .add("mlp-only-layers", Role::kResult, po::value<std::string>()->default_value(""),
+           "comma-separated blocks with the dense MLP of width --intermediate-size (qwen2_moe, qwen3_moe)")
+      .add("decoder-sparse-step", Role::kResult, po::value<int64_t>()->default_value(1),
+           "experts in blocks b with (b + 1) % step == 0 (qwen2_moe, qwen3_moe)")
+      .add("shared-expert-intermediate-size", Role::kResult, po::value<int64_t>()->default_value(0),
+           "the shared expert's width (qwen2_moe)");
   if (parse(cmd, args)) {
     print_help(cmd);
     return 0;
@@ -557,6 +604,7 @@ int cmd_synth(const Args& args) {
   s.architecture = synth_architecture(cmd.vm["architecture"].as<std::string>());
   s.attention_bias = cmd.vm["attention-bias"].as<bool>();
   s.mlp_bias = cmd.vm["mlp-bias"].as<bool>();
+  synth_expert_options(cmd.vm, s);
   if (world_rank() == 0) {
     write_synthetic_checkpoint(s);
     std::printf("synth: wrote %s (config.json, model.safetensors)\n", s.out_dir.c_str());
@@ -627,25 +675,6 @@ int cmd_bench_hdf5(const Args& args) {
                         std::cout);
 }
 
-// "1024,4096" as Hessian widths; throws UserError for an item that is not a positive number.
-std::vector<int64_t> parse_widths(const std::string& list) {
-  std::vector<int64_t> widths;
-  std::stringstream ss(list);
-  for (std::string s; std::getline(ss, s, ',');) {
-    if (s.empty()) continue;
-    size_t used = 0;
-    int64_t k = 0;
-    try {
-      k = std::stoll(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    PQ_REQUIRE(used == s.size() && k > 0, "--widths: '", s, "' is not a positive number");
-    widths.push_back(k);
-  }
-  return widths;
-}
-
 int cmd_bench_hessian(const Args& args) {
   Command cmd("bench hessian");
   cmd.add("widths", Role::kRun, po::value<std::string>()->default_value("1024,4096"),
@@ -657,7 +686,7 @@ int cmd_bench_hessian(const Args& args) {
     print_help(cmd);
     return 0;
   }
-  const std::vector<int64_t> widths = parse_widths(cmd.vm["widths"].as<std::string>());
+  const std::vector<int64_t> widths = parse_int_list(cmd.vm["widths"].as<std::string>(), "--widths", 1);
   const auto backend = make_backend(run_options(cmd.vm));  // collective (node-local ranks)
   if (world_rank() != 0) return 0;
   return run_bench_hessian(*backend, widths, cmd.vm["tokens"].as<int64_t>(), cmd.vm["reps"].as<int>(), std::cout);

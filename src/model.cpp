@@ -25,11 +25,33 @@ bool has_bias(const io::ModelConfig& c, int module_index) {
 
 std::string block_prefix(int64_t block) { return "model.layers." + std::to_string(block) + "."; }
 
-std::string router_module(const io::ModelConfig&) { return "block_sparse_moe.gate"; }
+namespace {
 
-std::array<std::string, 3> expert_modules(const io::ModelConfig&, int64_t e) {
+// Mixtral's names (block_sparse_moe.*) rather than Qwen MoE's (mlp.*).
+bool mixtral_names(const io::ModelConfig& c) { return c.architecture == "MixtralForCausalLM"; }
+
+// A SwiGLU MLP's gate, up and down linears under `p`, as Llama names them.
+std::array<std::string, 3> swiglu_modules(const std::string& p) {
+  return {p + "gate_proj", p + "up_proj", p + "down_proj"};
+}
+
+}  // namespace
+
+std::string router_module(const io::ModelConfig& c) { return mixtral_names(c) ? "block_sparse_moe.gate" : "mlp.gate"; }
+
+std::array<std::string, 3> expert_modules(const io::ModelConfig& c, int64_t e) {
+  if (!mixtral_names(c)) return swiglu_modules("mlp.experts." + std::to_string(e) + ".");
   const std::string p = "block_sparse_moe.experts." + std::to_string(e) + ".";
   return {p + "w1", p + "w3", p + "w2"};
+}
+
+std::array<std::string, 3> shared_expert_modules(const io::ModelConfig& c) {
+  PQ_ASSERT(c.shared_expert(), "shared_expert_modules: ", c.architecture, " has no shared expert");
+  return swiglu_modules("mlp.shared_expert.");
+}
+
+std::string shared_expert_gate_module(const io::ModelConfig& c) {
+  return c.reads_shared_expert() ? "mlp.shared_expert_gate" : "";
 }
 
 int block_linear_count(const io::ModelConfig& c, int64_t block) { return c.moe_block(block) ? 4 : kLinearCount; }
@@ -38,18 +60,42 @@ std::vector<std::string> block_modules(const io::ModelConfig& c, int64_t block) 
   std::vector<std::string> modules;
   for (int i = 0; i < block_linear_count(c, block); ++i) modules.emplace_back(kLinears[static_cast<size_t>(i)].module);
   if (c.moe_block(block))
-    for (int64_t e = 0; e < c.num_experts; ++e)
-      for (auto& m : expert_modules(c, e)) modules.push_back(std::move(m));
+    for (int64_t e = 0; e < solved_experts(c); ++e)
+      for (auto& m : solved_expert_modules(c, e)) modules.push_back(std::move(m));
   return modules;
+}
+
+int64_t solved_experts(const io::ModelConfig& c) { return c.num_experts + (c.shared_expert() ? 1 : 0); }
+
+std::array<std::string, 3> solved_expert_modules(const io::ModelConfig& c, int64_t e) {
+  return e == c.num_experts ? shared_expert_modules(c) : expert_modules(c, e);
 }
 
 namespace {
 
-// Expert e's gate, up and down weight tensors.
-std::array<std::string, 3> expert_tensors(const io::ModelConfig& c, int64_t e) {
-  auto names = expert_modules(c, e);
-  for (auto& n : names) n += ".weight";
-  return names;
+// The weight tensors of a SwiGLU MLP's gate, up and down linears.
+std::array<std::string, 3> weight_tensors(std::array<std::string, 3> modules) {
+  for (auto& n : modules) n += ".weight";
+  return modules;
+}
+
+// The tensors of an MoE block under model.layers.<i>., each with its shape: the router, the experts, the shared
+// expert and its gate. The one list validate_checkpoint expects and allows.
+std::vector<std::pair<std::string, std::vector<int64_t>>> moe_tensors(const io::ModelConfig& c) {
+  const int64_t h = c.hidden_size;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out = {{router_module(c) + ".weight", {c.num_experts, h}}};
+  const auto add_mlp = [&](const std::array<std::string, 3>& modules, int64_t inter) {
+    const auto names = weight_tensors(modules);
+    out.push_back({names[0], {inter, h}});
+    out.push_back({names[1], {inter, h}});
+    out.push_back({names[2], {h, inter}});
+  };
+  for (int64_t e = 0; e < c.num_experts; ++e) add_mlp(expert_modules(c, e), c.expert_intermediate_size);
+  if (c.shared_expert()) {
+    add_mlp(shared_expert_modules(c), c.shared_expert_intermediate_size);
+    if (!shared_expert_gate_module(c).empty()) out.push_back({shared_expert_gate_module(c) + ".weight", {1, h}});
+  }
+  return out;
 }
 
 }  // namespace
@@ -234,15 +280,24 @@ class CheckpointSource final : public WeightSource {
   }
   MoeWeights read_moe(const std::string& p) const {
     PQ_REQUIRE(!quant_, ckpt_.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
-    const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
     MoeWeights m;
     m.router = ckpt_.read_f32(p + router_module(config_) + ".weight");
-    for (int64_t e = 0; e < config_.num_experts; ++e) {
-      const auto names = expert_tensors(config_, e);
-      m.experts.push_back({Linear::of(inter, h, read_values(p + names[0])), Linear::of(inter, h, read_values(p + names[1])),
-                           Linear::of(h, inter, read_values(p + names[2]))});
+    for (int64_t e = 0; e < config_.num_experts; ++e)
+      m.experts.push_back(read_swiglu(p, expert_modules(config_, e), config_.expert_intermediate_size));
+    if (config_.shared_expert()) {
+      m.shared = SharedExpertWeights{
+          read_swiglu(p, shared_expert_modules(config_), config_.shared_expert_intermediate_size), {}};
+      const std::string gate = shared_expert_gate_module(config_);
+      if (!gate.empty()) m.shared->gate = ckpt_.read_f32(p + gate + ".weight");
     }
     return m;
+  }
+  // A SwiGLU MLP of width `inter`: its gate, up and down linears `modules` under p.
+  ExpertWeights read_swiglu(const std::string& p, const std::array<std::string, 3>& modules, int64_t inter) const {
+    const int64_t h = config_.hidden_size;
+    const auto names = weight_tensors(modules);
+    return {Linear::of(inter, h, read_values(p + names[0])), Linear::of(inter, h, read_values(p + names[1])),
+            Linear::of(h, inter, read_values(p + names[2]))};
   }
   // A weight as stored (16-bit kept as it is), its mapped pages released once copied.
   WeightValues read_values(const std::string& name) const {
@@ -313,19 +368,31 @@ class QuantizedSource final : public WeightSource {
     return Linear::of(shape[0], shape[1], unpack(packed));
   }
   MoeWeights read_moe(const io::ShardReader& shard, int64_t block, const std::string& where) const {
-    const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
     MoeWeights m;
-    m.router = dense_to_f32(shard.read_block_tensor(block, router_module(config_) + ".weight"), where);
-    PQ_REQUIRE(static_cast<int64_t>(m.router.size()) == config_.num_experts * h, where, "/",
-               router_module(config_), ".weight: ", m.router.size(), " values, expected ", config_.num_experts, " x ",
-               h);
-    for (int64_t e = 0; e < config_.num_experts; ++e) {
-      const auto names = expert_modules(config_, e);
-      m.experts.push_back({read_linear(shard, block, names[0], {inter, h}, where),
-                           read_linear(shard, block, names[1], {inter, h}, where),
-                           read_linear(shard, block, names[2], {h, inter}, where)});
+    m.router = router_values(shard, block, router_module(config_), config_.num_experts, where);
+    for (int64_t e = 0; e < config_.num_experts; ++e)
+      m.experts.push_back(read_swiglu(shard, block, expert_modules(config_, e), config_.expert_intermediate_size, where));
+    if (config_.shared_expert()) {
+      m.shared = SharedExpertWeights{
+          read_swiglu(shard, block, shared_expert_modules(config_), config_.shared_expert_intermediate_size, where), {}};
+      const std::string gate = shared_expert_gate_module(config_);
+      if (!gate.empty()) m.shared->gate = router_values(shard, block, gate, 1, where);
     }
     return m;
+  }
+  // A dense [rows, hidden] tensor of the block (the router, the shared expert's gate) as stored.
+  std::vector<float> router_values(const io::ShardReader& shard, int64_t block, const std::string& module,
+                                   int64_t rows, const std::string& where) const {
+    std::vector<float> v = dense_to_f32(shard.read_block_tensor(block, module + ".weight"), where);
+    PQ_REQUIRE(static_cast<int64_t>(v.size()) == rows * config_.hidden_size, where, "/", module, ".weight: ",
+               v.size(), " values, expected ", rows, " x ", config_.hidden_size);
+    return v;
+  }
+  ExpertWeights read_swiglu(const io::ShardReader& shard, int64_t block, const std::array<std::string, 3>& names,
+                            int64_t inter, const std::string& where) const {
+    const int64_t h = config_.hidden_size;
+    return {read_linear(shard, block, names[0], {inter, h}, where), read_linear(shard, block, names[1], {inter, h}, where),
+            read_linear(shard, block, names[2], {h, inter}, where)};
   }
   std::vector<float> tensor(const std::string& name) const {
     auto it = index_.tensor_shard.find(name);
@@ -388,36 +455,57 @@ std::optional<std::pair<int64_t, std::string>> split_block_name(const std::strin
 
 // Refuses a tensor the forward would not read: a checkpoint holding one is of another model (Qwen3's q_norm and
 // k_norm, biases the config does not announce, experts), which would otherwise be computed wrongly without a word.
-void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, const std::string& name,
-                          const std::string& block_tensor) {
-  const std::string& file = ckpt.info(name).file;  // the .safetensors file holding it
-  for (int i = 0; i < kLinearCount; ++i) {
-    if (block_tensor != std::string(kLinears[static_cast<size_t>(i)].module) + ".bias") continue;
-    const char* field = i < 4 ? "attention_bias" : "mlp_bias";
-    if (c.architecture == "MistralForCausalLM")
-      fail(file, ": tensor ", name, " is a bias, but ", c.path,
-           " names MistralForCausalLM, whose linears have none (expected no bias tensors)");
-    if (c.architecture == "Qwen2ForCausalLM")
-      fail(file, ": tensor ", name, " is a bias, but ", c.path,
-           " names Qwen2ForCausalLM, whose linears have biases on q, k and v_proj only");
-    fail(file, ": tensor ", name, " is a bias, but ", c.path, " field ", field,
-         " is not true (expected true when the checkpoint has biases)");
-  }
-  fail(file, ": tensor ", name, " is not used by the Llama block of ", c.path, " (", c.architecture,
-       "; expected only input_layernorm, post_attention_layernorm",
-       c.qk_norm ? ", self_attn.q_norm, self_attn.k_norm" : "", " and the q/k/v/o/gate/up/down_proj weights",
-       (c.attention_bias || c.mlp_bias || c.qkv_bias) ? " and biases" : "", "): the checkpoint is of another model");
+// What an MoE block's MLP holds, for errors: "the router mlp.gate, experts mlp.experts.<0..7>.* and ...".
+std::string moe_description(const io::ModelConfig& c) {
+  std::string s = "the router " + router_module(c) + ", experts " + expert_modules(c, 0)[0] + " ... " +
+                  expert_modules(c, c.num_experts - 1)[2];
+  if (c.shared_expert()) s += ", the shared expert " + shared_expert_modules(c)[0] + " ...";
+  if (!shared_expert_gate_module(c).empty()) s += " and its gate " + shared_expert_gate_module(c);
+  return s;
 }
 
-void expect_moe_tensors(const io::Checkpoint& ckpt, const io::ModelConfig& c, const std::string& p) {
-  const int64_t h = c.hidden_size, inter = c.expert_intermediate_size;
-  expect_tensor(ckpt, c, p + router_module(c) + ".weight", {c.num_experts, h});
-  for (int64_t e = 0; e < c.num_experts; ++e) {
-    const auto names = expert_tensors(c, e);
-    expect_tensor(ckpt, c, p + names[0], {inter, h});
-    expect_tensor(ckpt, c, p + names[1], {inter, h});
-    expect_tensor(ckpt, c, p + names[2], {h, inter});
+// Refuses a tensor the forward would not read: a checkpoint holding one is of another model (Qwen3's q_norm and
+// k_norm, biases the config does not announce, experts), which would otherwise be computed wrongly without a word.
+// `split`: the block and the name under model.layers.<block>.
+void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, const std::string& name,
+                          const std::pair<int64_t, std::string>& split) {
+  const std::string& file = ckpt.info(name).file;  // the .safetensors file holding it
+  const auto& [block, block_tensor] = split;
+  for (int i = 0; i < block_linear_count(c, block); ++i) {
+    if (block_tensor != std::string(kLinears[static_cast<size_t>(i)].module) + ".bias") continue;
+    const bool attention = i < 4;
+    if (c.qkv_bias)
+      fail(file, ": tensor ", name, " is a bias, but ", c.path, " names ", c.architecture,
+           ", whose linears have biases on q, k and v_proj only");
+    if (!(attention ? c.reads_attention_bias() : c.reads_mlp_bias()))
+      fail(file, ": tensor ", name, " is a bias, but ", c.path, " names ", c.architecture, ", whose ",
+           attention ? "attention" : "MLP", " linears have none (expected no such bias tensors)");
+    fail(file, ": tensor ", name, " is a bias, but ", c.path, " field ", attention ? "attention_bias" : "mlp_bias",
+         " is not true (expected true when the checkpoint has biases)");
   }
+  fail(file, ": tensor ", name, " is not used by block ", block, " of ", c.path, " (", c.architecture,
+       "; expected only input_layernorm, post_attention_layernorm",
+       c.qk_norm ? ", self_attn.q_norm, self_attn.k_norm" : "", ", the q/k/v/o_proj weights",
+       (c.attention_bias || c.mlp_bias || c.qkv_bias) ? " and biases" : "", " and ",
+       c.moe_block(block) ? moe_description(c) : "the mlp gate/up/down_proj weights",
+       "): the checkpoint is of another model");
+}
+
+// The names (under model.layers.<i>.) block b's tensors may have: its norms, its linears of kLinears (with quant,
+// their GPTQ/AWQ tensors) and their biases, an MoE block's router and experts, and the harmless RoPE buffer.
+std::set<std::string> block_tensor_names(const io::ModelConfig& c, int64_t b, const io::HfQuantConfig* quant) {
+  std::set<std::string> names = {"input_layernorm.weight", "post_attention_layernorm.weight", kIgnoredBlockTensor};
+  if (c.qk_norm) names.insert(kQkNormTensors.begin(), kQkNormTensors.end());
+  if (c.moe_block(b))
+    for (const auto& t : moe_tensors(c)) names.insert(t.first);
+  for (int i = 0; i < block_linear_count(c, b); ++i) {
+    const std::string module = kLinears[static_cast<size_t>(i)].module;
+    if (!quant) names.insert(module + ".weight");
+    for (const auto& t : quant ? hf_linear_tensor_suffixes() : std::vector<std::string>{})
+      names.insert(module + "." + t);
+    if (has_bias(c, i)) names.insert(module + ".bias");
+  }
+  return names;
 }
 
 }  // namespace
@@ -438,31 +526,17 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
   expect_tensor(ckpt, c, "model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   expect_tensor(ckpt, c, "model.norm.weight", {c.hidden_size});
   if (!c.tie_word_embeddings) expect_tensor(ckpt, c, "lm_head.weight", {c.vocab_size, c.hidden_size});
-  std::set<std::string> block_tensors = {"input_layernorm.weight", "post_attention_layernorm.weight",
-                                         kIgnoredBlockTensor};
-  if (c.qk_norm) block_tensors.insert(kQkNormTensors.begin(), kQkNormTensors.end());
   PQ_REQUIRE(!(quant && c.moe()), ckpt.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
-  int linears = 0;  // the most linears of kLinears a block has (a model of MoE and dense blocks: all seven)
-  for (int64_t b = 0; b < c.num_layers; ++b) linears = std::max(linears, block_linear_count(c, b));
-  if (c.moe()) {
-    block_tensors.insert(router_module(c) + ".weight");
-    for (int64_t e = 0; e < c.num_experts; ++e)
-      for (const auto& t : expert_tensors(c, e)) block_tensors.insert(t);
-  }
-  for (int i = 0; i < linears; ++i) {
-    const std::string module = kLinears[static_cast<size_t>(i)].module;
-    if (!quant) block_tensors.insert(module + ".weight");
-    for (const auto& t : quant ? hf_linear_tensor_suffixes() : std::vector<std::string>{})
-      block_tensors.insert(module + "." + t);
-    if (has_bias(c, i)) block_tensors.insert(std::string(kLinears[static_cast<size_t>(i)].module) + ".bias");
-  }
+  std::vector<std::set<std::string>> block_tensors;  // per block
+  for (int64_t b = 0; b < c.num_layers; ++b) block_tensors.push_back(block_tensor_names(c, b, quant));
   for (int64_t b = 0; b < c.num_layers; ++b) {
     const std::string p = block_prefix(b);
     expect_tensor(ckpt, c, p + "input_layernorm.weight", {c.hidden_size});
     expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
     if (c.qk_norm)
       for (const char* t : kQkNormTensors) expect_tensor(ckpt, c, p + t, {c.head_dim});
-    if (c.moe_block(b)) expect_moe_tensors(ckpt, c, p);
+    if (c.moe_block(b))
+      for (const auto& [name, shape] : moe_tensors(c)) expect_tensor(ckpt, c, p + name, shape);
     for (int i = 0; i < block_linear_count(c, b); ++i) {
       const auto shape = linear_shape(c, i);
       const std::string name = p + kLinears[static_cast<size_t>(i)].module;
@@ -477,7 +551,8 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
   // the same matrix in transformers, which ties it to the embedding
   for (const auto& name : names) {
     if (const auto split = split_block_name(name)) {
-      if (!block_tensors.count(split->second)) refuse_unused_tensor(ckpt, c, name, split->second);
+      if (!block_tensors[static_cast<size_t>(split->first)].count(split->second))
+        refuse_unused_tensor(ckpt, c, name, *split);
       continue;
     }
     bool known = false;

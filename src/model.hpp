@@ -71,28 +71,45 @@ struct Linear {
 // The per-head norms of q and k (config qk_norm, Qwen3): their names under model.layers.<i>.
 inline constexpr std::array<const char*, 2> kQkNormTensors = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"};
 
-// One expert of a Mixture-of-Experts MLP (Mixtral's block_sparse_moe.experts.<e>.w1, w3, w2): a SwiGLU MLP.
+// One expert of a Mixture-of-Experts MLP (expert_modules: Mixtral's w1, w3, w2; Qwen MoE's gate, up, down_proj): a
+// SwiGLU MLP of width expert_intermediate_size (a shared expert: shared_expert_intermediate_size).
 struct ExpertWeights {
-  Linear gate;  // w1 [intermediate, hidden]
-  Linear up;    // w3 [intermediate, hidden]
-  Linear down;  // w2 [hidden, intermediate]
+  Linear gate;  // [intermediate, hidden]
+  Linear up;    // [intermediate, hidden]
+  Linear down;  // [hidden, intermediate]
 };
-// The MLP of an MoE block (config moe_block(b)): the router and the experts (src/moe.hpp runs them).
+// An expert every token of an MoE block goes through beside the routed ones (config shared_expert()), its output
+// scaled by sigmoid(x gate^T) where the family has a gate (Qwen2-MoE's shared_expert_gate), else added as it is.
+struct SharedExpertWeights {
+  ExpertWeights mlp;
+  std::vector<float> gate;  // [hidden]: shared_expert_gate_module(config), empty where the family has none
+};
+// The MLP of an MoE block (config moe_block(b)): the router, the experts and the optional shared expert
+// (src/moe.hpp runs them).
 struct MoeWeights {
   std::vector<float> router;  // [num_experts, hidden]: router_module(config)
   std::vector<ExpertWeights> experts;
+  std::optional<SharedExpertWeights> shared;  // config shared_expert()
   bool empty() const { return experts.empty(); }
 };
 
-// The family's module names under model.layers.<i>.: the router ("block_sparse_moe.gate" for Mixtral), and expert
-// e's gate, up and down linears ("block_sparse_moe.experts.<e>.w1", "w3", "w2"). The one place of these names.
+// The family's module names under model.layers.<i>.: the router ("block_sparse_moe.gate" for Mixtral, "mlp.gate" for
+// Qwen MoE), expert e's gate, up and down linears ("block_sparse_moe.experts.<e>.w1", "w3", "w2"; Qwen MoE:
+// "mlp.experts.<e>.gate_proj", "up_proj", "down_proj"), the shared expert's ("mlp.shared_expert.gate_proj", ...) and
+// its gate ("mlp.shared_expert_gate", [1, hidden]; empty where the family has none). The one place of these names.
 std::string router_module(const io::ModelConfig& config);
 std::array<std::string, 3> expert_modules(const io::ModelConfig& config, int64_t e);
+std::array<std::string, 3> shared_expert_modules(const io::ModelConfig& config);
+std::string shared_expert_gate_module(const io::ModelConfig& config);
 // The linears of kLinears block b has: the attention's four in an MoE block (its MLP is the experts), else seven.
 int block_linear_count(const io::ModelConfig& config, int64_t block);
 // The quantized linears of block b, in the order of the output's records: those of kLinears it has, then each
 // expert's gate, up and down (expert_modules).
 std::vector<std::string> block_modules(const io::ModelConfig& config, int64_t block);
+// The experts an MoE block quantizes: the routed ones, then the shared expert (e = num_experts) where it has one;
+// expert e's gate, up and down module names.
+int64_t solved_experts(const io::ModelConfig& config);
+std::array<std::string, 3> solved_expert_modules(const io::ModelConfig& config, int64_t e);
 
 struct BlockWeights {
   int64_t index = 0;

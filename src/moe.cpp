@@ -67,47 +67,71 @@ kernels::Buffer<float> uploaded(kernels::Backend& backend, const std::vector<flo
 MoeMlp::MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch)
     : backend_(backend), config_(config), seq_(seq), max_rows_(seq * micro_batch) {
   PQ_ASSERT(config.moe(), "MoeMlp: the config has no experts");
-  const int64_t h = config.hidden_size, inter = config.expert_intermediate_size;
-  logits_ = kernels::Buffer<float>(backend, seq * config.num_experts);
+  const int64_t h = config.hidden_size;
+  const int64_t inter = std::max(config.expert_intermediate_size, config.shared_expert_intermediate_size);
+  logits_ = kernels::Buffer<float>(backend, seq * std::max<int64_t>(config.num_experts, 1));
   x_ = kernels::Buffer<float>(backend, seq * h);
   g_ = kernels::Buffer<float>(backend, seq * inter);
   u_ = kernels::Buffer<float>(backend, seq * inter);
   y_ = kernels::Buffer<float>(backend, seq * h);
 }
 
+namespace {
+
+std::array<kernels::Buffer<float>, 3> uploaded_swiglu(kernels::Backend& backend, const ExpertWeights& e) {
+  return {uploaded(backend, e.gate.to_f32()), uploaded(backend, e.up.to_f32()), uploaded(backend, e.down.to_f32())};
+}
+
+}  // namespace
+
 void MoeMlp::set(const MoeWeights& weights) {
   PQ_ASSERT(static_cast<int64_t>(weights.experts.size()) == config_.num_experts &&
                 static_cast<int64_t>(weights.router.size()) == config_.num_experts * config_.hidden_size,
             "MoeMlp::set: ", weights.experts.size(), " experts and a router of ", weights.router.size(), " values");
+  PQ_ASSERT(weights.shared.has_value() == config_.shared_expert(), "MoeMlp::set: a shared expert ",
+            weights.shared ? "given" : "missing", " (config shared_expert_intermediate_size ",
+            config_.shared_expert_intermediate_size, ")");
   router_ = uploaded(backend_, weights.router);
   experts_.clear();
-  for (const ExpertWeights& e : weights.experts)
-    experts_.push_back({uploaded(backend_, e.gate.to_f32()), uploaded(backend_, e.up.to_f32()),
-                        uploaded(backend_, e.down.to_f32())});
+  for (const ExpertWeights& e : weights.experts) experts_.push_back(uploaded_swiglu(backend_, e));
+  if (weights.shared) {
+    shared_ = uploaded_swiglu(backend_, weights.shared->mlp);
+    shared_gate_ = weights.shared->gate.empty() ? kernels::Buffer<float>() : uploaded(backend_, weights.shared->gate);
+  }
+}
+
+const MoeMlp::SwiGlu& MoeMlp::swiglu_of(int64_t e) const {
+  PQ_ASSERT(e >= 0 && e <= config_.num_experts && (e < config_.num_experts || config_.shared_expert()),
+            "MoeMlp: expert ", e, " of ", config_.num_experts);
+  return e == config_.num_experts ? shared_ : experts_[static_cast<size_t>(e)];
+}
+
+int64_t MoeMlp::width_of(int64_t e) const {
+  return e == config_.num_experts ? config_.shared_expert_intermediate_size : config_.expert_intermediate_size;
 }
 
 void MoeMlp::set_expert_linear(int64_t e, int which, const Linear& w) {
-  PQ_ASSERT(e >= 0 && e < static_cast<int64_t>(experts_.size()) && which >= 0 && which < 3, "set_expert_linear: ",
-            e, ", ", which);
-  kernels::Buffer<float>& b = experts_[static_cast<size_t>(e)][static_cast<size_t>(which)];
+  PQ_ASSERT(which >= 0 && which < 3, "set_expert_linear: linear ", which);
+  swiglu_of(e);  // checks e
+  kernels::Buffer<float>& b =
+      (e == config_.num_experts ? shared_ : experts_[static_cast<size_t>(e)])[static_cast<size_t>(which)];
   PQ_ASSERT(b.size() == w.out * w.in, "set_expert_linear: ", w.out, " x ", w.in, " for ", b.size(), " values");
   const std::vector<float> f = w.to_f32();
   backend_.upload(b.data(), f.data(), f.size() * sizeof(float));
 }
 
-void MoeMlp::run_expert(size_t e, const float* x, float* y, int64_t n) {
-  const int64_t h = config_.hidden_size;
-  expert_hidden(static_cast<int64_t>(e), x, g_.data(), n);
-  backend_.linear_fixed_order(g_.data(), experts_[e][2].data(), y, n, h, config_.expert_intermediate_size);
-}
-
 void MoeMlp::expert_hidden(int64_t e, const float* x, float* y, int64_t n) {
   PQ_ASSERT(n <= seq_, "MoeMlp::expert_hidden: ", n, " rows, at most ", seq_);
-  const int64_t h = config_.hidden_size, inter = config_.expert_intermediate_size;
-  const auto& w = experts_[static_cast<size_t>(e)];
+  const int64_t h = config_.hidden_size, inter = width_of(e);
+  const SwiGlu& w = swiglu_of(e);
   backend_.linear_fixed_order(x, w[0].data(), y, n, inter, h);
   backend_.linear_fixed_order(x, w[1].data(), u_.data(), n, inter, h);
   backend_.swiglu(y, u_.data(), y, n * inter);
+}
+
+void MoeMlp::run_expert(int64_t e, const float* x, float* y, int64_t n) {
+  expert_hidden(e, x, g_.data(), n);
+  backend_.linear_fixed_order(g_.data(), swiglu_of(e)[2].data(), y, n, config_.hidden_size, width_of(e));
 }
 
 Routing MoeMlp::route_rows(const float* xn, int64_t rows) {
@@ -131,7 +155,7 @@ void MoeMlp::mix_sample(const float* xn_host, const float* xn, float* out, int64
     for (int64_t j = 0; j < n; ++j)
       std::copy_n(xn_host + g.row[static_cast<size_t>(first + j)] * h, h, gathered.begin() + j * h);
     backend_.upload(x_.data(), gathered.data(), gathered.size() * sizeof(float));
-    run_expert(static_cast<size_t>(e), x_.data(), y_.data(), n);
+    run_expert(e, x_.data(), y_.data(), n);
     y.resize(static_cast<size_t>(n * h));
     backend_.download(y.data(), y_.data(), y.size() * sizeof(float));
     for (int64_t j = 0; j < n; ++j) {
@@ -141,6 +165,21 @@ void MoeMlp::mix_sample(const float* xn_host, const float* xn, float* out, int64
       for (int64_t c = 0; c < h; ++c) s[c] += yj[c] * w;
     }
   }
+  if (config_.shared_expert()) add_shared(xn, rows, out);
+}
+
+void MoeMlp::add_shared(const float* xn, int64_t rows, float* out) {
+  const int64_t h = config_.hidden_size;
+  run_expert(config_.num_experts, xn, y_.data(), rows);
+  std::vector<float> y(static_cast<size_t>(rows * h)), scale(static_cast<size_t>(rows), 1.0f);
+  backend_.download(y.data(), y_.data(), y.size() * sizeof(float));
+  if (shared_gate_.size() > 0) {  // sigmoid(x W_gate^T) [rows, 1]
+    backend_.linear_fixed_order(xn, shared_gate_.data(), logits_.data(), rows, 1, h);
+    backend_.download(scale.data(), logits_.data(), scale.size() * sizeof(float));
+    for (float& v : scale) v = 1.0f / (1.0f + std::exp(-v));
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < h; ++c) out[r * h + c] += scale[static_cast<size_t>(r)] * y[static_cast<size_t>(r * h + c)];
 }
 
 void MoeMlp::forward(const float* xn, float* out, int64_t rows) {

@@ -1,10 +1,14 @@
 #pragma once
-// The Mixture-of-Experts MLP of a block, as transformers' MixtralSparseMoeBlock computes it: router logits
-// x W_router^T, a softmax over the experts in fp32, the top k per token, their weights renormalized to sum 1, and the
-// output sum over those experts of weight * down(silu(gate x) * up x), added in expert order.
+// The Mixture-of-Experts MLP of a block, as transformers' MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock and
+// Qwen2MoeSparseMoeBlock compute it: router logits x W_router^T, a softmax over the experts in fp32, the top k per
+// token, their weights renormalized to sum 1 when norm_topk_prob (Mixtral always), and the output sum over those
+// experts of weight * down(silu(gate x) * up x), added in expert order; then, with a shared expert (Qwen2-MoE),
+// plus sigmoid(x W_shared_gate^T) * shared_expert(x) for every token.
 //
 // The routing runs on the host (route(), the readable reference); each expert's SwiGLU runs on the backend over the
-// rows routed to it, gathered on the host. On a device backend that is a transfer per expert: correct, not fast.
+// rows routed to it, gathered on the host, one sample at a time (so that no bit depends on the micro-batch), with
+// GEMMs whose bits do not depend on the thread count (Backend::linear_fixed_order). On a device backend that is a
+// transfer per expert and sample: correct, not fast.
 
 #include <cstdint>
 #include <vector>
@@ -41,32 +45,39 @@ class MoeMlp {
  public:
   // Micro-batches of up to micro_batch samples of seq rows each.
   MoeMlp(kernels::Backend& backend, const io::ModelConfig& config, int64_t seq, int64_t micro_batch);
-  // Takes a block's router and experts (uploaded in fp32).
+  // Takes a block's router, experts and shared expert (uploaded in fp32).
   void set(const MoeWeights& weights);
-  // Replaces linear `which` (0 gate, 1 up, 2 down) of expert e (after it was quantized).
+  // Replaces linear `which` (0 gate, 1 up, 2 down) of expert e (after it was quantized); e = num_experts: the
+  // shared expert's.
   void set_expert_linear(int64_t e, int which, const Linear& w);
-  // out[rows, hidden] = the MoE MLP of xn[rows, hidden] (both backend memory), one sample (seq rows) at a time: the
-  // GEMMs of a sample's rows, and so their bits, do not depend on the micro-batch.
+  // out[rows, hidden] = the MoE MLP of xn[rows, hidden] (both backend memory), one sample (seq rows) at a time.
   void forward(const float* xn, float* out, int64_t rows);
   // The routing of one sample's rows xn[rows, hidden] (backend memory, rows <= seq).
   Routing route_rows(const float* xn, int64_t rows);
-  // y[n, expert width] = silu(gate x) * up x of expert e for x[n, hidden], n <= seq (backend memory): its down_proj's
-  // inputs.
+  // y[n, width] = silu(gate x) * up x of expert e (num_experts: the shared expert) for x[n, hidden], n <= seq
+  // (backend memory): its down_proj's inputs.
   void expert_hidden(int64_t e, const float* x, float* y, int64_t n);
 
  private:
+  using SwiGlu = std::array<kernels::Buffer<float>, 3>;  // gate [inter, hidden], up [inter, hidden], down [hidden, inter]
+  const SwiGlu& swiglu_of(int64_t e) const;             // e = num_experts: the shared expert
+  int64_t width_of(int64_t e) const;
   // y[n, hidden] = expert e of x[n, hidden] (backend memory).
-  void run_expert(size_t e, const float* x, float* y, int64_t n);
-  // out[rows, hidden] (host) = the routed mixture of one sample's xn[rows, hidden] (host and backend copies).
+  void run_expert(int64_t e, const float* x, float* y, int64_t n);
+  // out[rows, hidden] (host) = the MoE MLP of one sample's xn[rows, hidden] (host and backend copies).
   void mix_sample(const float* xn_host, const float* xn, float* out, int64_t rows);
+  // out[rows, hidden] (host) += the shared expert's output for xn, scaled by its gate where it has one.
+  void add_shared(const float* xn, int64_t rows, float* out);
 
   kernels::Backend& backend_;
   const io::ModelConfig& config_;
   int64_t seq_;
   int64_t max_rows_;
   kernels::Buffer<float> router_;
-  std::vector<std::array<kernels::Buffer<float>, 3>> experts_;  // gate, up, down
-  kernels::Buffer<float> logits_, x_, g_, u_, y_;               // scratch for max_rows rows
+  std::vector<SwiGlu> experts_;
+  SwiGlu shared_;                                  // the shared expert (config shared_expert())
+  kernels::Buffer<float> shared_gate_;             // [1, hidden], empty where the shared expert has no gate
+  kernels::Buffer<float> logits_, x_, g_, u_, y_;  // scratch for one sample's rows
 };
 
 }  // namespace pipequant

@@ -231,7 +231,8 @@ void StageWorker::quantize_block(int64_t b) {
     const BlockWeights weights = propagation_->block_weights(ctx, b);
     norms_ = {weights.input_norm, weights.post_norm};
     runner_->set_block(weights);
-    experts_ = weights.moe.experts;  // an MoE block's experts as held (shared values)
+    experts_ = weights.moe.experts;  // an MoE block's experts as held (shared values), the shared expert last
+    if (weights.moe.shared) experts_.push_back(weights.moe.shared->mlp);
   }
   metrics_.load_seconds += seconds_since(t0);
   const GroupErrors errors = done_.count(b) ? replay_resumed_block(b) : solve_block(b);
@@ -675,9 +676,13 @@ void StageWorker::write_block_tensors(int64_t b) {
   if (config_.qk_norm)
     for (const char* norm : kQkNormTensors)
       shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + norm, norm));
-  if (config_.moe_block(b)) {  // the router, kept in its source dtype
-    const std::string router = router_module(config_) + ".weight";
-    shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + router, router));
+  if (config_.moe_block(b)) {  // the router (and the shared expert's gate), kept in their source dtype
+    for (const std::string& module :
+         {router_module(config_), config_.shared_expert() ? shared_expert_gate_module(config_) : std::string()}) {
+      if (module.empty()) continue;
+      const std::string name = module + ".weight";
+      shard_->write_block_tensor(b, dense_from_checkpoint(ckpt_, prefix + name, name));
+    }
   }
   for (const auto& linear : kLinears) {
     const std::string bias = std::string(linear.module) + ".bias";

@@ -32,7 +32,8 @@ struct StageWorker::ExpertSolve {
 namespace {
 
 // "routed", "all", "all (low tokens)": the tokens an expert's Hessians saw (io::PackedLinear::expert_hessian).
-const char* expert_hessian_word(MoeCalibration mode, bool all_tokens) {
+const char* expert_hessian_word(MoeCalibration mode, bool all_tokens, bool shared) {
+  if (shared) return "all (shared expert)";
   if (!all_tokens) return "routed";
   return mode == MoeCalibration::kAll ? "all" : "all (low tokens)";
 }
@@ -68,7 +69,7 @@ void StageWorker::solve_experts(int64_t b, GroupErrors& errors) {
   auto t0 = Clock::now();
   const MoeInputs in = moe_inputs();
   metrics_.forward_seconds += seconds_since(t0);
-  const int64_t experts = config_.num_experts;
+  const int64_t experts = solved_experts(config_);  // the shared expert last, where there is one
   for (int64_t first = 0; first < experts; first += group_->size()) {
     std::vector<ExpertSolve> round(static_cast<size_t>(std::min<int64_t>(group_->size(), experts - first)));
     solve_expert_round(b, in, first, round, false);  // gate and up
@@ -98,6 +99,10 @@ StageWorker::MoeInputs StageWorker::moe_inputs() {
   for (int64_t e = 0; e < experts; ++e)
     in.all_tokens[static_cast<size_t>(e)] =
         opt_.moe_calibration == MoeCalibration::kAll || in.routed[static_cast<size_t>(e)] < opt_.moe_min_tokens;
+  if (config_.shared_expert()) {  // every token goes through it
+    in.routed.push_back(calib_.count * seq);
+    in.all_tokens.push_back(1);
+  }
   return in;
 }
 
@@ -106,7 +111,8 @@ StageWorker::MoeInputs StageWorker::moe_inputs() {
 // sample's rows are one accumulation step in global sample order, as a dense group's samples are.
 std::vector<float> StageWorker::expert_hessian(const MoeInputs& in, int64_t e, bool down_inputs) {
   const int64_t seq = calib_.seq, h = config_.hidden_size;
-  const int64_t width = down_inputs ? config_.expert_intermediate_size : h;
+  const int64_t width = !down_inputs ? h : e == config_.num_experts ? config_.shared_expert_intermediate_size
+                                                                      : config_.expert_intermediate_size;
   const bool all = in.all_tokens[static_cast<size_t>(e)] != 0;
   MoeMlp& moe = *runner_->moe();
   HessianAccumulator acc(*backend_, width);
@@ -115,7 +121,7 @@ std::vector<float> StageWorker::expert_hessian(const MoeInputs& in, int64_t e, b
   for (int64_t s = 0; s < batches_.samples; ++s) {
     const float* xs = in.xn.data() + s * seq * h;
     const ExpertRows& r = in.routes[static_cast<size_t>(s)];
-    const int64_t n = all ? seq : r.count(e);
+    const int64_t n = all ? seq : r.count(e);  // (the shared expert is `all`: r has no count of it)
     if (n == 0) continue;
     if (!all)
       for (int64_t j = 0; j < n; ++j)
@@ -171,7 +177,7 @@ void StageWorker::solve_expert(int64_t b, int64_t e, std::vector<float> h, Exper
   if (q.method == Method::kGptq)
     factor = factor_hessian(*backend_, std::move(h), cols, std::min(rows, solve_tile_rows(cols)), q);
   h = std::vector<float>();
-  const auto names = expert_modules(config_, e);
+  const auto names = solved_expert_modules(config_, e);
   for (int i = which.first; i < which.first + which.count; ++i) {
     const Linear& lin = expert_linear(w, i);
     const std::string name = block_prefix(b) + names[static_cast<size_t>(i)];
@@ -219,10 +225,11 @@ void StageWorker::write_expert_round(int64_t b, const MoeInputs& in, int64_t fir
                                      const std::vector<ExpertSolve>& round, GroupErrors& errors) {
   for (size_t m = 0; m < round.size(); ++m) {
     const auto e = static_cast<size_t>(first + static_cast<int64_t>(m));
-    const auto names = expert_modules(config_, static_cast<int64_t>(e));
+    const auto names = solved_expert_modules(config_, static_cast<int64_t>(e));
     LinearNotes notes;
     notes.expert_tokens = in.routed[e];
-    notes.expert_hessian = expert_hessian_word(opt_.moe_calibration, in.all_tokens[e] != 0);
+    notes.expert_hessian = expert_hessian_word(opt_.moe_calibration, in.all_tokens[e] != 0,
+                                               static_cast<int64_t>(e) == config_.num_experts);
     for (size_t i = 0; i < 3; ++i) {
       const QuantizedLinear& ql = round[m].ql[i];
       write_linear_result(b, names[i], ql, round[m].terms[i], ql.solve_seconds, notes);

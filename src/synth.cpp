@@ -2,6 +2,7 @@
 #include "src/synth.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -11,12 +12,12 @@
 #include <random>
 #include <vector>
 
+#include "base/error.hpp"
+#include "base/numeric.hpp"
 #include "io/model_config.hpp"
 #include "io/npy.hpp"
 #include "io/safetensors.hpp"
 #include "src/model.hpp"
-#include "base/error.hpp"
-#include "base/numeric.hpp"
 
 namespace pipequant {
 
@@ -107,6 +108,43 @@ int64_t check_synth_options(const SynthOptions& o) {
   return head_dim;
 }
 
+// The experts of an MoE architecture into c, checked as the config reader checks them; refuses expert options for
+// another architecture.
+void set_synth_experts(const SynthOptions& o, io::ModelConfig& c) {
+  const bool qwen = c.reads_qwen_moe_fields();
+  PQ_REQUIRE(c.reads_experts() || (o.num_experts == 0 && o.experts_per_token == 0),
+             "synth: --num-experts and --experts-per-token are for mixtral, qwen2_moe and qwen3_moe, not ",
+             c.architecture);
+  PQ_REQUIRE(qwen || (o.moe_intermediate_size == 0 && !o.norm_topk_prob && o.mlp_only_layers.empty() &&
+                      o.decoder_sparse_step == 1),
+             "synth: --moe-intermediate-size, --norm-topk-prob, --mlp-only-layers and --decoder-sparse-step are for "
+             "qwen2_moe and qwen3_moe, not ",
+             c.architecture);
+  PQ_REQUIRE(c.reads_shared_expert() || o.shared_expert_intermediate_size == 0,
+             "synth: --shared-expert-intermediate-size is for qwen2_moe, not ", c.architecture);
+  if (!c.reads_experts()) return;
+  require_positive(o.num_experts, "--num-experts");
+  require_positive(o.experts_per_token, "--experts-per-token");
+  PQ_REQUIRE(o.experts_per_token <= o.num_experts, "synth: --experts-per-token ", o.experts_per_token,
+             " must be at most --num-experts ", o.num_experts);
+  c.num_experts = o.num_experts;
+  c.experts_per_token = o.experts_per_token;
+  c.expert_intermediate_size = c.intermediate_size;
+  if (!qwen) return;
+  require_positive(o.moe_intermediate_size, "--moe-intermediate-size");
+  require_positive(o.decoder_sparse_step, "--decoder-sparse-step");
+  for (const int64_t b : o.mlp_only_layers)
+    PQ_REQUIRE(b >= 0 && b < o.num_layers, "synth: --mlp-only-layers: ", b, " is not a block index in [0, ",
+               o.num_layers, ")");
+  c.expert_intermediate_size = o.moe_intermediate_size;
+  c.norm_topk_prob = o.norm_topk_prob;
+  c.mlp_only_layers = o.mlp_only_layers;
+  c.decoder_sparse_step = o.decoder_sparse_step;
+  if (!c.reads_shared_expert()) return;
+  require_positive(o.shared_expert_intermediate_size, "--shared-expert-intermediate-size");
+  c.shared_expert_intermediate_size = o.shared_expert_intermediate_size;
+}
+
 io::ModelConfig synth_config(const SynthOptions& o, int64_t head_dim, const DTypeChoice& dt) {
   io::ModelConfig c;
   c.hidden_size = o.hidden_size;
@@ -128,6 +166,7 @@ io::ModelConfig synth_config(const SynthOptions& o, int64_t head_dim, const DTyp
              ", which fixes those biases itself");
   c.attention_bias = o.attention_bias;
   c.mlp_bias = o.mlp_bias;
+  set_synth_experts(o, c);
   c.torch_dtype = dt.torch_dtype;
   return c;
 }
@@ -145,44 +184,82 @@ void write_config(const io::ModelConfig& c, const std::string& dir) {
   PQ_REQUIRE(f.good(), "synth: write to ", config_path, " failed: ", std::strerror(errno));
 }
 
-// Every tensor with its distribution, in file order: tensor i draws from the random stream mix_seed(seed, i).
+// Tensors with their distributions, in file order: tensor i draws from the random stream mix_seed(seed, i).
+class SynthTensors {
+ public:
+  explicit SynthTensors(io::DType dtype) : dtype_(dtype) {}
+  void add(std::string name, std::vector<int64_t> shape, double mean, double std) {
+    tensors_.push_back({{std::move(name), dtype_, std::move(shape)}, mean, std});
+  }
+  // A linear [out, in]: std 1/sqrt(in) keeps its outputs O(1) for O(1) inputs.
+  void add_linear(std::string name, int64_t out, int64_t in) {
+    add(std::move(name), {out, in}, 0.0, 1.0 / std::sqrt(static_cast<double>(in)));
+  }
+  // A SwiGLU MLP of width inter: the gate, up and down weights of `modules`.
+  void add_swiglu(const std::array<std::string, 3>& modules, int64_t hidden, int64_t inter) {
+    add_linear(modules[0] + ".weight", inter, hidden);
+    add_linear(modules[1] + ".weight", inter, hidden);
+    add_linear(modules[2] + ".weight", hidden, inter);
+  }
+  std::vector<SynthTensor> take() { return std::move(tensors_); }
+
+ private:
+  io::DType dtype_;
+  std::vector<SynthTensor> tensors_;
+};
+
+// Block b's MLP under p: the dense one, or an MoE block's router, experts, shared expert and its gate (the router's
+// std 1/sqrt(hidden) makes logits of O(1): the routing differs from token to token).
+void add_block_mlp(SynthTensors& t, const io::ModelConfig& c, int64_t b, const std::string& p) {
+  const int64_t h = c.hidden_size;
+  if (!c.moe_block(b)) {
+    t.add_swiglu({p + "mlp.gate_proj", p + "mlp.up_proj", p + "mlp.down_proj"}, h, c.intermediate_size);
+    return;
+  }
+  t.add_linear(p + router_module(c) + ".weight", c.num_experts, h);
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    auto modules = expert_modules(c, e);
+    for (auto& m : modules) m = p + m;
+    t.add_swiglu(modules, h, c.expert_intermediate_size);
+  }
+  if (!c.shared_expert()) return;
+  auto modules = shared_expert_modules(c);
+  for (auto& m : modules) m = p + m;
+  t.add_swiglu(modules, h, c.shared_expert_intermediate_size);
+  if (!shared_expert_gate_module(c).empty()) t.add_linear(p + shared_expert_gate_module(c) + ".weight", 1, h);
+}
+
+// Every tensor with its distribution, in file order.
 std::vector<SynthTensor> synth_tensors(const SynthOptions& o, const io::ModelConfig& c, const DTypeChoice& dt) {
   const int64_t head_dim = c.head_dim;
-  // Shapes are [out, in] as in nn.Linear; a linear's std 1/sqrt(in) keeps its outputs O(1) for O(1) inputs.
-  const int64_t h = o.hidden_size, inter = o.intermediate_size;
+  const int64_t h = o.hidden_size;
   const int64_t q_out = o.num_heads * head_dim, kv_out = o.num_kv_heads * head_dim;
-  const double lin_h = 1.0 / std::sqrt(static_cast<double>(h));
-  std::vector<SynthTensor> tensors;
-  auto add = [&](std::string name, std::vector<int64_t> shape, double mean, double std) {
-    tensors.push_back({{std::move(name), dt.dtype, std::move(shape)}, mean, std});
-  };
-  add("model.embed_tokens.weight", {o.vocab_size, h}, 0.0, 0.02);
+  SynthTensors t(dt.dtype);
+  t.add("model.embed_tokens.weight", {o.vocab_size, h}, 0.0, 0.02);
   for (int64_t b = 0; b < o.num_layers; ++b) {
-    const std::string p = "model.layers." + std::to_string(b) + ".";
-    add(p + "input_layernorm.weight", {h}, 1.0, 0.02);
-    add(p + "self_attn.q_proj.weight", {q_out, h}, 0.0, lin_h);
-    add(p + "self_attn.k_proj.weight", {kv_out, h}, 0.0, lin_h);
-    add(p + "self_attn.v_proj.weight", {kv_out, h}, 0.0, lin_h);
-    add(p + "self_attn.o_proj.weight", {h, q_out}, 0.0, 1.0 / std::sqrt(static_cast<double>(q_out)));
-    add(p + "post_attention_layernorm.weight", {h}, 1.0, 0.02);
+    const std::string p = block_prefix(b);
+    t.add(p + "input_layernorm.weight", {h}, 1.0, 0.02);
+    t.add_linear(p + "self_attn.q_proj.weight", q_out, h);
+    t.add_linear(p + "self_attn.k_proj.weight", kv_out, h);
+    t.add_linear(p + "self_attn.v_proj.weight", kv_out, h);
+    t.add_linear(p + "self_attn.o_proj.weight", h, q_out);
+    t.add(p + "post_attention_layernorm.weight", {h}, 1.0, 0.02);
     // Qwen3's per-head q/k norms; a std of 0.2 makes them matter to the attention scores
     if (c.qk_norm) {
-      add(p + "self_attn.q_norm.weight", {head_dim}, 1.0, 0.2);
-      add(p + "self_attn.k_norm.weight", {head_dim}, 1.0, 0.2);
+      t.add(p + "self_attn.q_norm.weight", {head_dim}, 1.0, 0.2);
+      t.add(p + "self_attn.k_norm.weight", {head_dim}, 1.0, 0.2);
     }
-    add(p + "mlp.gate_proj.weight", {inter, h}, 0.0, lin_h);
-    add(p + "mlp.up_proj.weight", {inter, h}, 0.0, lin_h);
-    add(p + "mlp.down_proj.weight", {h, inter}, 0.0, 1.0 / std::sqrt(static_cast<double>(inter)));
+    add_block_mlp(t, c, b, p);
   }
-  add("model.norm.weight", {h}, 1.0, 0.02);
-  if (!o.tie_word_embeddings) add("lm_head.weight", {o.vocab_size, h}, 0.0, lin_h);
+  t.add("model.norm.weight", {h}, 1.0, 0.02);
+  if (!o.tie_word_embeddings) t.add_linear("lm_head.weight", o.vocab_size, h);
   // Biases come last, so that each weight keeps its stream (the same weights as without biases for a seed); a std
   // of 0.1 against outputs of O(1) moves the model measurably.
   for (int64_t b = 0; b < o.num_layers; ++b)
-    for (int i = 0; i < kLinearCount; ++i)
+    for (int i = 0; i < block_linear_count(c, b); ++i)
       if (has_bias(c, i))
-        add(block_prefix(b) + kLinears[static_cast<size_t>(i)].module + ".bias", {linear_shape(c, i)[0]}, 0.0, 0.1);
-  return tensors;
+        t.add(block_prefix(b) + kLinears[static_cast<size_t>(i)].module + ".bias", {linear_shape(c, i)[0]}, 0.0, 0.1);
+  return t.take();
 }
 
 // One tensor at a time is generated and written, so memory stays at the largest tensor.

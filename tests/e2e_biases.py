@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.environ.get("PIPEQUANT_SOURCE_DIR", os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "scripts"))
+import llama_reference  # noqa: E402
 import pq  # noqa: E402
 
 # fp32 forward against a float64 reference over 4 windows of 64 tokens: they agree to about 1e-7 relative; leaving
@@ -26,21 +27,6 @@ TOL = 1e-4
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj"]
 SEQ, WINDOWS = 64, 4
-
-
-def read_safetensors(path):
-    b = open(path, "rb").read()
-    n = struct.unpack("<Q", b[:8])[0]
-    header = json.loads(b[8:8 + n])
-    dtypes = {"F32": np.float32, "F16": np.float16}
-    out = {}
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        s, e = t["data_offsets"]
-        out[name] = np.frombuffer(b[8 + n + s:8 + n + e], dtype=dtypes[t["dtype"]]).reshape(t["shape"]).astype(
-            np.float64)
-    return out
 
 
 def write_safetensors(path, tensors):
@@ -55,61 +41,10 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + data)
 
 
-def rms_norm(x, w, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
-
-
 def perplexity(cfg, t, ids, skip_bias=None):
-    """exp(mean NLL) of non-overlapping windows of SEQ tokens, positions 0..SEQ-2 predicting 1..SEQ-1: the
-    Llama forward in float64 with every bias the tensors hold (except module `skip_bias`)."""
-    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or hidden // heads
-    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
-    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
-    ang = np.arange(SEQ)[:, None] * inv_freq[None, :]  # [seq, hd/2]
-    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
-    mask = np.triu(np.full((SEQ, SEQ), -np.inf), 1)
-    lm_head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
-
-    def lin(x, p, module):
-        y = x @ t[p + module + ".weight"].T
-        b = t.get(p + module + ".bias")
-        return y if b is None or module == skip_bias else y + b
-
-    def qk_norm(x, name):  # Qwen3: RMSNorm over each head, where the checkpoint has the norm
-        return x if name not in t or name == skip_bias else rms_norm(x, t[name], eps)
-
-    def rope(x):  # [seq, heads, hd], rotate_half
-        rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
-        return x * cos[:, None, :] + rot * sin[:, None, :]
-
-    nll, count = 0.0, 0
-    for w in range(len(ids) // SEQ):
-        tok = ids[w * SEQ:(w + 1) * SEQ]
-        x = t["model.embed_tokens.weight"][tok]
-        for b in range(cfg["num_hidden_layers"]):
-            p = f"model.layers.{b}."
-            xn = rms_norm(x, t[p + "input_layernorm.weight"], eps)
-            q = qk_norm(lin(xn, p, "self_attn.q_proj").reshape(SEQ, heads, hd), p + "self_attn.q_norm.weight")
-            k = qk_norm(lin(xn, p, "self_attn.k_proj").reshape(SEQ, kv, hd), p + "self_attn.k_norm.weight")
-            q, k = rope(q), rope(k)
-            v = lin(xn, p, "self_attn.v_proj").reshape(SEQ, kv, hd)
-            attn = np.empty((SEQ, heads, hd))
-            for h in range(heads):
-                g = h // (heads // kv)
-                s = q[:, h, :] @ k[:, g, :].T / np.sqrt(hd) + mask
-                s = np.exp(s - s.max(1, keepdims=True))
-                attn[:, h, :] = (s / s.sum(1, keepdims=True)) @ v[:, g, :]
-            x = x + lin(attn.reshape(SEQ, heads * hd), p, "self_attn.o_proj")
-            xn = rms_norm(x, t[p + "post_attention_layernorm.weight"], eps)
-            gate, up = lin(xn, p, "mlp.gate_proj"), lin(xn, p, "mlp.up_proj")
-            x = x + lin(gate / (1.0 + np.exp(-gate)) * up, p, "mlp.down_proj")
-        logits = rms_norm(x, t["model.norm.weight"], eps) @ lm_head.T
-        logits -= logits.max(1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-        nll -= logp[np.arange(SEQ - 1), tok[1:]].sum()
-        count += SEQ - 1
-    return float(np.exp(nll / count))
+    """The numpy reference (scripts/llama_reference.py) over windows of SEQ tokens, without module `skip_bias`'s
+    bias (or the q/k norm tensor of that name)."""
+    return llama_reference.perplexity(cfg, t, ids, SEQ, skip_bias)
 
 
 def unpack_along_first(words, bits, n):
@@ -161,7 +96,7 @@ def check_qwen2(work, calib, tokens, ids, close, results):
             "--num-layers", 2, "--num-heads", 4, "--num-kv-heads", 2, "--vocab-size", 128, "--dtype", "fp32",
             "--seed", 23])
     cfg = json.load(open(os.path.join(model, "config.json")))
-    t = read_safetensors(os.path.join(model, "model.safetensors"))
+    t = llama_reference.read_tensors(os.path.join(model, "model.safetensors"))
     biased = sorted({k.split(".")[-2] for k in t if k.endswith(".bias")})
     results.append((f"qwen2: config {cfg['architectures']} {cfg['model_type']}, biases on {biased}",
                     cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
@@ -183,7 +118,7 @@ def check_qwen3(work, calib, tokens, ids, close, results):
             "--intermediate-size", 96, "--num-layers", 2, "--num-heads", 4, "--num-kv-heads", 2, "--vocab-size", 128,
             "--dtype", "fp32", "--seed", 29])
     cfg = json.load(open(os.path.join(model, "config.json")))
-    t = read_safetensors(os.path.join(model, "model.safetensors"))
+    t = llama_reference.read_tensors(os.path.join(model, "model.safetensors"))
     norms = sorted(k for k in t if k.endswith("_norm.weight") and "self_attn" in k)
     results.append((f"qwen3: config {cfg['architectures']} {cfg['model_type']}, {len(norms)} q/k norms, "
                     f"{sum(k.endswith('.bias') for k in t)} biases",
@@ -212,7 +147,7 @@ def main():
     pq.run(["synth-tokens", "--out", tokens, "--count", WINDOWS * SEQ, "--vocab-size", 128, "--seed", 19])
     cfg = json.load(open(os.path.join(model, "config.json")))
     ids = np.load(tokens)
-    t = read_safetensors(os.path.join(model, "model.safetensors"))
+    t = llama_reference.read_tensors(os.path.join(model, "model.safetensors"))
     results = []
 
     def close(name, got, want):

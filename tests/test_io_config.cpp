@@ -255,6 +255,115 @@ TEST(ModelConfig, MixtralHasExperts) {
   expect_bad(j, "num_local_experts", {"missing"});
 }
 
+// A Qwen3-MoE config as transformers' Qwen3MoeConfig writes it (the fields pipequant reads).
+json qwen3_moe() {
+  json j = base();
+  j["architectures"] = {"Qwen3MoeForCausalLM"};
+  j["model_type"] = "qwen3_moe";
+  j["num_hidden_layers"] = 4;
+  j["head_dim"] = 16;
+  j["num_experts"] = 8;
+  j["num_experts_per_tok"] = 2;
+  j["moe_intermediate_size"] = 32;
+  return j;
+}
+
+TEST(ModelConfig, Qwen3MoeExpertsWithTransformersDefaults) {
+  ModelConfig c = ModelConfig::from_json(qwen3_moe(), "cfg.json");
+  EXPECT_EQ(c.architecture, "Qwen3MoeForCausalLM");
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.qkv_bias);
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.experts_per_token, 2);
+  EXPECT_EQ(c.expert_intermediate_size, 32);
+  EXPECT_EQ(c.intermediate_size, 172);  // the dense blocks' width
+  EXPECT_FALSE(c.norm_topk_prob);       // Qwen3MoeConfig's default
+  EXPECT_TRUE(c.mlp_only_layers.empty());
+  EXPECT_EQ(c.decoder_sparse_step, 1);
+  EXPECT_FALSE(c.shared_expert());
+  for (int64_t b = 0; b < 4; ++b) EXPECT_TRUE(c.moe_block(b)) << b;
+  // mlp_only_layers and decoder_sparse_step pick the MoE blocks as Qwen3MoeDecoderLayer does
+  json j = qwen3_moe();
+  j["mlp_only_layers"] = {0, 3};
+  j["decoder_sparse_step"] = 2;
+  j["norm_topk_prob"] = true;
+  j["attention_bias"] = true;
+  c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_TRUE(c.norm_topk_prob);
+  EXPECT_TRUE(c.attention_bias);
+  EXPECT_EQ(c.mlp_only_layers, (std::vector<int64_t>{0, 3}));
+  EXPECT_EQ((std::vector<bool>{c.moe_block(0), c.moe_block(1), c.moe_block(2), c.moe_block(3)}),
+            (std::vector<bool>{false, true, false, false}));
+  // written back and read again the same
+  const json out = c.to_json();
+  EXPECT_EQ(out["model_type"], "qwen3_moe");
+  EXPECT_FALSE(out.contains("num_local_experts"));
+  const ModelConfig back = ModelConfig::from_json(out, "out.json");
+  EXPECT_EQ(back.num_experts, 8);
+  EXPECT_EQ(back.expert_intermediate_size, 32);
+  EXPECT_EQ(back.mlp_only_layers, c.mlp_only_layers);
+  EXPECT_EQ(back.decoder_sparse_step, 2);
+  EXPECT_TRUE(back.norm_topk_prob);
+  // model_type alone names it too
+  j.erase("architectures");
+  EXPECT_EQ(ModelConfig::from_json(j, "cfg.json").architecture, "Qwen3MoeForCausalLM");
+}
+
+TEST(ModelConfig, Qwen2MoeSharedExpertAndQkvBiases) {
+  json j = qwen3_moe();
+  j["architectures"] = {"Qwen2MoeForCausalLM"};
+  j["model_type"] = "qwen2_moe";
+  j.erase("head_dim");
+  j["shared_expert_intermediate_size"] = 48;
+  j["attention_bias"] = true;  // not a Qwen2-MoE field: its q, k, v_proj have biases, o_proj none
+  ModelConfig c = ModelConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.architecture, "Qwen2MoeForCausalLM");
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_FALSE(c.qk_norm);
+  EXPECT_TRUE(c.shared_expert());
+  EXPECT_EQ(c.shared_expert_intermediate_size, 48);
+  EXPECT_FALSE(c.norm_topk_prob);
+  const json out = c.to_json();
+  EXPECT_EQ(out["shared_expert_intermediate_size"], 48);
+  EXPECT_EQ(ModelConfig::from_json(out, "out.json").shared_expert_intermediate_size, 48);
+  j.erase("shared_expert_intermediate_size");
+  expect_bad(j, "shared_expert_intermediate_size", {"missing", "positive integer"});
+  // Qwen3-MoE has no shared expert: the field means nothing there
+  j = qwen3_moe();
+  j["shared_expert_intermediate_size"] = 48;
+  EXPECT_FALSE(ModelConfig::from_json(j, "cfg.json").shared_expert());
+  // Mixtral renormalizes always, whatever norm_topk_prob says
+  json m = ModelConfig::load(testdata("mixtral-tiny")).raw;
+  m["norm_topk_prob"] = false;
+  EXPECT_TRUE(ModelConfig::from_json(m, "cfg.json").norm_topk_prob);
+}
+
+TEST(ModelConfigBad, QwenMoeFields) {
+  json j = qwen3_moe();
+  j["num_experts_per_tok"] = 9;
+  expect_bad(j, "num_experts_per_tok", {"at most num_experts 8", "got 9"});
+  j = qwen3_moe();
+  j.erase("num_experts");
+  expect_bad(j, "num_experts", {"missing"});
+  j = qwen3_moe();
+  j.erase("moe_intermediate_size");
+  expect_bad(j, "moe_intermediate_size", {"missing"});
+  j = qwen3_moe();
+  j["decoder_sparse_step"] = 0;
+  expect_bad(j, "decoder_sparse_step", {"positive integer", "got 0"});
+  j = qwen3_moe();
+  j["mlp_only_layers"] = {1, 4};  // 4 blocks: 0..3
+  expect_bad(j, "mlp_only_layers", {"block indices in [0, 4)", "got [1,4]"});
+  j["mlp_only_layers"] = 1;
+  expect_bad(j, "mlp_only_layers", {"a list of block indices"});
+  j["mlp_only_layers"] = {-1};
+  expect_bad(j, "mlp_only_layers", {"block indices"});
+  j = qwen3_moe();
+  j["norm_topk_prob"] = "false";
+  expect_bad(j, "norm_topk_prob", {"true or false"});
+}
+
 TEST(ModelConfig, ModelTypeWithoutArchitectures) {
   json j = base();
   j.erase("architectures");

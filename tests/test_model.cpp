@@ -83,8 +83,9 @@ TEST(Model, SharedCheckpointsValidate) {
   }
 }
 
-// A small fp32 synthetic checkpoint (2 blocks, hidden 32, 4 heads of 8, 2 KV heads, intermediate 48, vocab 64).
-std::string small_synth(const std::string& name, bool attention_bias, bool mlp_bias) {
+// The options of a small fp32 synthetic checkpoint (2 blocks, hidden 32, 4 heads of 8, 2 KV heads, intermediate 48,
+// vocab 64) in a fresh directory.
+SynthOptions small_options(const std::string& name) {
   SynthOptions o;
   o.out_dir = testing::scratch_dir(name);
   o.hidden_size = 32;
@@ -95,6 +96,11 @@ std::string small_synth(const std::string& name, bool attention_bias, bool mlp_b
   o.vocab_size = 64;
   o.dtype = "fp32";
   o.seed = 5;
+  return o;
+}
+
+std::string small_synth(const std::string& name, bool attention_bias, bool mlp_bias) {
+  SynthOptions o = small_options(name);
   o.attention_bias = attention_bias;
   o.mlp_bias = mlp_bias;
   write_synthetic_checkpoint(o);
@@ -153,6 +159,35 @@ TEST(Model, ValidateCheckpointRefusesTensorsTheBlockDoesNotUse) {
   // old checkpoints' RoPE buffer is harmless: the forward computes the frequencies from the config
   d = edited_copy(plain, "unused-invfreq", "", "model.layers.1.self_attn.rotary_emb.inv_freq", {4});
   EXPECT_NO_THROW(validate_checkpoint(io::Checkpoint::open(d), c));
+}
+
+TEST(Model, ValidateCheckpointQwenMoeBlocks) {
+  SynthOptions o = small_options("qwen2-moe");
+  o.architecture = "Qwen2MoeForCausalLM";
+  o.num_experts = 2;
+  o.experts_per_token = 1;
+  o.moe_intermediate_size = 16;
+  o.shared_expert_intermediate_size = 24;
+  o.mlp_only_layers = {0};
+  write_synthetic_checkpoint(o);
+  const std::string& moe = o.out_dir;
+  const io::ModelConfig c = io::ModelConfig::load(moe);
+  EXPECT_NO_THROW(validate_checkpoint(io::Checkpoint::open(moe), c));
+  // an MoE block needs its router, every expert and the shared expert with its gate
+  std::string d = edited_copy(moe, "moe-no-shared", "model.layers.1.mlp.shared_expert_gate.weight", "");
+  expect_refused(d, c, {"model.layers.1.mlp.shared_expert_gate.weight", "missing", "[1, 32]"});
+  d = edited_copy(moe, "moe-no-expert", "model.layers.1.mlp.experts.1.up_proj.weight", "");
+  expect_refused(d, c, {"model.layers.1.mlp.experts.1.up_proj.weight", "missing", "[16, 32]"});
+  // experts in the dense block 0 (mlp_only_layers), a dense MLP in the MoE block 1: neither would be read
+  d = edited_copy(moe, "moe-expert-in-dense", "", "model.layers.0.mlp.experts.0.gate_proj.weight", {16, 32});
+  expect_refused(d, c, {"model.layers.0.mlp.experts.0.gate_proj.weight", "not used by block 0", "mlp gate/up/down"});
+  d = edited_copy(moe, "moe-dense-in-moe", "", "model.layers.1.mlp.gate_proj.weight", {48, 32});
+  expect_refused(
+      d, c,
+      {"model.layers.1.mlp.gate_proj.weight", "not used by block 1", "the router mlp.gate", "mlp.shared_expert_gate"});
+  // Qwen2-MoE's o_proj has no bias
+  d = edited_copy(moe, "moe-obias", "", "model.layers.1.self_attn.o_proj.bias", {32});
+  expect_refused(d, c, {"model.layers.1.self_attn.o_proj.bias", "Qwen2MoeForCausalLM", "q, k and v_proj only"});
 }
 
 TEST(Model, ValidateCheckpointBiases) {

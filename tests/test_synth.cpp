@@ -40,6 +40,15 @@ std::string bytes_of(const std::string& path) {
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
+// The forward pass of the checkpoint in dir (vocabulary 100) gives finite, non-degenerate logits.
+void expect_sane_logits(const std::string& dir) {
+  const std::vector<int32_t> ids{1, 5, 9, 42, 99, 3};
+  const auto logits = sequence_logits(dir, ids, RunOptions{});
+  ASSERT_EQ(logits.size(), ids.size() * 100);
+  EXPECT_TRUE(std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); }));
+  EXPECT_NE(*std::max_element(logits.begin(), logits.end()), *std::min_element(logits.begin(), logits.end()));
+}
+
 TEST(Synth, CheckpointHasLlamaLayoutAndValidates) {
   const std::string dir = testing::scratch_dir("synth-a");
   write_synthetic_checkpoint(small(dir, 7));
@@ -66,12 +75,7 @@ TEST(Synth, CheckpointHasLlamaLayoutAndValidates) {
   EXPECT_GT(rms, 1e-3);
   EXPECT_LT(rms, 1.0);
 
-  // the forward pass gives finite, non-degenerate logits
-  const std::vector<int32_t> ids{1, 5, 9, 42, 99, 3};
-  const auto logits = sequence_logits(dir, ids, RunOptions{});
-  ASSERT_EQ(logits.size(), ids.size() * 100);
-  EXPECT_TRUE(std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); }));
-  EXPECT_NE(*std::max_element(logits.begin(), logits.end()), *std::min_element(logits.begin(), logits.end()));
+  expect_sane_logits(dir);
 }
 
 TEST(Synth, SameSeedSameBytesOtherSeedOtherWeights) {
@@ -135,6 +139,80 @@ TEST(Synth, BiasesAreAddedLastAndLeaveTheWeightsAsTheyWere) {
   EXPECT_TRUE(m.has("model.layers.0.mlp.down_proj.bias"));
   EXPECT_FALSE(m.has("model.layers.0.self_attn.q_proj.bias"));
   EXPECT_NO_THROW(validate_checkpoint(m, io::ModelConfig::load(mlp_only)));
+}
+
+SynthOptions qwen_moe(const std::string& dir, const std::string& architecture) {
+  SynthOptions o = small(dir, 13);
+  o.architecture = architecture;
+  o.num_layers = 3;
+  o.num_experts = 4;
+  o.experts_per_token = 2;
+  o.moe_intermediate_size = 32;
+  o.mlp_only_layers = {1};
+  if (architecture == "Qwen2MoeForCausalLM") o.shared_expert_intermediate_size = 48;
+  return o;
+}
+
+TEST(Synth, QwenMoeCheckpointsHaveTheirExpertsAndValidate) {
+  for (const std::string architecture : {"Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"}) {
+    const std::string dir = testing::scratch_dir("synth-" + architecture);
+    write_synthetic_checkpoint(qwen_moe(dir, architecture));
+    const io::ModelConfig c = io::ModelConfig::load(dir);
+    EXPECT_EQ(c.architecture, architecture);
+    EXPECT_EQ(c.num_experts, 4);
+    EXPECT_EQ(c.expert_intermediate_size, 32);
+    EXPECT_EQ(c.mlp_only_layers, (std::vector<int64_t>{1}));
+    EXPECT_FALSE(c.norm_topk_prob);
+    const io::Checkpoint ckpt = io::Checkpoint::open(dir);
+    EXPECT_NO_THROW(validate_checkpoint(ckpt, c)) << architecture;
+    // blocks 0 and 2 have experts, block 1 (mlp_only_layers) the dense MLP
+    EXPECT_EQ(ckpt.info("model.layers.0.mlp.gate.weight").shape, (std::vector<int64_t>{4, 64}));
+    EXPECT_EQ(ckpt.info("model.layers.2.mlp.experts.3.down_proj.weight").shape, (std::vector<int64_t>{64, 32}));
+    EXPECT_EQ(ckpt.info("model.layers.1.mlp.up_proj.weight").shape, (std::vector<int64_t>{96, 64}));
+    EXPECT_FALSE(ckpt.has("model.layers.0.mlp.up_proj.weight"));
+    EXPECT_FALSE(ckpt.has("model.layers.1.mlp.gate.weight"));
+    const bool qwen2 = architecture == "Qwen2MoeForCausalLM";
+    EXPECT_EQ(ckpt.has("model.layers.0.mlp.shared_expert.up_proj.weight"), qwen2);
+    EXPECT_EQ(ckpt.has("model.layers.2.mlp.shared_expert_gate.weight"), qwen2);
+    EXPECT_EQ(ckpt.has("model.layers.1.self_attn.q_proj.bias"), qwen2);
+    EXPECT_EQ(ckpt.has("model.layers.1.self_attn.q_norm.weight"), !qwen2);
+    if (qwen2) {
+      EXPECT_EQ(ckpt.info("model.layers.0.mlp.shared_expert.down_proj.weight").shape, (std::vector<int64_t>{64, 48}));
+    }
+    // the experts differ from one another
+    EXPECT_NE(ckpt.read_f32("model.layers.0.mlp.experts.0.gate_proj.weight"),
+              ckpt.read_f32("model.layers.0.mlp.experts.1.gate_proj.weight"));
+    expect_sane_logits(dir);
+  }
+}
+
+TEST(Synth, ExpertOptionsBelongToTheirArchitectures) {
+  const std::string dir = testing::scratch_dir("synth-moe-bad");
+  SynthOptions o = small(dir, 1);
+  o.num_experts = 4;  // Llama has no experts
+  testing::expect_user_error([&] { write_synthetic_checkpoint(o); }, {"--num-experts", "LlamaForCausalLM"});
+  o = qwen_moe(dir, "Qwen3MoeForCausalLM");
+  o.shared_expert_intermediate_size = 16;
+  testing::expect_user_error([&] { write_synthetic_checkpoint(o); },
+                             {"--shared-expert-intermediate-size", "Qwen3MoeForCausalLM"});
+  o = qwen_moe(dir, "Qwen2MoeForCausalLM");
+  o.shared_expert_intermediate_size = 0;
+  testing::expect_user_error([&] { write_synthetic_checkpoint(o); }, {"--shared-expert-intermediate-size"});
+  o = qwen_moe(dir, "Qwen3MoeForCausalLM");
+  o.experts_per_token = 5;
+  testing::expect_user_error([&] { write_synthetic_checkpoint(o); }, {"--experts-per-token 5", "--num-experts 4"});
+  o = qwen_moe(dir, "Qwen3MoeForCausalLM");
+  o.mlp_only_layers = {3};
+  testing::expect_user_error([&] { write_synthetic_checkpoint(o); }, {"--mlp-only-layers", "3", "[0, 3)"});
+  o = qwen_moe(dir, "MixtralForCausalLM");  // Mixtral's experts are as wide as --intermediate-size
+  testing::expect_user_error([&] { write_synthetic_checkpoint(o); }, {"--moe-intermediate-size", "Mixtral"});
+  o.moe_intermediate_size = 0;
+  o.mlp_only_layers.clear();
+  write_synthetic_checkpoint(o);
+  const io::ModelConfig c = io::ModelConfig::load(dir);
+  EXPECT_EQ(c.expert_intermediate_size, 96);
+  EXPECT_NO_THROW(validate_checkpoint(io::Checkpoint::open(dir), c));
+  EXPECT_TRUE(io::Checkpoint::open(dir).has("model.layers.2.block_sparse_moe.experts.3.w2.weight"));
 }
 
 TEST(Synth, BadOptionsNameTheField) {
