@@ -73,28 +73,26 @@ std::array<std::string, 3> solved_expert_modules(const io::ModelConfig& c, int64
 
 namespace {
 
-// The weight tensors of a SwiGLU MLP's gate, up and down linears.
-std::array<std::string, 3> weight_tensors(std::array<std::string, 3> modules) {
-  for (auto& n : modules) n += ".weight";
-  return modules;
+// The linears of an MoE block under model.layers.<i>., each with its [out, in]: the experts' and the shared expert's.
+std::vector<std::pair<std::string, std::array<int64_t, 2>>> moe_linears(const io::ModelConfig& c) {
+  const int64_t h = c.hidden_size;
+  std::vector<std::pair<std::string, std::array<int64_t, 2>>> out;
+  for (int64_t e = 0; e < solved_experts(c); ++e) {
+    const auto modules = solved_expert_modules(c, e);
+    const int64_t inter = e == c.num_experts ? c.shared_expert_intermediate_size : c.expert_intermediate_size;
+    out.push_back({modules[0], {inter, h}});
+    out.push_back({modules[1], {inter, h}});
+    out.push_back({modules[2], {h, inter}});
+  }
+  return out;
 }
 
-// The tensors of an MoE block under model.layers.<i>., each with its shape: the router, the experts, the shared
-// expert and its gate. The one list validate_checkpoint expects and allows.
-std::vector<std::pair<std::string, std::vector<int64_t>>> moe_tensors(const io::ModelConfig& c) {
-  const int64_t h = c.hidden_size;
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out = {{router_module(c) + ".weight", {c.num_experts, h}}};
-  const auto add_mlp = [&](const std::array<std::string, 3>& modules, int64_t inter) {
-    const auto names = weight_tensors(modules);
-    out.push_back({names[0], {inter, h}});
-    out.push_back({names[1], {inter, h}});
-    out.push_back({names[2], {h, inter}});
-  };
-  for (int64_t e = 0; e < c.num_experts; ++e) add_mlp(expert_modules(c, e), c.expert_intermediate_size);
-  if (c.shared_expert()) {
-    add_mlp(shared_expert_modules(c), c.shared_expert_intermediate_size);
-    if (!shared_expert_gate_module(c).empty()) out.push_back({shared_expert_gate_module(c) + ".weight", {1, h}});
-  }
+// The other tensors of an MoE block, each with its shape: the router and the shared expert's gate (never quantized).
+std::vector<std::pair<std::string, std::vector<int64_t>>> moe_dense_tensors(const io::ModelConfig& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out = {
+      {router_module(c) + ".weight", {c.num_experts, c.hidden_size}}};
+  if (c.shared_expert() && !shared_expert_gate_module(c).empty())
+    out.push_back({shared_expert_gate_module(c) + ".weight", {1, c.hidden_size}});
   return out;
 }
 
@@ -251,10 +249,7 @@ class CheckpointSource final : public WeightSource {
     for (int i = 0; i < block_linear_count(config_, block); ++i) {
       const auto shape = linear_shape(config_, i);
       auto& l = b.linears[static_cast<size_t>(i)];
-      const std::string module = p + kLinears[static_cast<size_t>(i)].module;
-      l = Linear::of(shape[0], shape[1],
-                     quant_ ? WeightValues{read_hf_quantized_linear(ckpt_, *quant_, module, shape[0], shape[1])}
-                            : read_values(module + ".weight"));
+      l = read_linear(p + kLinears[static_cast<size_t>(i)].module, shape[0], shape[1]);
       if (has_bias(config_, i)) l.bias = ckpt_.read_f32(p + kLinears[static_cast<size_t>(i)].module + ".bias");
     }
     return b;
@@ -279,7 +274,6 @@ class CheckpointSource final : public WeightSource {
     return v;
   }
   MoeWeights read_moe(const std::string& p) const {
-    PQ_REQUIRE(!quant_, ckpt_.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
     MoeWeights m;
     m.router = ckpt_.read_f32(p + router_module(config_) + ".weight");
     for (int64_t e = 0; e < config_.num_experts; ++e)
@@ -295,9 +289,13 @@ class CheckpointSource final : public WeightSource {
   // A SwiGLU MLP of width `inter`: its gate, up and down linears `modules` under p.
   ExpertWeights read_swiglu(const std::string& p, const std::array<std::string, 3>& modules, int64_t inter) const {
     const int64_t h = config_.hidden_size;
-    const auto names = weight_tensors(modules);
-    return {Linear::of(inter, h, read_values(p + names[0])), Linear::of(inter, h, read_values(p + names[1])),
-            Linear::of(h, inter, read_values(p + names[2]))};
+    return {read_linear(p + modules[0], inter, h), read_linear(p + modules[1], inter, h),
+            read_linear(p + modules[2], h, inter)};
+  }
+  // Linear `module` [out, in]: its weight as stored, or its GPTQ/AWQ codes and tables.
+  Linear read_linear(const std::string& module, int64_t out, int64_t in) const {
+    return Linear::of(out, in, quant_ ? WeightValues{read_hf_quantized_linear(ckpt_, *quant_, module, out, in)}
+                                      : read_values(module + ".weight"));
   }
   // A weight as stored (16-bit kept as it is), its mapped pages released once copied.
   WeightValues read_values(const std::string& name) const {
@@ -496,13 +494,18 @@ void refuse_unused_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& c, 
 std::set<std::string> block_tensor_names(const io::ModelConfig& c, int64_t b, const io::HfQuantConfig* quant) {
   std::set<std::string> names = {"input_layernorm.weight", "post_attention_layernorm.weight", kIgnoredBlockTensor};
   if (c.qk_norm) names.insert(kQkNormTensors.begin(), kQkNormTensors.end());
-  if (c.moe_block(b))
-    for (const auto& t : moe_tensors(c)) names.insert(t.first);
-  for (int i = 0; i < block_linear_count(c, b); ++i) {
-    const std::string module = kLinears[static_cast<size_t>(i)].module;
+  const auto add_linear = [&](const std::string& module) {
     if (!quant) names.insert(module + ".weight");
     for (const auto& t : quant ? hf_linear_tensor_suffixes() : std::vector<std::string>{})
       names.insert(module + "." + t);
+  };
+  if (c.moe_block(b)) {
+    for (const auto& t : moe_dense_tensors(c)) names.insert(t.first);
+    for (const auto& l : moe_linears(c)) add_linear(l.first);
+  }
+  for (int i = 0; i < block_linear_count(c, b); ++i) {
+    const std::string module = kLinears[static_cast<size_t>(i)].module;
+    add_linear(module);
     if (has_bias(c, i)) names.insert(module + ".bias");
   }
   return names;
@@ -526,7 +529,6 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
   expect_tensor(ckpt, c, "model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   expect_tensor(ckpt, c, "model.norm.weight", {c.hidden_size});
   if (!c.tie_word_embeddings) expect_tensor(ckpt, c, "lm_head.weight", {c.vocab_size, c.hidden_size});
-  PQ_REQUIRE(!(quant && c.moe()), ckpt.path(), ": a quantized Mixture-of-Experts checkpoint is not read yet");
   std::vector<std::set<std::string>> block_tensors;  // per block
   for (int64_t b = 0; b < c.num_layers; ++b) block_tensors.push_back(block_tensor_names(c, b, quant));
   for (int64_t b = 0; b < c.num_layers; ++b) {
@@ -535,15 +537,20 @@ void validate_checkpoint(const io::Checkpoint& ckpt, const io::ModelConfig& c, c
     expect_tensor(ckpt, c, p + "post_attention_layernorm.weight", {c.hidden_size});
     if (c.qk_norm)
       for (const char* t : kQkNormTensors) expect_tensor(ckpt, c, p + t, {c.head_dim});
-    if (c.moe_block(b))
-      for (const auto& [name, shape] : moe_tensors(c)) expect_tensor(ckpt, c, p + name, shape);
-    for (int i = 0; i < block_linear_count(c, b); ++i) {
-      const auto shape = linear_shape(c, i);
-      const std::string name = p + kLinears[static_cast<size_t>(i)].module;
+    const auto expect_linear = [&](const std::string& name, const std::array<int64_t, 2>& shape) {
       if (quant)
         expect_hf_quantized_linear(ckpt, c, *quant, name, shape[0], shape[1]);
       else
         expect_tensor(ckpt, c, name + ".weight", {shape[0], shape[1]});
+    };
+    if (c.moe_block(b)) {
+      for (const auto& [name, shape] : moe_dense_tensors(c)) expect_tensor(ckpt, c, p + name, shape);
+      for (const auto& [module, shape] : moe_linears(c)) expect_linear(p + module, shape);
+    }
+    for (int i = 0; i < block_linear_count(c, b); ++i) {
+      const auto shape = linear_shape(c, i);
+      const std::string name = p + kLinears[static_cast<size_t>(i)].module;
+      expect_linear(name, shape);
       if (has_bias(c, i)) expect_tensor(ckpt, c, name + ".bias", {shape[0]});
     }
   }
