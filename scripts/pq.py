@@ -92,7 +92,7 @@ def compare_outputs(a, b):
 
 
 def read_safetensors(path):
-    """{name: float32 numpy array} of one .safetensors file (F32, F16 or BF16 tensors)."""
+    """{name: numpy array} of one .safetensors file: F32, F16 and BF16 tensors as float32, I32 as int32."""
     import json
     import struct
     import numpy as np
@@ -107,6 +107,8 @@ def read_safetensors(path):
         data = raw[8 + n + s:8 + n + e]
         if t["dtype"] == "BF16":
             a = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif t["dtype"] == "I32":  # packed codes, zeros and group indices: kept as integers
+            a = np.frombuffer(data, dtype=np.int32)
         else:
             a = np.frombuffer(data, dtype={"F32": np.float32, "F16": np.float16}[t["dtype"]]).astype(np.float32)
         out[name] = a.reshape(t["shape"])
