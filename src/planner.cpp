@@ -355,8 +355,6 @@ PlanInputs as_dense(const PlanInputs& in) {
   return d;
 }
 
-}  // namespace
-
 // An MoE block's experts (StageWorker::solve_experts): as held (the source's, then codes as they are solved), the MoE
 // MLP's fp32 copies on the backend, the MLP inputs and their routing kept through the expert rounds, and one more
 // Hessian per member while a round's are summed (each member keeps its own expert's, the dense terms count it).
@@ -378,6 +376,8 @@ void add_moe_terms(const PlanInputs& in, uint64_t value_bytes, uint64_t tokens, 
   const uint64_t k = u(std::max(c.hidden_size, c.expert_intermediate_size));
   add("expert_hessian_received", 4 * k * k, false, hessian);
 }
+
+}  // namespace
 
 std::vector<MemoryTerm> stage_memory_terms(const PlanInputs& in_model, const Plan& plan, const StagePlan& s) {
   const PlanInputs in = as_dense(in_model);

@@ -244,6 +244,20 @@ TEST(StageGroup, BroadcastGivesEveryMemberTheRootsValues) {
   }
 }
 
+TEST(StageGroup, BroadcastOfBytesFromEachMember) {
+  for (const int d : group_sizes()) {
+    const StageGroup g(d, 5);  // pieces of 5: a count past the limit
+    for (int from = 0; from < d; ++from) {
+      // member `from` sends 13 * from + 3 bytes (its stage and index in them); the others start with other lengths
+      std::vector<uint8_t> want;
+      for (int i = 0; i < 13 * from + 3; ++i) want.push_back(static_cast<uint8_t>(31 * g.layout().stage + 7 * from + i));
+      std::vector<uint8_t> bytes = g.index() == from ? want : std::vector<uint8_t>(static_cast<size_t>(g.index()), 9);
+      g.broadcast(bytes, from);
+      EXPECT_EQ(bytes, want) << "D " << d << " from member " << from;
+    }
+  }
+}
+
 // Rank r sends (r * 5) % 7 characters: rank 0 an empty string, the others strings of different lengths.
 std::string record_of(int rank) {
   std::string s;

@@ -80,6 +80,19 @@ Linear sine_linear(int64_t out, int64_t in, double seed) {
   return Linear::of(out, in, std::move(w));
 }
 
+TEST(MoeRouting, GroupedByExpertInRowOrder) {
+  Routing r;
+  r.k = 2;
+  r.expert = {2, 0, 0, 2, 1, 2};  // rows 0, 1, 2: (2, 0), (0, 2), (1, 2)
+  r.weight = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f};
+  const ExpertRows g = group_by_expert(r, 4);
+  EXPECT_EQ(g.offset, (std::vector<int64_t>{0, 2, 3, 6, 6}));
+  EXPECT_EQ(g.row, (std::vector<int32_t>{0, 1, 2, 0, 1, 2}));
+  EXPECT_EQ(g.weight, (std::vector<float>{0.4f, 0.7f, 0.5f, 0.6f, 0.3f, 0.5f}));
+  EXPECT_EQ(g.count(0), 2);
+  EXPECT_EQ(g.count(3), 0);  // an expert no row picked
+}
+
 TEST(MoeMlp, RoutedExpertsWithoutRenormalizationPlusTheGatedSharedExpert) {
   io::ModelConfig c;
   c.set_architecture("Qwen2MoeForCausalLM");

@@ -208,6 +208,39 @@ TEST(QuantGrid, ScaleIsFp16AndDegenerateRowsAreHandled) {
 // ---------------------------------------------------------------------------------------------------------
 // (b) packing
 
+TEST(QuantizedLinearBytes, EveryFieldSurvivesTheRoundTrip) {
+  QuantizedLinear q;
+  q.rows = 2;
+  q.cols = 3;
+  q.groups = 2;
+  q.bits = 3;
+  q.q = {0, 1, 2, 3, 4, 7};
+  q.scales = {0.5f, 0.25f, 1.5f, 2.0f};
+  q.zeros = {3.0f, 4.0f, 1.0f, 0.0f};
+  q.g_idx = {0, 0, 1};
+  q.damp_used = 0.1;
+  q.fallback = Fallback::kDamp;
+  q.relative_error = 0.0125;
+  q.error2 = 3.5;
+  q.solve_seconds = 0.75;
+  q.log = {"damping raised to 0.1", ""};
+  const QuantizedLinear r = QuantizedLinear::from_bytes(q.to_bytes());
+  EXPECT_EQ(r.rows, q.rows);
+  EXPECT_EQ(r.cols, q.cols);
+  EXPECT_EQ(r.groups, q.groups);
+  EXPECT_EQ(r.bits, q.bits);
+  EXPECT_EQ(r.q, q.q);
+  EXPECT_EQ(r.scales, q.scales);
+  EXPECT_EQ(r.zeros, q.zeros);
+  EXPECT_EQ(r.g_idx, q.g_idx);
+  EXPECT_EQ(r.damp_used, q.damp_used);
+  EXPECT_EQ(r.fallback, q.fallback);
+  EXPECT_EQ(r.relative_error, q.relative_error);
+  EXPECT_EQ(r.error2, q.error2);
+  EXPECT_EQ(r.solve_seconds, q.solve_seconds);
+  EXPECT_EQ(r.log, q.log);
+}
+
 TEST(Pack, ThreeBitStreamStraddlesWords) {
   // one output column, codes along K: 12 codes of 3 bits = 36 bits = 2 words; code 10 (value 3) straddles
   const std::vector<uint8_t> codes = {1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 6};
