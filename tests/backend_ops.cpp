@@ -970,6 +970,9 @@ std::vector<std::unique_ptr<OpCase>> backend_op_cases() {
       for (const Trans tb : {Trans::kNo, Trans::kYes})
         add(integers ? new GemmCase(ta, tb, 37, 53, 71, true) : new GemmCase(ta, tb, 31, 45, 257, false));
   add(new GemmCase(Trans::kNo, Trans::kNo, 512, 512, 512, false));
+  // several tiles of the CPU backend's output grid, ragged at both edges, for every transposition
+  for (const Trans ta : {Trans::kNo, Trans::kYes})
+    for (const Trans tb : {Trans::kNo, Trans::kYes}) add(new GemmCase(ta, tb, 600, 1100, 70, false));
   for (const HalfFormat f : {HalfFormat::kBF16, HalfFormat::kF16}) {
     add(new LinearHalfCase(f, 96, 80, 128, true));
     add(new LinearHalfCase(f, 37, 29, 300, false));

@@ -2,8 +2,10 @@
 2 stages x 2 ranks, fp propagation (blocks resident and streamed), on the shared checkpoints and on a synthetic one
 with ragged widths. Each run's packed datasets are digested (SHA-256 over the sorted dataset paths and bytes) and
 compared with tests/packed_digests.json, recorded from the code as it was before the stage worker was rebuilt and
-re-recorded once, when the block forward became one GEMM per sample (5 of the 12 digests moved: activations in
-their last bit, so a few codes): a refactor of the quantize path must not change one bit.
+re-recorded twice: when the block forward became one GEMM per sample (5 of the 12 digests moved: activations in
+their last bit, so a few codes), and when the CPU backend's GEMMs became a grid of single-threaded tiles instead of
+one call that OpenBLAS split by the thread count (the 2 tiny6l digests moved; until then they held only for the
+thread count of a 2-core machine): a refactor of the quantize path must not change one bit.
 
   python3 tests/e2e_packed_pin.py            # check (the test)
   python3 tests/e2e_packed_pin.py --record   # rewrite tests/packed_digests.json (only for an intended change)

@@ -29,7 +29,6 @@ class CpuBackend final : public Backend {
 
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override;
-  void linear_fixed_order(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) override;
   void linear_half(const float* x, const uint16_t* w, HalfFormat format, float* y, int64_t m, int64_t n,
                    int64_t k) override;
 

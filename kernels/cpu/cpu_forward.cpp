@@ -11,8 +11,8 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/cpu/cpu_backend.hpp"
 #include "base/error.hpp"
+#include "kernels/cpu/cpu_backend.hpp"
 
 namespace pipequant::kernels {
 
@@ -30,20 +30,6 @@ blasint to_blas(int64_t v) {
   PQ_ASSERT(v >= 0 && v <= static_cast<int64_t>(std::numeric_limits<blasint>::max()), "BLAS size ", v, " out of range");
   return static_cast<blasint>(v);
 }
-
-// Makes BLAS calls single-threaded for its lifetime. BLAS calls issued from inside an OpenMP region would
-// otherwise each start the (pthread) OpenBLAS pool and oversubscribe the cores; one thread per call also keeps
-// the result of each call independent of how many threads the process has.
-class SerialBlas {
- public:
-  explicit SerialBlas(int restore) : restore_(restore) { openblas_set_num_threads(1); }
-  ~SerialBlas() { openblas_set_num_threads(restore_); }
-  SerialBlas(const SerialBlas&) = delete;
-  SerialBlas& operator=(const SerialBlas&) = delete;
-
- private:
-  int restore_;
-};
 
 // Independent accumulators in the softmax loops: one running max or sum is a chain of dependent instructions that
 // bounds the loop at its latency; 8 lanes in a fixed order keep the result fixed and let the loop pipeline.
@@ -136,7 +122,6 @@ void CpuBackend::attention(const float* q, const float* k, const float* v, float
   const int64_t blocks = (seq + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = samples * heads * blocks;
   // Scratch of the whole call: one [kQueryBlock, seq] score tile per thread, never samples * seq^2.
-  const SerialBlas serial_blas(threads_);
 #pragma omp parallel num_threads(threads_)
   {
     std::vector<float> tile(static_cast<size_t>(std::min(kQueryBlock, seq) * seq));
@@ -179,12 +164,6 @@ void CpuBackend::attention(const float* q, const float* k, const float* v, float
       }
     }
   }
-}
-
-// One BLAS thread: the result of a call is then a function of its shape and data alone.
-void CpuBackend::linear_fixed_order(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
-  const SerialBlas serial_blas(threads_);
-  linear(x, w, y, m, n, k);
 }
 
 void CpuBackend::swiglu(const float* gate, const float* up, float* out, int64_t n) {
@@ -239,7 +218,6 @@ void CpuBackend::hessian_accumulate(const float* x, int64_t rows, int64_t k, flo
     for (int64_t bi = 0; bi <= bj; ++bi) upper.emplace_back(bi, bj);
   const blasint ld = to_blas(k);
   const blasint n_rows = to_blas(rows);
-  const SerialBlas serial_blas(threads_);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
   for (size_t t = 0; t < upper.size(); ++t) {
     const int64_t i0 = upper[t].first * kHessianTile, i1 = std::min(k, i0 + kHessianTile);

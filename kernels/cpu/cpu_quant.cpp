@@ -24,26 +24,12 @@ inline constexpr int64_t kLanes = 16;
 inline constexpr int64_t kCholeskyPanel = 256;
 inline constexpr int64_t kCholeskyTile = 512;
 
-// OpenBLAS on one thread for the lifetime of the guard. The tiled code below calls it from OpenMP threads,
-// one fixed-shape tile per call: that makes the result independent of the thread count (OpenBLAS's own
-// threading partitions each call by thread count, and the last bits of its results follow the partition).
-class SingleThreadedBlas {
- public:
-  explicit SingleThreadedBlas(int restore) : restore_(restore) { openblas_set_num_threads(1); }
-  ~SingleThreadedBlas() { openblas_set_num_threads(restore_); }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int restore_;
-};
-
 // In place: a [n, n] row-major, symmetric positive definite (lower triangle read) -> L lower with a = L L^T;
 // the strict upper triangle is left with junk. Right-looking, by panels of kCholeskyPanel columns: factor the
 // diagonal block (LAPACK), solve the panel below it and update the trailing lower triangle, both in
 // kCholeskyTile tiles spread over the OpenMP threads. Tile shapes never depend on the thread count.
 // Returns LAPACK's info: 0, or the 1-based column where positive definiteness failed, or < 0 for a NaN.
-// Needs OpenBLAS single-threaded (SingleThreadedBlas).
+// OpenBLAS runs each call on one thread (see CpuBackend's constructor).
 lapack_int tiled_cholesky_lower(float* a, int64_t n) {
   std::vector<std::pair<int64_t, int64_t>> tile_pairs;  // (row tile, column tile), column <= row
   for (int64_t k0 = 0; k0 < n; k0 += kCholeskyPanel) {
@@ -105,11 +91,7 @@ bool CpuBackend::reverse_cholesky(float* h, int64_t n) {
   };
   reverse_all();
   // Row-major lower Cholesky J H J = L' L'^T, tiled so that the result does not depend on the thread count.
-  lapack_int info = 0;
-  {
-    SingleThreadedBlas single(threads_);
-    info = tiled_cholesky_lower(h, n);
-  }
+  const lapack_int info = tiled_cholesky_lower(h, n);
   // R = J L' J is upper triangular and R R^T = J L' L'^T J = H.
   reverse_all();
   if (info != 0) return false;
