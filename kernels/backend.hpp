@@ -101,12 +101,6 @@ class Backend {
   void linear(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
     gemm(Trans::kNo, Trans::kYes, m, n, k, 1.0f, x, k, w, k, 0.0f, y, n);
   }
-  // linear() whose bits depend on the shape and the data only, never on how many threads the backend has: for the
-  // GEMMs of an expert over the rows routed to it, whose small and varying shapes a threaded BLAS splits, and sums,
-  // by its thread count (which changes with the ranks per node, and the output must not).
-  virtual void linear_fixed_order(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
-    linear(x, w, y, m, n, k);
-  }
 
   // y[m, n] = x[m, k] * w[n, k]^T with w in 16-bit storage (the bits of `format`) and x rounded to the same
   // format (to nearest even), the products summed in fp32 and y written in fp32: the tensor-core GEMM of a

@@ -124,20 +124,20 @@ void MoeMlp::expert_hidden(int64_t e, const float* x, float* y, int64_t n) {
   PQ_ASSERT(n <= seq_, "MoeMlp::expert_hidden: ", n, " rows, at most ", seq_);
   const int64_t h = config_.hidden_size, inter = width_of(e);
   const SwiGlu& w = swiglu_of(e);
-  backend_.linear_fixed_order(x, w[0].data(), y, n, inter, h);
-  backend_.linear_fixed_order(x, w[1].data(), u_.data(), n, inter, h);
+  backend_.linear(x, w[0].data(), y, n, inter, h);
+  backend_.linear(x, w[1].data(), u_.data(), n, inter, h);
   backend_.swiglu(y, u_.data(), y, n * inter);
 }
 
 void MoeMlp::run_expert(int64_t e, const float* x, float* y, int64_t n) {
   expert_hidden(e, x, g_.data(), n);
-  backend_.linear_fixed_order(g_.data(), swiglu_of(e)[2].data(), y, n, config_.hidden_size, width_of(e));
+  backend_.linear(g_.data(), swiglu_of(e)[2].data(), y, n, config_.hidden_size, width_of(e));
 }
 
 Routing MoeMlp::route_rows(const float* xn, int64_t rows) {
   PQ_ASSERT(rows <= seq_, "MoeMlp::route_rows: ", rows, " rows, at most ", seq_);
   const int64_t experts = config_.num_experts;
-  backend_.linear_fixed_order(xn, router_.data(), logits_.data(), rows, experts, config_.hidden_size);
+  backend_.linear(xn, router_.data(), logits_.data(), rows, experts, config_.hidden_size);
   std::vector<float> logits(static_cast<size_t>(rows * experts));
   backend_.download(logits.data(), logits_.data(), logits.size() * sizeof(float));
   return route(logits.data(), rows, experts, config_.experts_per_token, config_.norm_topk_prob);
@@ -174,7 +174,7 @@ void MoeMlp::add_shared(const float* xn, int64_t rows, float* out) {
   std::vector<float> y(static_cast<size_t>(rows * h)), scale(static_cast<size_t>(rows), 1.0f);
   backend_.download(y.data(), y_.data(), y.size() * sizeof(float));
   if (shared_gate_.size() > 0) {  // sigmoid(x W_gate^T) [rows, 1]
-    backend_.linear_fixed_order(xn, shared_gate_.data(), logits_.data(), rows, 1, h);
+    backend_.linear(xn, shared_gate_.data(), logits_.data(), rows, 1, h);
     backend_.download(scale.data(), logits_.data(), scale.size() * sizeof(float));
     for (float& v : scale) v = 1.0f / (1.0f + std::exp(-v));
   }

@@ -6,9 +6,8 @@
 // plus sigmoid(x W_shared_gate^T) * shared_expert(x) for every token.
 //
 // The routing runs on the host (route(), the readable reference); each expert's SwiGLU runs on the backend over the
-// rows routed to it, gathered on the host, one sample at a time (so that no bit depends on the micro-batch), with
-// GEMMs whose bits do not depend on the thread count (Backend::linear_fixed_order). On a device backend that is a
-// transfer per expert and sample: correct, not fast.
+// rows routed to it, gathered on the host, one sample at a time (so that no bit depends on the micro-batch). On a
+// device backend that is a transfer per expert and sample: correct, not fast.
 
 #include <cstdint>
 #include <vector>

@@ -101,9 +101,9 @@ by_pipequant = pq.perplexity(pq.run(["eval", "--model", hf, "--tokens", HELDOUT,
 check(f"eval of the GPTQ export {by_pipequant:.6f} equals eval --quantized {mine:.6f}",
       abs(by_pipequant - mine) <= 1e-6 * mine)
 
-# ---- (c) layouts: 1 rank, 2 stages, 1 stage x 2 ranks (experts split over the ranks); every rank on one thread, as
-# ranks of a real job have the same thread count each
-layout_args = ["--bits", 4, "--group-size", 32, "--nsamples", 40, "--threads", 1]
+# ---- (c) layouts: 1 rank, 2 stages, 1 stage x 2 ranks (experts split over the ranks), each rank with its default
+# threads (the node's 2 cores shared by its ranks: 2 threads alone, 1 each beside another)
+layout_args = ["--bits", 4, "--group-size", 32, "--nsamples", 40]
 one, _ = quantize("layout-1", layout_args + ["--micro-batch", 3])
 for name, np_, extra in (("2 stages", 2, []), ("1 stage x 2 ranks", 2, ["--ranks-per-stage", 2])):
     other, _ = quantize("layout-" + name.replace(" ", ""), layout_args + ["--micro-batch", 2] + extra, np_=np_)
