@@ -150,4 +150,12 @@ void require_finite_activations(const std::vector<float>& x, int64_t b, int64_t 
        " from finite inputs: the forward overflows float32 in this block (every checkpoint value is finite)");
 }
 
+void require_finite_hessian(const std::vector<float>& h, int64_t width, int64_t b, const std::string& modules) {
+  const int64_t i = first_non_finite(h.data(), static_cast<int64_t>(h.size()));
+  if (i == static_cast<int64_t>(h.size())) return;
+  fail("block ", b, ": the Hessian of the inputs of ", modules, " holds ", non_finite_name(h[i]), " at [", i / width,
+       ", ", i % width, "]: the activations overflow float32 in this block (every checkpoint value is finite); the "
+       "model cannot be quantized as it is");
+}
+
 }  // namespace pipequant

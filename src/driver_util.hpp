@@ -80,5 +80,8 @@ void propagate(BlockRunner& runner, std::vector<float>& x, int64_t samples, int6
 // float32 in the forward, and nothing computed from it may be written or reported.
 void require_finite_activations(const std::vector<float>& x, int64_t b, int64_t first_sample, int64_t seq,
                                 int64_t hidden, const char* sample_word);
+// H [width, width] of the inputs of `modules` of block b: throws UserError naming them and the first entry that is
+// nan or infinite (a checkpoint of finite values can still overflow float32 in the forward; H shows it first).
+void require_finite_hessian(const std::vector<float>& h, int64_t width, int64_t b, const std::string& modules);
 
 }  // namespace pipequant

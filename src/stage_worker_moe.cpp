@@ -45,6 +45,12 @@ struct Which {
 };
 Which which_linears(bool down) { return down ? Which{2, 1} : Which{0, 2}; }
 
+// The width of expert e's inputs (down: its down_proj's, the expert's width; e = num_experts: the shared expert).
+int64_t input_width(const io::ModelConfig& c, int64_t e, bool down) {
+  if (!down) return c.hidden_size;
+  return e == c.num_experts ? c.shared_expert_intermediate_size : c.expert_intermediate_size;
+}
+
 const Linear& expert_linear(const ExpertWeights& w, int which) { return which == 0 ? w.gate : which == 1 ? w.up : w.down; }
 Linear& expert_linear(ExpertWeights& w, int which) { return which == 0 ? w.gate : which == 1 ? w.up : w.down; }
 
@@ -111,8 +117,7 @@ StageWorker::MoeInputs StageWorker::moe_inputs() {
 // sample's rows are one accumulation step in global sample order, as a dense group's samples are.
 std::vector<float> StageWorker::expert_hessian(const MoeInputs& in, int64_t e, bool down_inputs) {
   const int64_t seq = calib_.seq, h = config_.hidden_size;
-  const int64_t width = !down_inputs ? h : e == config_.num_experts ? config_.shared_expert_intermediate_size
-                                                                      : config_.expert_intermediate_size;
+  const int64_t width = input_width(config_, e, down_inputs);
   const bool all = in.all_tokens[static_cast<size_t>(e)] != 0;
   MoeMlp& moe = *runner_->moe();
   HessianAccumulator acc(*backend_, width);
@@ -142,6 +147,8 @@ void StageWorker::solve_expert_round(int64_t b, const MoeInputs& in, int64_t fir
   int64_t mine_e = -1;
   for (int64_t e = first; e < first + static_cast<int64_t>(round.size()); ++e) {
     std::vector<float> h = expert_hessian(in, e, down);
+    const auto names = solved_expert_modules(config_, e);
+    require_finite_hessian(h, input_width(config_, e, down), b, down ? names[2] : names[0] + ", " + names[1]);
     if (e - first == group_->index()) {
       mine = std::move(h);
       mine_e = e;
