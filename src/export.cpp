@@ -20,8 +20,10 @@
 #include "comm/world.hpp"
 #include "io/bitstream.hpp"
 #include "io/hf_quant.hpp"
+#include "io/model_config.hpp"
 #include "io/safetensors.hpp"
 #include "io/shard.hpp"
+#include "src/model.hpp"
 #include "src/version.hpp"
 
 namespace fs = std::filesystem;
@@ -452,9 +454,35 @@ nlohmann::json source_config(const Plan& plan, const std::string& out_dir) {
   }
 }
 
+// A Mixture-of-Experts model's linears a GPTQ loader converts in each block (quantization_config
+// modules_in_block_to_quantize, in true-sequential groups: q/k/v, o, every gate and up, every down), so that the
+// routers and Qwen2-MoE's shared-expert gate, kept dense, are left as they are; null for a dense model, whose
+// loaders convert every linear of a block.
+nlohmann::json moe_modules_to_quantize(const nlohmann::json& source, const std::string& out_dir) {
+  const io::ModelConfig c = io::ModelConfig::from_json(source, out_dir + "/model.h5: config_json");
+  if (!c.moe()) return nullptr;
+  std::vector<std::set<std::string>> groups(kLinearGroups);
+  for (int64_t b = 0; b < c.num_layers; ++b) {
+    for (int i = 0; i < block_linear_count(c, b); ++i)
+      groups[static_cast<size_t>(kLinears[static_cast<size_t>(i)].group)].insert(kLinears[static_cast<size_t>(i)].module);
+    if (!c.moe_block(b)) continue;
+    for (int64_t e = 0; e < solved_experts(c); ++e) {
+      const auto m = solved_expert_modules(c, e);
+      groups[2].insert({m[0], m[1]});
+      groups[3].insert(m[2]);
+    }
+  }
+  nlohmann::json j = nlohmann::json::array();
+  for (const auto& g : groups) j.push_back(std::vector<std::string>(g.begin(), g.end()));
+  return j;
+}
+
 void write_configs(const Plan& plan, const ExportOptions& o, const fs::path& dir) {
-  const nlohmann::json qc = io::quantization_config_json(plan.config, std::string("pipequant:") + version());
+  nlohmann::json qc = io::quantization_config_json(plan.config, std::string("pipequant:") + version());
   nlohmann::json config = source_config(plan, o.out_dir);
+  if (const nlohmann::json moe = moe_modules_to_quantize(config, o.out_dir);
+      !moe.is_null() && o.format == ExportFormat::kGptq)
+    qc["modules_in_block_to_quantize"] = moe;
   config["quantization_config"] = qc;
   write_text(dir / "config.json", config.dump(2) + "\n");
   // GPTQModel and AutoGPTQ also read the config beside the weights

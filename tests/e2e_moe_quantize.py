@@ -2,7 +2,8 @@
 (a) GPTQ at 4 and 3 bits (groups of 128 = per row at this width) has a lower held-out perplexity than RTN, with
 --moe-calibration routed and all; (b) the dequantized HDF5 output evaluated by the numpy forward of
 scripts/llama_reference.py (weights unpacked by scripts/packed_reader.py) agrees with eval --quantized within 0.5%,
-and the GPTQ export, read back by the numpy GPTQ reader, within 2e-4 (eval of the export by pipequant too);
+and the GPTQ export, read back by the numpy GPTQ reader, within 2e-4 (eval of the export by pipequant too), its
+quantization_config naming the packed linears of a block (modules_in_block_to_quantize) and not the router;
 (c) the output is bit-identical with 1 rank, 2 stages and 1 stage x 2 ranks (experts split over the ranks), and a
 rerun resumes every block; (d) the report and inspect give every expert's routed token count and name the experts
 that took the all-token Hessian (--moe-min-tokens); (e) a synthetic Qwen2-MoE with a gated shared expert quantizes
@@ -89,6 +90,13 @@ qc = json.load(open(os.path.join(hf, "config.json")))["quantization_config"]
 exported = {k: ("", v) for k, v in pq.read_safetensors(os.path.join(hf, "model.safetensors")).items()}
 t_hf = llama_reference.read_tensors(os.path.join(MODEL, "model.safetensors"))
 experts = [k[:-len(".qweight")] for k in exported if ".experts." in k and k.endswith(".qweight")]
+to_quantize = {m for g in qc.get("modules_in_block_to_quantize", []) for m in g}
+block0 = {k[len("model.layers.0."):-len(".qweight")] for k in exported if k.startswith("model.layers.0.")
+          and k.endswith(".qweight")}
+check(f"quantization_config modules_in_block_to_quantize: the 4 groups name the {len(block0)} packed linears of a "
+      f"block and not the router (kept dense: {'model.layers.0.block_sparse_moe.gate.weight' in exported})",
+      to_quantize == block0 and len(block0) == 28 and "block_sparse_moe.gate" not in to_quantize
+      and len(qc["modules_in_block_to_quantize"]) == 4 and "model.layers.0.block_sparse_moe.gate.weight" in exported)
 for prefix in [k[:-len(".qweight")] for k in exported if k.endswith(".qweight")]:
     t_hf[prefix + ".weight"] = gptq_weight(exported, prefix, qc).astype(np.float64)
 from_export = numpy_perplexity(MODEL, t_hf, HELDOUT, NUMPY_WINDOWS)
