@@ -7,10 +7,9 @@ an approximation while the expert terms, most of the memory, are the real sizes)
     python3 scripts/sparse_moe_checkpoint.py qwen3-235b-a22b DIR
     python3 scripts/sparse_moe_checkpoint.py deepseek-v3-experts DIR
 """
-import json
-import os
-import struct
 import sys
+
+from sparse_checkpoint import write_sparse_checkpoint
 
 SHAPES = {
     # Qwen/Qwen3-235B-A22B config.json
@@ -52,37 +51,7 @@ def block_tensors(c, b):
 def write(shape, d, files=16):
     c = dict(SHAPES[shape], architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", rms_norm_eps=1e-6,
              rope_theta=1000000.0, max_position_embeddings=40960, torch_dtype="bfloat16", attention_bias=False)
-    os.makedirs(d)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(c, f)
-    layers = c["num_hidden_layers"]
-    per_file = (layers + files - 1) // files
-    weight_map, total = {}, 0
-    for i in range(files):
-        tensors = [("model.embed_tokens.weight", [c["vocab_size"], c["hidden_size"]])] if i == 0 else []
-        for b in range(i * per_file, min(layers, (i + 1) * per_file)):
-            tensors += block_tensors(c, b)
-        if i == files - 1:
-            tensors += [("model.norm.weight", [c["hidden_size"]]),
-                        ("lm_head.weight", [c["vocab_size"], c["hidden_size"]])]
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape_ in tensors:
-            n = 2
-            for s in shape_:
-                n *= s
-            header[name] = {"dtype": "BF16", "shape": shape_, "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-        with open(os.path.join(d, name), "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + offset)  # the data region: a hole
-        weight_map.update({n: name for n, _ in tensors})
-        total += 8 + len(raw) + offset
-    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    return total
+    return write_sparse_checkpoint(d, c, lambda b: block_tensors(c, b), files)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import time
 sys.path.insert(0, os.path.join(os.environ.get("PIPEQUANT_SOURCE_DIR", os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "scripts"))
 import pq  # noqa: E402
+import sparse_checkpoint  # noqa: E402
 
 STORIES = pq.testdata("stories260K")
 TINY = pq.testdata("tiny-llama-6L")
@@ -121,37 +121,8 @@ def block_tensors(b):
 
 
 def write_sparse_checkpoint(d, files=8):
-    """config.json, `files` bf16 safetensors files with real headers whose data regions are holes (the file is
-    truncated to its full size), and model.safetensors.index.json. Returns the apparent size in bytes."""
-    os.makedirs(d)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(CONFIG_405B, f)
-    per_file = (L + files - 1) // files
-    weight_map, total = {}, 0
-    for i in range(files):
-        tensors = [("model.embed_tokens.weight", [V, H])] if i == 0 else []
-        for b in range(i * per_file, min(L, (i + 1) * per_file)):
-            tensors += block_tensors(b)
-        if i == files - 1:
-            tensors += [("model.norm.weight", [H]), ("lm_head.weight", [V, H])]
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in tensors:
-            n = 2
-            for s in shape:
-                n *= s
-            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        fname = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-        with open(os.path.join(d, fname), "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + offset)  # the data region: a hole
-        weight_map.update({name: fname for name, _ in tensors})
-        total += 8 + len(raw) + offset
-    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    return total
+    """The sparse 405B checkpoint (scripts/sparse_checkpoint.py) under d; returns its apparent size in bytes."""
+    return sparse_checkpoint.write_sparse_checkpoint(d, CONFIG_405B, block_tensors, files)
 
 
 def timed_plan(args):
