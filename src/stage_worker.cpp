@@ -257,15 +257,16 @@ StageWorker::GroupErrors StageWorker::replay_resumed_block(int64_t b) {
   for (size_t i = 0; i < r.records.size(); ++i) {
     metrics_.linears.push_back(r.records[i]);
     const auto at = static_cast<int>(i);
-    const int which = (at - dense) % 3;  // an expert's gate, up or down
-    const int g = at < dense ? kLinears[i].group : which < 2 ? 2 : 3;
+    const bool expert = at >= dense;
+    const int which = expert ? (at - dense) % 3 : -1;  // an expert's gate, up or down
+    const int g = expert ? (which < 2 ? 2 : 3) : kLinears[i].group;
     errors[static_cast<size_t>(g)] = std::max(errors[static_cast<size_t>(g)], r.records[i].relative_error);
     if (!live) continue;
     const Linear w = Linear::of(r.records[i].out_features, r.records[i].in_features, r.w[i]);
-    if (at < dense)
-      runner_->set_linear(at, w);
-    else
+    if (expert)
       runner_->moe()->set_expert_linear((at - dense) / 3, which, w);
+    else
+      runner_->set_linear(at, w);
   }
   if (live) runner_->set_norms(r.norms[0], r.norms[1]);  // AWQ folds scales into them
   ++metrics_.blocks_resumed;
@@ -395,7 +396,6 @@ std::string group_modules(int g) {
     if (l.group == g) names += (names.empty() ? "" : ", ") + std::string(l.module);
   return names;
 }
-
 
 }  // namespace
 
