@@ -228,6 +228,25 @@ void expect_tensor(const io::Checkpoint& ckpt, const io::ModelConfig& config, co
              ckpt.path(), ": tensor ", name, " has dtype ", io::dtype_name(info.dtype), ", expected F32, F16 or BF16");
 }
 
+// An MoE block's MLP from its parts, the one assembly both sources use: `linear(module, out, in)` reads a linear,
+// `dense(module, rows)` a [rows, hidden] tensor (the router, the shared expert's gate).
+template <typename ReadLinear, typename ReadDense>
+MoeWeights assemble_moe(const io::ModelConfig& c, ReadLinear&& linear, ReadDense&& dense) {
+  const int64_t h = c.hidden_size;
+  const auto swiglu = [&](const std::array<std::string, 3>& m, int64_t inter) {
+    return ExpertWeights{linear(m[0], inter, h), linear(m[1], inter, h), linear(m[2], h, inter)};
+  };
+  MoeWeights w;
+  w.router = dense(router_module(c), c.num_experts);
+  for (int64_t e = 0; e < c.num_experts; ++e) w.experts.push_back(swiglu(expert_modules(c, e), c.expert_intermediate_size));
+  if (c.shared_expert()) {
+    w.shared = SharedExpertWeights{swiglu(shared_expert_modules(c), c.shared_expert_intermediate_size), {}};
+    const std::string gate = shared_expert_gate_module(c);
+    if (!gate.empty()) w.shared->gate = dense(gate, 1);
+  }
+  return w;
+}
+
 class CheckpointSource final : public WeightSource {
  public:
   CheckpointSource(const io::Checkpoint& ckpt, const io::ModelConfig& config, const io::HfQuantConfig* quant)
@@ -274,23 +293,9 @@ class CheckpointSource final : public WeightSource {
     return v;
   }
   MoeWeights read_moe(const std::string& p) const {
-    MoeWeights m;
-    m.router = ckpt_.read_f32(p + router_module(config_) + ".weight");
-    for (int64_t e = 0; e < config_.num_experts; ++e)
-      m.experts.push_back(read_swiglu(p, expert_modules(config_, e), config_.expert_intermediate_size));
-    if (config_.shared_expert()) {
-      m.shared = SharedExpertWeights{
-          read_swiglu(p, shared_expert_modules(config_), config_.shared_expert_intermediate_size), {}};
-      const std::string gate = shared_expert_gate_module(config_);
-      if (!gate.empty()) m.shared->gate = ckpt_.read_f32(p + gate + ".weight");
-    }
-    return m;
-  }
-  // A SwiGLU MLP of width `inter`: its gate, up and down linears `modules` under p.
-  ExpertWeights read_swiglu(const std::string& p, const std::array<std::string, 3>& modules, int64_t inter) const {
-    const int64_t h = config_.hidden_size;
-    return {read_linear(p + modules[0], inter, h), read_linear(p + modules[1], inter, h),
-            read_linear(p + modules[2], h, inter)};
+    return assemble_moe(
+        config_, [&](const std::string& m, int64_t out, int64_t in) { return read_linear(p + m, out, in); },
+        [&](const std::string& m, int64_t) { return ckpt_.read_f32(p + m + ".weight"); });
   }
   // Linear `module` [out, in]: its weight as stored, or its GPTQ/AWQ codes and tables.
   Linear read_linear(const std::string& module, int64_t out, int64_t in) const {
@@ -366,17 +371,10 @@ class QuantizedSource final : public WeightSource {
     return Linear::of(shape[0], shape[1], unpack(packed));
   }
   MoeWeights read_moe(const io::ShardReader& shard, int64_t block, const std::string& where) const {
-    MoeWeights m;
-    m.router = router_values(shard, block, router_module(config_), config_.num_experts, where);
-    for (int64_t e = 0; e < config_.num_experts; ++e)
-      m.experts.push_back(read_swiglu(shard, block, expert_modules(config_, e), config_.expert_intermediate_size, where));
-    if (config_.shared_expert()) {
-      m.shared = SharedExpertWeights{
-          read_swiglu(shard, block, shared_expert_modules(config_), config_.shared_expert_intermediate_size, where), {}};
-      const std::string gate = shared_expert_gate_module(config_);
-      if (!gate.empty()) m.shared->gate = router_values(shard, block, gate, 1, where);
-    }
-    return m;
+    return assemble_moe(
+        config_,
+        [&](const std::string& m, int64_t out, int64_t in) { return read_linear(shard, block, m, {out, in}, where); },
+        [&](const std::string& m, int64_t rows) { return router_values(shard, block, m, rows, where); });
   }
   // A dense [rows, hidden] tensor of the block (the router, the shared expert's gate) as stored.
   std::vector<float> router_values(const io::ShardReader& shard, int64_t block, const std::string& module,
@@ -385,12 +383,6 @@ class QuantizedSource final : public WeightSource {
     PQ_REQUIRE(static_cast<int64_t>(v.size()) == rows * config_.hidden_size, where, "/", module, ".weight: ",
                v.size(), " values, expected ", rows, " x ", config_.hidden_size);
     return v;
-  }
-  ExpertWeights read_swiglu(const io::ShardReader& shard, int64_t block, const std::array<std::string, 3>& names,
-                            int64_t inter, const std::string& where) const {
-    const int64_t h = config_.hidden_size;
-    return {read_linear(shard, block, names[0], {inter, h}, where), read_linear(shard, block, names[1], {inter, h}, where),
-            read_linear(shard, block, names[2], {h, inter}, where)};
   }
   std::vector<float> tensor(const std::string& name) const {
     auto it = index_.tensor_shard.find(name);
